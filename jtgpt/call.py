@@ -1,0 +1,186 @@
+"""triton_call(): run an ordinary `@triton.jit` kernel on JAX arrays, on GPU or CPU.
+
+This is the one module that knows about platforms:
+
+- GPU: `jax_triton.triton_call`, which lowers to an XLA custom call, so the kernel runs inside
+  `jax.jit`, `jax.custom_vjp`, `lax.scan`, ... like any other op. jax-triton is imported only on
+  this path: it raises ImportError on a CPU-only jaxlib.
+- CPU: `jax.pure_callback` into Triton's interpreter, which runs the same kernel one program
+  instance at a time on torch CPU tensors (slow: for tests and tiny shapes only). Every float
+  output is filled with NaN before the kernel runs, so an element the kernel fails to write shows
+  up in any comparison.
+
+Calling convention (jax-triton's): the kernel takes the array and scalar `args` in order, then
+one pointer per output, then the `constexprs` as keyword arguments. Shapes and strides should go
+in as constexprs: jax-triton 0.3 does not specialise integer scalars, and a GEMM with runtime
+sizes ran 3.3x slower (DESIGN.md section 4). Values that change between calls of one compiled
+program (a decode position) go in as arrays instead.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+ShapeDtype = jax.ShapeDtypeStruct
+
+
+def on_gpu() -> bool:
+    """Kernels run through jax-triton on the default backend's GPU, else in the interpreter."""
+    return jax.default_backend() == "gpu"
+
+
+def triton_call(*args: Any, kernel, out_shape: ShapeDtype | Sequence[ShapeDtype], grid: tuple[int, ...],
+                num_warps: int = 4, num_stages: int = 2, **constexprs: Any):
+    """Launch `kernel` over `grid` on `args`; returns one array per entry of `out_shape`.
+
+    `out_shape` may be a single `jax.ShapeDtypeStruct` (one array back) or a sequence (a tuple
+    back). `args` are JAX arrays or Python scalars (runtime kernel arguments).
+    """
+    single = not isinstance(out_shape, (list, tuple))
+    out_shapes = (out_shape,) if single else tuple(out_shape)
+    grid = tuple(int(g) for g in grid)
+    if on_gpu():
+        outs = _gpu_call(args, kernel, out_shapes, grid, num_warps, num_stages, constexprs)
+    else:
+        outs = _cpu_call(args, kernel, out_shapes, grid, num_warps, num_stages, constexprs)
+    return outs[0] if single else tuple(outs)
+
+
+# ----------------------------------------------------------------------------------------- GPU
+
+def _gpu_call(args, kernel, out_shapes, grid, num_warps, num_stages, constexprs):
+    import jax_triton
+
+    # jax-triton 0.4 renamed `out_shape` to `out_type`; 0.3.1 is the one that works with the
+    # triton 3.6 of the GPU image (DESIGN.md section 4), so both are supported.
+    out_kw = "out_type" if "out_type" in _jax_triton_params() else "out_shape"
+    outs = jax_triton.triton_call(*args, kernel=kernel, grid=grid, num_warps=num_warps,
+                                  num_stages=num_stages, **{out_kw: list(out_shapes)}, **constexprs)
+    return tuple(outs)
+
+
+@functools.cache
+def _jax_triton_params() -> frozenset[str]:
+    import jax_triton
+    return frozenset(inspect.signature(jax_triton.triton_call).parameters)
+
+
+# ----------------------------------------------------------------------------------------- CPU
+
+def _cpu_call(args, kernel, out_shapes, grid, num_warps, num_stages, constexprs):
+    is_array = [hasattr(a, "shape") and hasattr(a, "dtype") for a in args]
+    arrays = [a for a, arr in zip(args, is_array) if arr]
+
+    def host(*host_arrays):
+        torch = _torch()
+        it = iter(host_arrays)
+        kernel_args = [_to_torch(np.asarray(next(it))) if arr else a for a, arr in zip(args, is_array)]
+        outs = [_poisoned(torch, s) for s in out_shapes]
+        _interpreted(kernel)[grid](*kernel_args, *outs, num_warps=num_warps, num_stages=num_stages,
+                                   **constexprs)
+        return tuple(_to_numpy(o, s.dtype) for o, s in zip(outs, out_shapes))
+
+    return jax.pure_callback(host, tuple(out_shapes), *arrays, vmap_method="sequential")
+
+
+@functools.cache
+def _torch():
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - the install extras bring it
+        raise ImportError(
+            "jtgpt runs its Triton kernels on CPU through Triton's interpreter, which needs "
+            "torch (CPU build): pip install 'jtgpt[cpu]' or pip install torch==2.13.0") from e
+    _shim_interpreter()
+    return torch
+
+
+def _interpreted(kernel):
+    return _interpreted_fn(kernel.fn)  # keyed by the Python function: hashing a JITFunction parses it
+
+
+@functools.cache
+def _interpreted_fn(fn):
+    from triton.runtime.interpreter import InterpretedFunction
+    return InterpretedFunction(fn)
+
+
+def _to_torch(a: np.ndarray):
+    torch = _torch()
+    a = np.array(a, copy=True, order="C")  # callback inputs may be read-only views
+    if a.dtype == jax.numpy.bfloat16:
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def _to_numpy(t, dtype) -> np.ndarray:
+    torch = _torch()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(jax.numpy.bfloat16)
+    return t.numpy().astype(dtype, copy=False)
+
+
+def _poisoned(torch, shape: ShapeDtype):
+    dtype = np.dtype(shape.dtype)
+    if dtype == jax.numpy.bfloat16:
+        return torch.full(shape.shape, float("nan"), dtype=torch.bfloat16)
+    t = torch.from_numpy(np.empty(shape.shape, dtype))
+    if np.issubdtype(dtype, np.floating):
+        t.fill_(float("nan"))
+    elif np.issubdtype(dtype, np.integer):
+        t.fill_(np.iinfo(dtype).min)
+    return t
+
+
+@functools.cache
+def _shim_interpreter() -> None:
+    """Make Triton 3.6's interpreter run our kernels as the GPU does (the CPU path only).
+
+    - Without TRITON_INTERPRET set, the @triton.jit helpers a kernel calls (tl.cdiv, tl.sigmoid,
+      our own) stay compiled-only JITFunctions that refuse to be called: interpret them too.
+    - The interpreter keeps bf16 values as their raw uint16 bits. `tl.dot` on bf16 operands then
+      multiplies the bits as integers, and fp32 -> bf16 casts truncate the mantissa instead of
+      rounding to nearest even. Both go through ml_dtypes' bfloat16 instead (what JAX uses).
+    """
+    import ml_dtypes
+    import triton.language as tl
+    from triton.runtime import interpreter as interp
+    from triton.runtime.jit import JITFunction
+
+    JITFunction.__call__ = lambda self, *args, **kwargs: _interpreted(self)(*args, **kwargs)
+
+    builder = interp.InterpreterBuilder
+
+    def as_f32(handle):
+        if handle.dtype.scalar == tl.bfloat16:
+            return handle.data.view(ml_dtypes.bfloat16).astype(np.float32)
+        return handle.data
+
+    original_dot = builder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if tl.bfloat16 in (a.dtype.scalar, b.dtype.scalar):
+            out = np.matmul(as_f32(a), as_f32(b), dtype=np.float32).astype(d.data.dtype) + d.data
+            return interp.TensorHandle(out, d.dtype.scalar)
+        return original_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    original_cast = builder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        src_ty, dst_ty = src.dtype.scalar, dst_type.scalar
+        if dst_ty == tl.bfloat16 and src_ty.is_floating():
+            data = as_f32(src).astype(ml_dtypes.bfloat16).view(np.uint16)
+            return interp.TensorHandle(data, dst_ty)
+        if src_ty == tl.bfloat16 and dst_ty.is_floating():
+            return interp.TensorHandle(as_f32(src).astype(interp._get_np_dtype(dst_type)), dst_ty)
+        return original_cast(self, src, dst_type)
+
+    builder.create_dot = create_dot
+    builder.cast_impl = cast_impl
+    for name in ("create_fp_ext", "create_fp_trunc"):
+        setattr(builder, name, lambda self, src, dst_type: self.cast_impl(src, dst_type))
+    builder.create_fp_to_fp = lambda self, src, dst_type, rounding_mode: self.cast_impl(src, dst_type)
