@@ -19,8 +19,8 @@ import triton.language as tl
 
 from jtgpt.call import on_gpu, triton_call
 
-SQRT_2_OVER_PI = 0.7978845608028654
-LOG2E = 1.4426950408889634
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # kernels read globals only as constexprs
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit

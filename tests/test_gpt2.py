@@ -1,0 +1,165 @@
+"""jtgpt.GPT against Hugging Face's FlaxGPT2LMHeadModel on the same random weights."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_close, shapes
+
+import jtgpt
+from jtgpt.models.gpt2 import GPTConfig
+
+transformers = pytest.importorskip("transformers")
+
+# Tiny on CPU (the interpreter); GPT-2 124M's shape under --large.
+CONFIGS = shapes([dict(vocab_size=97, n_positions=32, n_embd=128, n_layer=2, n_head=2)],
+                 [dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)])
+BATCH = shapes([(2, 13)], [(4, 300)])
+
+
+@pytest.fixture(scope="module", params=range(len(CONFIGS)))
+def hf_checkpoint(request, tmp_path_factory):
+    """A FlaxGPT2LMHeadModel with every parameter random (norms and biases too), saved to disk."""
+    hf_config = transformers.GPT2Config(**CONFIGS[request.param])
+    hf = transformers.FlaxGPT2LMHeadModel(hf_config, seed=0)
+    leaves, treedef = jax.tree.flatten(hf.params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    hf.params = jax.tree.unflatten(treedef, [
+        leaf + 0.1 * jax.random.normal(k, leaf.shape, leaf.dtype) for leaf, k in zip(leaves, keys)])
+    path = tmp_path_factory.mktemp("gpt2")
+    hf.save_pretrained(path)
+    return path, hf
+
+
+def _ids(hf, key, batch):
+    return jax.random.randint(key, batch, 0, hf.config.vocab_size, jnp.int32)
+
+
+def _hf_logits(hf, ids, attention_mask=None, position_ids=None):
+    with jax.default_matmul_precision("highest"):
+        return hf(ids, attention_mask=attention_mask, position_ids=position_ids).logits
+
+
+@pytest.mark.parametrize("batch", BATCH)
+def test_logits_match_hf_flax_fp32(hf_checkpoint, key, batch):
+    path, hf = hf_checkpoint
+    model = jtgpt.GPT.from_pretrained(path)
+    ids = _ids(hf, key, batch)
+    logits = jax.jit(lambda m, ids: m(ids))(model, ids)
+    assert logits.shape == (*batch, hf.config.vocab_size) and logits.dtype == jnp.float32
+    assert_close(logits, _hf_logits(hf, ids), rtol=1e-4)
+
+
+@pytest.mark.parametrize("batch", BATCH)
+@pytest.mark.parametrize("explicit_positions", [False, True])
+def test_left_padded_batch_matches_hf_flax(hf_checkpoint, key, batch, explicit_positions):
+    """Padding masks keys; positions default to 0..T-1 as in HF Flax, or come as cumsum - 1."""
+    path, hf = hf_checkpoint
+    model = jtgpt.GPT.from_pretrained(path)
+    ids = _ids(hf, key, batch)
+    B, T = batch
+    pads = jnp.arange(B) * (T // 3) // max(B - 1, 1)  # row 0 unpadded, the last a third padding
+    mask = (jnp.arange(T)[None, :] >= pads[:, None]).astype(jnp.int32)
+    positions = jnp.maximum(jnp.cumsum(mask, -1) - 1, 0) if explicit_positions else None
+    logits = jax.jit(lambda m, ids, mask, pos: m(ids, mask, pos))(model, ids, mask, positions)
+    expected = _hf_logits(hf, ids, mask, positions)
+    real = np.asarray(mask, bool)  # HF gives padded queries a uniform row; compare real tokens
+    assert_close(np.asarray(logits)[real], np.asarray(expected)[real], rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype,param_dtype,rtol", [
+    (jnp.bfloat16, jnp.bfloat16, 3e-2), (jnp.bfloat16, jnp.float32, 3e-2), (jnp.float16, jnp.float16, 5e-3)])
+def test_half_precision_logits_track_fp32(hf_checkpoint, key, dtype, param_dtype, rtol):
+    path, hf = hf_checkpoint
+    model = jtgpt.GPT.from_pretrained(path, dtype=dtype, param_dtype=param_dtype)
+    assert model.wte.weight[...].dtype == param_dtype
+    ids = _ids(hf, key, BATCH[0])
+    logits = jax.jit(lambda m, ids: m(ids))(model, ids)
+    assert logits.dtype == dtype
+    assert_close(logits, _hf_logits(hf, ids), rtol=rtol)
+
+
+def test_tf32_is_an_option(hf_checkpoint, key):
+    path, hf = hf_checkpoint
+    model = jtgpt.GPT.from_pretrained(path, precision="tf32")
+    ids = _ids(hf, key, BATCH[0])
+    assert_close(jax.jit(lambda m, ids: m(ids))(model, ids), _hf_logits(hf, ids), rtol=1e-2)
+
+
+def test_every_dot_is_a_triton_kernel(hf_checkpoint):
+    path, hf = hf_checkpoint
+    model = jtgpt.GPT.from_pretrained(path, dtype=jnp.bfloat16)
+    jaxpr = str(jax.make_jaxpr(lambda m, ids: m(ids))(model, jnp.zeros((1, 8), jnp.int32)))
+    assert "dot_general" not in jaxpr and "conv_general" not in jaxpr
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pytorch", "flax"])
+def test_save_pretrained_round_trips(hf_checkpoint, tmp_path, key, fmt):
+    path, hf = hf_checkpoint
+    model = jtgpt.GPT.from_pretrained(path)
+    model.save_pretrained(tmp_path, format=fmt)
+    again = jtgpt.GPT.from_pretrained(tmp_path)
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(again.state_dict()[name], value, err_msg=name)
+
+
+def test_dropout_only_with_a_key(key):
+    config = GPTConfig(vocab_size=53, n_positions=16, n_embd=64, n_layer=1, n_head=1,
+                       embd_pdrop=0.2, resid_pdrop=0.2, attn_pdrop=0.0)
+    model = jtgpt.GPT(config)
+    ids = jax.random.randint(key, (2, 9), 0, 53)
+    forward = jax.jit(lambda m, ids, k: m(ids, dropout_key=k))
+    eval_out = jax.jit(lambda m, ids: m(ids))(model, ids)
+    train_a = forward(model, ids, jax.random.key(1))
+    train_b = forward(model, ids, jax.random.key(2))
+    np.testing.assert_array_equal(train_a, forward(model, ids, jax.random.key(1)))
+    assert not np.allclose(train_a, eval_out) and not np.allclose(train_a, train_b)
+
+
+def test_attention_dropout_is_refused_not_ignored(key):
+    model = jtgpt.GPT(GPTConfig(vocab_size=53, n_positions=16, n_embd=64, n_layer=1, n_head=1))
+    with pytest.raises(NotImplementedError, match="attn_pdrop"):
+        model(jnp.zeros((1, 4), jnp.int32), dropout_key=key)
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda m: m(jnp.zeros((1, 4))), ValueError, "input_ids must be an integer"),
+    (lambda m: m(jnp.zeros((4,), jnp.int32)), ValueError, "input_ids must be an integer"),
+    (lambda m: m(jnp.zeros((1, 17), jnp.int32)), ValueError, "n_positions=16"),
+    (lambda m: m(jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 5))), ValueError, "attention_mask must have shape"),
+    (lambda m: m(jnp.zeros((1, 4), jnp.int32), None, jnp.ones((2, 4))), ValueError, "position_ids must have shape"),
+])
+def test_bad_input_is_a_clear_error(call, error, match):
+    model = jtgpt.GPT(GPTConfig(vocab_size=53, n_positions=16, n_embd=64, n_layer=1, n_head=1))
+    with pytest.raises(error, match=match):
+        call(model)
+
+
+def test_bad_options_are_clear_errors():
+    config = GPTConfig(vocab_size=53, n_positions=16, n_embd=64, n_layer=1, n_head=1)
+    with pytest.raises(ValueError, match="dtype must be"):
+        jtgpt.GPT(config, dtype=jnp.int8)
+    with pytest.raises(ValueError, match="precision must be"):
+        jtgpt.GPT(config, precision="fast")
+    with pytest.raises(ValueError, match="activation_function"):
+        GPTConfig.from_hf({"activation_function": "relu"})
+
+
+def test_checkpoint_tensor_of_wrong_shape_is_named(hf_checkpoint, tmp_path):
+    path, _ = hf_checkpoint
+    model = jtgpt.GPT.from_pretrained(path)
+    state = model.state_dict()
+    state["h.1.mlp.c_fc.bias"] = state["h.1.mlp.c_fc.bias"][:-1]
+    with pytest.raises(ValueError, match=r"h\.1\.mlp\.c_fc\.bias has shape"):
+        model.load_state_dict(state)
+    del state["h.1.mlp.c_fc.bias"]
+    with pytest.raises(ValueError, match=r"missing tensors \['h\.1\.mlp\.c_fc\.bias'\]"):
+        model.load_state_dict(state)
+
+
+def test_presets_match_hf_sizes():
+    for name, config in jtgpt.PRESETS.items():
+        n = config.vocab_size * config.n_embd + config.n_positions * config.n_embd + \
+            config.n_layer * (12 * config.n_embd ** 2 + 13 * config.n_embd) + 2 * config.n_embd
+        expected = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080,
+                    "gpt2-xl": 1_557_611_200}[name]
+        assert n == expected, name
