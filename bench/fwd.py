@@ -1,0 +1,225 @@
+"""The headline benchmark: GPT-2 124M forward (no LM head) at B x T, jtgpt vs Hugging Face.
+
+    python bench/fwd.py                       # GPU: B=512, T=300; CPU: a tiny config, interpreted
+    python bench/fwd.py --batch 64 --seq 1024 --markdown bench/out.md
+
+Every competitor runs in this process on the same weights and token ids, after a warm-up; each
+output is checked against Hugging Face Flax GPT-2 in fp32 ("highest" precision dots) before it is
+timed, and the jtgpt logits against FlaxGPT2LMHeadModel's. Timing: `--calls` back-to-back calls
+with one block at the end, repeated `--repeats` times, median.
+
+FLOPs per forward, L layers, width D, M = B*T tokens, causal attention counted once per pair:
+    L * (24 M D^2  +  4 B T (T+1)/2 D)
+Peak memory for JAX programs is XLA's buffer assignment for the compiled call (arguments +
+outputs + temporaries - aliased); for torch, torch.cuda.max_memory_allocated.
+"""
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # run from a checkout too
+import jtgpt  # noqa: E402
+from jtgpt.models.gpt2 import GPTConfig  # noqa: E402
+
+H100_BF16_DENSE_TFLOPS = 989.0  # datasheet, SXM; MFU is against this
+# Each jtgpt mode: (label, compute dtype, param dtype, fp32 dot precision, HF baseline it is
+# compared with, tolerance of its relative error against HF Flax fp32).
+MODES = {
+    "fp32": ("jtgpt fp32 (ieee)", jnp.float32, jnp.float32, "ieee", "HF Flax fp32", 1e-4),
+    "tf32": ("jtgpt tf32", jnp.float32, jnp.float32, "tf32", "HF Flax fp32", 1e-2),
+    "mixed": ("jtgpt mixed (fp32 params, bf16)", jnp.bfloat16, jnp.float32, "ieee", "HF Flax bf16", 5e-2),
+    "bf16": ("jtgpt bf16", jnp.bfloat16, jnp.bfloat16, "ieee", "HF Flax bf16", 5e-2),
+}
+
+
+def flops(config: GPTConfig, B: int, T: int) -> float:
+    D, L = config.n_embd, config.n_layer
+    return L * (24 * B * T * D * D + 4 * B * T * (T + 1) / 2 * D)
+
+
+def time_jax(fn, *args, calls: int, repeats: int) -> float:
+    """Median seconds per call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / calls)
+    return statistics.median(times)
+
+
+def jax_peak_bytes(fn, *args) -> int:
+    m = jax.jit(fn).lower(*args).compile().memory_analysis()
+    if m is None:  # not every backend reports it
+        return 0
+    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+
+
+def relative_error(out, ref) -> float:
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def gemm_ceiling(calls: int, repeats: int) -> float:
+    """bf16 TFLOP/s of XLA's own 8192^3 matmul here: the ceiling the table is read against."""
+    n = 8192
+    a = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(2), (n, n), jnp.bfloat16)
+    return 2 * n ** 3 / time_jax(jax.jit(jnp.dot), a, b, calls=calls, repeats=repeats) / 1e12
+
+
+def main():
+    on_gpu = jax.default_backend() == "gpu"
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=512 if on_gpu else 2)
+    p.add_argument("--seq", type=int, default=300 if on_gpu else 16)
+    p.add_argument("--modes", default="fp32,tf32,mixed,bf16", help="jtgpt modes: " + ",".join(MODES))
+    p.add_argument("--calls", type=int, default=10 if on_gpu else 1)
+    p.add_argument("--repeats", type=int, default=5 if on_gpu else 1)
+    p.add_argument("--check-batch", type=int, default=8, help="rows checked against HF fp32")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch competitors")
+    p.add_argument("--markdown", help="also write the table to this file")
+    args = p.parse_args()
+
+    from transformers import FlaxGPT2LMHeadModel, FlaxGPT2Model
+
+    # The real GPT-2 124M on a GPU; a tiny one in Triton's interpreter on CPU.
+    config = GPTConfig() if on_gpu else GPTConfig(vocab_size=97, n_positions=64, n_embd=64, n_layer=2, n_head=4)
+    B, T = args.batch, args.seq
+    total_flops = flops(config, B, T)
+    ids = jax.random.randint(jax.random.key(0), (B, T), 0, config.vocab_size, jnp.int32)
+    check = slice(0, min(args.check_batch, B))
+
+    # One set of random weights, written once and read by every competitor.
+    weights = tempfile.mkdtemp(prefix="jtgpt-bench-")
+    init = jtgpt.GPT(config)
+    _randomize_norms(init)
+    init.save_pretrained(weights, format="flax")
+    init.save_pretrained(weights, format="safetensors")
+    del init
+
+    hf32 = FlaxGPT2Model.from_pretrained(weights, dtype=jnp.float32)
+    with jax.default_matmul_precision("highest"):
+        reference = np.asarray(hf32(ids[check]).last_hidden_state)
+
+    rows = []
+    ceiling = gemm_ceiling(args.calls, args.repeats) if on_gpu else float("nan")
+
+    def record(name, seconds, peak, err, baseline=None):
+        rows.append(dict(name=name, ms=seconds * 1e3, tflops=total_flops / seconds / 1e12,
+                         peak_gb=peak / 1e9, err=err, baseline=baseline))
+        print(f"  {name}: {seconds * 1e3:.2f} ms, rel err vs HF fp32 {err:.2e}", flush=True)
+
+    # Hugging Face Flax: fp32 (XLA's default dot precision) and bf16 compute on bf16 params.
+    for name, dtype in (("HF Flax fp32", jnp.float32), ("HF Flax bf16", jnp.bfloat16)):
+        model = FlaxGPT2Model.from_pretrained(weights, dtype=dtype)
+        params = jax.tree.map(lambda a: a.astype(dtype), model.params)
+        fn = jax.jit(lambda params, ids, model=model: model(ids, params=params).last_hidden_state)
+        err = relative_error(fn(params, ids)[check], reference)
+        record(name, time_jax(fn, params, ids, calls=args.calls, repeats=args.repeats),
+               jax_peak_bytes(fn, params, ids), err)
+        del model, params
+
+    # The logits, LM head included, against FlaxGPT2LMHeadModel before timing anything of ours.
+    hf_lm = FlaxGPT2LMHeadModel.from_pretrained(weights, dtype=jnp.float32)
+    with jax.default_matmul_precision("highest"):
+        ref_logits = np.asarray(hf_lm(ids[:2, :64]).logits)
+    ours = jtgpt.GPT.from_pretrained(weights)
+    logits_err = relative_error(jax.jit(lambda m, ids: m(ids))(ours, ids[:2, :64]), ref_logits)
+    print(f"jtgpt fp32 logits vs FlaxGPT2LMHeadModel: relative error {logits_err:.2e}")
+    assert logits_err < 1e-4, "jtgpt logits disagree with Hugging Face"
+    del hf_lm, ours
+
+    for mode in args.modes.split(","):
+        label, dtype, param_dtype, precision, baseline, tol = MODES[mode]
+        model = jtgpt.GPT.from_pretrained(weights, dtype=dtype, param_dtype=param_dtype, precision=precision)
+        fn = jax.jit(lambda m, ids: m.hidden_states(ids))
+        err = relative_error(fn(model, ids)[check], reference)
+        assert err < tol, f"{label}: relative error {err:.2e} against HF Flax fp32 exceeds {tol}"
+        record(label, time_jax(fn, model, ids, calls=args.calls, repeats=args.repeats),
+               jax_peak_bytes(fn, model, ids), err, baseline)
+        del model
+
+    if not args.no_torch:
+        rows.extend(_torch_rows(weights, np.asarray(ids), reference, check, total_flops, args))
+
+    by_name = {r["name"]: r for r in rows}
+    lines = [f"GPT-2 {_params_m(config)}M forward, no LM head, B={B} T={T}, "
+             f"{total_flops / 1e12:.2f} TFLOP per call; device: {jax.devices()[0].device_kind}; "
+             f"XLA bf16 8192^3 GEMM ceiling here: {ceiling:.0f} TFLOP/s",
+             "",
+             "| implementation | ms | TFLOP/s | MFU | % of GEMM ceiling | peak GB | vs its HF Flax | rel err vs HF fp32 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        base = by_name.get(r["baseline"] or "")
+        ratio = f"{r['ms'] / base['ms']:.2f}x ({r['baseline']})" if base else ""
+        lines.append(f"| {r['name']} | {r['ms']:.2f} | {r['tflops']:.1f} | "
+                     f"{100 * r['tflops'] / H100_BF16_DENSE_TFLOPS:.1f}% | {100 * r['tflops'] / ceiling:.1f}% | "
+                     f"{r['peak_gb']:.2f} | {ratio} | {r['err']:.1e} |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
+
+
+def _randomize_norms(model):
+    """LayerNorm weights and all biases random too, so a wrong one cannot hide behind 1s and 0s."""
+    from flax import nnx
+    keys = iter(jax.random.split(jax.random.key(7), 1000))
+    for path, var in nnx.state(model, nnx.Param).flat_state():
+        if path[-1] == "bias" or "ln" in str(path[-2]):
+            base = 1.0 if path[-1] == "weight" else 0.0
+            var.set_value(base + 0.1 * jax.random.normal(next(keys), var.shape, var.dtype))
+
+
+def _params_m(config: GPTConfig) -> int:
+    D, L = config.n_embd, config.n_layer
+    return round((config.vocab_size * D + config.n_positions * D + L * 12 * D * D) / 1e6)
+
+
+def _torch_rows(weights, ids, reference, check, total_flops, args):
+    """HF PyTorch GPT-2 (SDPA attention) in bf16, eager and torch.compile, where CUDA torch is."""
+    try:
+        import torch
+        from transformers import GPT2Model
+    except ImportError:
+        return []
+    if not torch.cuda.is_available():
+        return []
+    model = GPT2Model.from_pretrained(weights, torch_dtype=torch.bfloat16, attn_implementation="sdpa")
+    model = model.cuda().eval()
+    ids_t = torch.from_numpy(ids).cuda()
+    rows = []
+    for name, fn in (("HF PyTorch bf16 (SDPA)", model),
+                     ("HF PyTorch bf16 + torch.compile", torch.compile(model))):
+        with torch.no_grad():
+            out = fn(ids_t).last_hidden_state
+            err = relative_error(out[check].float().cpu().numpy(), reference)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            times = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                for _ in range(args.calls):
+                    out = fn(ids_t)
+                torch.cuda.synchronize()
+                times.append((time.perf_counter() - t0) / args.calls)
+        seconds = statistics.median(times)
+        rows.append(dict(name=name, ms=seconds * 1e3, tflops=total_flops / seconds / 1e12,
+                         peak_gb=torch.cuda.max_memory_allocated() / 1e9, err=err, baseline="HF Flax bf16"))
+        print(f"  {name}: {seconds * 1e3:.2f} ms, rel err vs HF fp32 {err:.2e}", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

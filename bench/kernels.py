@@ -1,0 +1,144 @@
+"""Each jtgpt kernel alone at GPT-2 124M's shapes (B*T = 512*300 tokens), against XLA.
+
+    python bench/kernels.py            # the kernels with their chosen configs, vs XLA / cuDNN
+    python bench/kernels.py --sweep    # also try other GEMM and attention tile configs
+
+For tuning: prints TFLOP/s (GEMM, attention) or GB/s (layernorm, embedding) per kernel, each
+output checked against its reference first. GPU only.
+"""
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from jtgpt import reference  # noqa: E402
+from jtgpt.kernels import attention, matmul  # noqa: E402
+from jtgpt.kernels.attention import flash_attention  # noqa: E402
+from jtgpt.kernels.layernorm import layer_norm  # noqa: E402
+from jtgpt.kernels.matmul import linear  # noqa: E402
+
+M = 512 * 300
+
+
+def bench(fn, *args, calls=20, repeats=5):
+    """Median ms per call of `calls` back-to-back calls."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / calls * 1e3)
+    return float(np.median(times))
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def gemm_rows(dtype, sweep):
+    rows = []
+    shapes = {"c_attn": (768, 2304, dict(bias=True)), "attn.c_proj": (768, 768, dict(bias=True, residual=True)),
+              "c_fc+gelu": (768, 3072, dict(bias=True, activation="gelu_tanh")),
+              "mlp.c_proj": (3072, 768, dict(bias=True, residual=True))}
+    key = iter(jax.random.split(jax.random.key(0), 16))
+    for name, (K, N, epi) in shapes.items():
+        x = jax.random.normal(next(key), (M, K), dtype)
+        w = (jax.random.normal(next(key), (K, N), jnp.float32) / K ** 0.5).astype(dtype)
+        b = jax.random.normal(next(key), (N,), dtype)
+        r = jax.random.normal(next(key), (M, N), dtype)
+        kw = dict(bias=b if epi.get("bias") else None, residual=r if epi.get("residual") else None,
+                  activation=epi.get("activation"))
+        ref = jax.jit(lambda x, w: reference.linear(x, w, **kw))
+        flops = 2 * M * K * N
+        xla_ms = bench(ref, x, w)
+        rows.append((f"XLA {name}", xla_ms, flops / xla_ms / 1e9, "TFLOP/s", ""))
+        configs = [None] + (SWEEP_GEMM if sweep else [])
+        for cfg in configs:
+            if cfg is not None:
+                matmul._block_config = lambda M_, N_, K_, dt, cfg=cfg: dict(cfg)
+            fn = jax.jit(lambda x, w: linear(x, w, **kw))
+            try:
+                err = rel_err(fn(x, w), ref(x, w))
+                ms = bench(fn, x, w)
+            except Exception as e:  # a config that does not fit (shared memory) is skipped
+                rows.append((f"jtgpt {name} {cfg}", float("nan"), float("nan"), "", type(e).__name__))
+                continue
+            finally:
+                matmul._block_config = DEFAULT_GEMM_CONFIG
+            label = "chosen" if cfg is None else _short(cfg)
+            rows.append((f"jtgpt {name} [{label}]", ms, flops / ms / 1e9, "TFLOP/s", f"err {err:.1e}"))
+    return rows
+
+
+def _short(cfg):
+    return f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']}"
+
+
+DEFAULT_GEMM_CONFIG = matmul._block_config
+SWEEP_GEMM = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s)
+              for bm, bn, bk, w, s in [(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4),
+                                       (256, 128, 64, 8, 3), (128, 256, 64, 8, 4), (64, 256, 64, 4, 4),
+                                       (128, 192, 64, 8, 3), (128, 128, 128, 8, 3)]]
+
+
+def attention_rows(dtype):
+    rows = []
+    for B, T, H, D in [(512, 300, 12, 64), (4, 4096, 32, 128)]:
+        qkv = jax.random.normal(jax.random.key(B), (B, T, 3 * H * D), dtype)
+        flops = 4 * B * H * D * T * (T + 1) / 2  # causal: each (query, key<=query) pair once
+        fn = jax.jit(lambda qkv: flash_attention(qkv, num_heads=H))
+        q, k, v = (qkv[..., i * H * D:(i + 1) * H * D].reshape(B, T, H, D) for i in range(3))
+        cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                                    implementation="cudnn"))
+        err = rel_err(fn(qkv), cudnn(q, k, v).reshape(B, T, H * D))
+        for name, f, args in (("cuDNN", cudnn, (q, k, v)), ("jtgpt", fn, (qkv,))):
+            ms = bench(f, *args, calls=5 if T > 1000 else 20)
+            rows.append((f"{name} attention {B}x{T}x{H}x{D} causal", ms, flops / ms / 1e9, "TFLOP/s",
+                         f"err {err:.1e}" if name == "jtgpt" else ""))
+    return rows
+
+
+def layernorm_rows(dtype):
+    x = jax.random.normal(jax.random.key(3), (M, 768), dtype)
+    w = jax.random.normal(jax.random.key(4), (768,), dtype)
+    b = jax.random.normal(jax.random.key(5), (768,), dtype)
+    nbytes = 2 * x.size * x.dtype.itemsize
+    rows = []
+    ref = jax.jit(reference.layer_norm)
+    ours = jax.jit(layer_norm)
+    err = rel_err(ours(x, w, b), ref(x, w, b))
+    for name, f in (("XLA layernorm", ref), ("jtgpt layernorm", ours)):
+        ms = bench(f, x, w, b)
+        rows.append((name, ms, nbytes / ms / 1e6, "GB/s", f"err {err:.1e}" if "jtgpt" in name else ""))
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--only", default="gemm,attention,layernorm")
+    args = p.parse_args()
+    dtype = jnp.bfloat16
+    rows = []
+    if "gemm" in args.only:
+        rows += gemm_rows(dtype, args.sweep)
+    if "attention" in args.only:
+        rows += attention_rows(dtype)
+    if "layernorm" in args.only:
+        rows += layernorm_rows(dtype)
+    print(f"\n{jax.devices()[0].device_kind}, bf16, M = {M} tokens")
+    print("| kernel | ms | rate | unit | check |\n|---|---:|---:|---|---|")
+    for name, ms, rate, unit, note in rows:
+        print(f"| {name} | {ms:.3f} | {rate:.1f} | {unit} | {note} |")
+
+
+if __name__ == "__main__":
+    main()
