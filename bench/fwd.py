@@ -44,24 +44,25 @@ def flops(config: GPTConfig, B: int, T: int) -> float:
     return L * (24 * B * T * D * D + 4 * B * T * (T + 1) / 2 * D)
 
 
-def time_jax(fn, *args, calls: int, repeats: int) -> float:
-    """Median seconds per call."""
-    jax.block_until_ready(fn(*args))
+def compile_and_time(fn, *args, calls: int, repeats: int) -> tuple[float, int, object]:
+    """(median seconds per call, peak bytes, output) of fn(*args), compiled once for both.
+
+    Peak bytes: XLA's buffer assignment for the call (arguments + outputs + temporaries -
+    aliased), the same measure for every JAX competitor.
+    """
+    compiled = jax.jit(fn).lower(*args).compile()
+    m = compiled.memory_analysis()
+    peak = 0 if m is None else (m.argument_size_in_bytes + m.output_size_in_bytes
+                                + m.temp_size_in_bytes - m.alias_size_in_bytes)
+    out = jax.block_until_ready(compiled(*args))
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(calls):
-            out = fn(*args)
-        jax.block_until_ready(out)
+            result = compiled(*args)
+        jax.block_until_ready(result)
         times.append((time.perf_counter() - t0) / calls)
-    return statistics.median(times)
-
-
-def jax_peak_bytes(fn, *args) -> int:
-    m = jax.jit(fn).lower(*args).compile().memory_analysis()
-    if m is None:  # not every backend reports it
-        return 0
-    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    return statistics.median(times), peak, out
 
 
 def relative_error(out, ref) -> float:
@@ -74,7 +75,7 @@ def gemm_ceiling(calls: int, repeats: int) -> float:
     n = 8192
     a = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
     b = jax.random.normal(jax.random.key(2), (n, n), jnp.bfloat16)
-    return 2 * n ** 3 / time_jax(jax.jit(jnp.dot), a, b, calls=calls, repeats=repeats) / 1e12
+    return 2 * n ** 3 / compile_and_time(jnp.dot, a, b, calls=calls, repeats=repeats)[0] / 1e12
 
 
 def main():
@@ -103,31 +104,14 @@ def main():
     weights = tempfile.mkdtemp(prefix="jtgpt-bench-")
     init = jtgpt.GPT(config)
     _randomize_norms(init)
-    init.save_pretrained(weights, format="flax")
-    init.save_pretrained(weights, format="safetensors")
+    init.save_pretrained(weights)
     del init
+    _stage("weights written")
 
     hf32 = FlaxGPT2Model.from_pretrained(weights, dtype=jnp.float32)
     with jax.default_matmul_precision("highest"):
         reference = np.asarray(hf32(ids[check]).last_hidden_state)
-
-    rows = []
-    ceiling = gemm_ceiling(args.calls, args.repeats) if on_gpu else float("nan")
-
-    def record(name, seconds, peak, err, baseline=None):
-        rows.append(dict(name=name, ms=seconds * 1e3, tflops=total_flops / seconds / 1e12,
-                         peak_gb=peak / 1e9, err=err, baseline=baseline))
-        print(f"  {name}: {seconds * 1e3:.2f} ms, rel err vs HF fp32 {err:.2e}", flush=True)
-
-    # Hugging Face Flax: fp32 (XLA's default dot precision) and bf16 compute on bf16 params.
-    for name, dtype in (("HF Flax fp32", jnp.float32), ("HF Flax bf16", jnp.bfloat16)):
-        model = FlaxGPT2Model.from_pretrained(weights, dtype=dtype)
-        params = jax.tree.map(lambda a: a.astype(dtype), model.params)
-        fn = jax.jit(lambda params, ids, model=model: model(ids, params=params).last_hidden_state)
-        err = relative_error(fn(params, ids)[check], reference)
-        record(name, time_jax(fn, params, ids, calls=args.calls, repeats=args.repeats),
-               jax_peak_bytes(fn, params, ids), err)
-        del model, params
+    del hf32
 
     # The logits, LM head included, against FlaxGPT2LMHeadModel before timing anything of ours.
     hf_lm = FlaxGPT2LMHeadModel.from_pretrained(weights, dtype=jnp.float32)
@@ -135,28 +119,64 @@ def main():
         ref_logits = np.asarray(hf_lm(ids[:2, :64]).logits)
     ours = jtgpt.GPT.from_pretrained(weights)
     logits_err = relative_error(jax.jit(lambda m, ids: m(ids))(ours, ids[:2, :64]), ref_logits)
-    print(f"jtgpt fp32 logits vs FlaxGPT2LMHeadModel: relative error {logits_err:.2e}")
-    assert logits_err < 1e-4, "jtgpt logits disagree with Hugging Face"
+    assert logits_err < 1e-4, f"jtgpt logits disagree with Hugging Face: relative error {logits_err:.2e}"
     del hf_lm, ours
+    _stage(f"jtgpt fp32 logits vs FlaxGPT2LMHeadModel: relative error {logits_err:.2e}")
 
-    for mode in args.modes.split(","):
+    ceiling = gemm_ceiling(args.calls, args.repeats) if on_gpu else float("nan")
+    header = (f"GPT-2 {_params_m(config):.1f}M forward, no LM head, B={B} T={T}, "
+              f"{total_flops / 1e12:.2f} TFLOP per call; device: {jax.devices()[0].device_kind}; "
+              f"XLA bf16 8192^3 GEMM ceiling here: {ceiling:.0f} TFLOP/s")
+    rows = []
+
+    def record(name, seconds, peak, err, baseline=None):
+        """Add a row; print it and rewrite the table, so a run cut short keeps what it measured."""
+        rows.append(dict(name=name, ms=seconds * 1e3, tflops=total_flops / seconds / 1e12,
+                         peak_gb=peak / 1e9, err=err, baseline=baseline))
+        _stage(f"{name}: {seconds * 1e3:.2f} ms, peak {peak / 1e9:.2f} GB, rel err vs HF fp32 {err:.2e}")
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(_table(header, rows, ceiling) + "\n")
+
+    def hf_flax(name, dtype):
+        model = FlaxGPT2Model.from_pretrained(weights, dtype=dtype)
+        params = jax.tree.map(lambda a: a.astype(dtype), model.params)
+        seconds, peak, out = compile_and_time(
+            lambda params, ids: model(ids, params=params).last_hidden_state, params, ids,
+            calls=args.calls, repeats=args.repeats)
+        record(name, seconds, peak, relative_error(out[check], reference))
+
+    def ours(mode):
         label, dtype, param_dtype, precision, baseline, tol = MODES[mode]
         model = jtgpt.GPT.from_pretrained(weights, dtype=dtype, param_dtype=param_dtype, precision=precision)
-        fn = jax.jit(lambda m, ids: m.hidden_states(ids))
-        err = relative_error(fn(model, ids)[check], reference)
+        seconds, peak, out = compile_and_time(lambda m, ids: m.hidden_states(ids), model, ids,
+                                              calls=args.calls, repeats=args.repeats)
+        err = relative_error(out[check], reference)
         assert err < tol, f"{label}: relative error {err:.2e} against HF Flax fp32 exceeds {tol}"
-        record(label, time_jax(fn, model, ids, calls=args.calls, repeats=args.repeats),
-               jax_peak_bytes(fn, model, ids), err, baseline)
-        del model
+        record(label, seconds, peak, err, baseline)
 
+    # Half precision first (the headline), then fp32; each jtgpt mode right after its baseline.
+    # HF Flax bf16 computes in bf16 on bf16 params; HF Flax fp32 uses XLA's default dot precision.
+    modes = args.modes.split(",")
+    hf_flax("HF Flax bf16", jnp.bfloat16)
+    for mode in [m for m in ("bf16", "mixed") if m in modes]:
+        ours(mode)
+    hf_flax("HF Flax fp32", jnp.float32)
+    for mode in [m for m in ("tf32", "fp32") if m in modes]:
+        ours(mode)
     if not args.no_torch:
-        rows.extend(_torch_rows(weights, np.asarray(ids), reference, check, total_flops, args))
+        for name, seconds, peak, err in _torch_rows(weights, np.asarray(ids), reference, check, args):
+            record(name, seconds, peak, err, "HF Flax bf16")
+    print("\n" + _table(header, rows, ceiling))
 
+
+def _stage(message):
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _table(header, rows, ceiling) -> str:
     by_name = {r["name"]: r for r in rows}
-    lines = [f"GPT-2 {_params_m(config)}M forward, no LM head, B={B} T={T}, "
-             f"{total_flops / 1e12:.2f} TFLOP per call; device: {jax.devices()[0].device_kind}; "
-             f"XLA bf16 8192^3 GEMM ceiling here: {ceiling:.0f} TFLOP/s",
-             "",
+    lines = [header, "",
              "| implementation | ms | TFLOP/s | MFU | % of GEMM ceiling | peak GB | vs its HF Flax | rel err vs HF fp32 |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -165,11 +185,7 @@ def main():
         lines.append(f"| {r['name']} | {r['ms']:.2f} | {r['tflops']:.1f} | "
                      f"{100 * r['tflops'] / H100_BF16_DENSE_TFLOPS:.1f}% | {100 * r['tflops'] / ceiling:.1f}% | "
                      f"{r['peak_gb']:.2f} | {ratio} | {r['err']:.1e} |")
-    table = "\n".join(lines)
-    print("\n" + table)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table + "\n")
+    return "\n".join(lines)
 
 
 def _randomize_norms(model):
@@ -182,24 +198,24 @@ def _randomize_norms(model):
             var.set_value(base + 0.1 * jax.random.normal(next(keys), var.shape, var.dtype))
 
 
-def _params_m(config: GPTConfig) -> int:
+def _params_m(config: GPTConfig) -> float:
     D, L = config.n_embd, config.n_layer
-    return round((config.vocab_size * D + config.n_positions * D + L * 12 * D * D) / 1e6)
+    return (config.vocab_size * D + config.n_positions * D + L * 12 * D * D) / 1e6
 
 
-def _torch_rows(weights, ids, reference, check, total_flops, args):
-    """HF PyTorch GPT-2 (SDPA attention) in bf16, eager and torch.compile, where CUDA torch is."""
+def _torch_rows(weights, ids, reference, check, args):
+    """(name, seconds, peak bytes, rel err) of HF PyTorch GPT-2 (SDPA) in bf16, eager and
+    torch.compile, where CUDA torch is installed."""
     try:
         import torch
         from transformers import GPT2Model
     except ImportError:
-        return []
+        return
     if not torch.cuda.is_available():
-        return []
+        return
     model = GPT2Model.from_pretrained(weights, torch_dtype=torch.bfloat16, attn_implementation="sdpa")
     model = model.cuda().eval()
-    ids_t = torch.from_numpy(ids).cuda()
-    rows = []
+    ids_t = torch.from_numpy(np.array(ids)).cuda()
     for name, fn in (("HF PyTorch bf16 (SDPA)", model),
                      ("HF PyTorch bf16 + torch.compile", torch.compile(model))):
         with torch.no_grad():
@@ -214,11 +230,7 @@ def _torch_rows(weights, ids, reference, check, total_flops, args):
                     out = fn(ids_t)
                 torch.cuda.synchronize()
                 times.append((time.perf_counter() - t0) / args.calls)
-        seconds = statistics.median(times)
-        rows.append(dict(name=name, ms=seconds * 1e3, tflops=total_flops / seconds / 1e12,
-                         peak_gb=torch.cuda.max_memory_allocated() / 1e9, err=err, baseline="HF Flax bf16"))
-        print(f"  {name}: {seconds * 1e3:.2f} ms, rel err vs HF fp32 {err:.2e}", flush=True)
-    return rows
+        yield name, statistics.median(times), torch.cuda.max_memory_allocated(), err
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from jtgpt import reference  # noqa: E402
-from jtgpt.kernels import attention, matmul  # noqa: E402
+from jtgpt.kernels import matmul  # noqa: E402
 from jtgpt.kernels.attention import flash_attention  # noqa: E402
 from jtgpt.kernels.layernorm import layer_norm  # noqa: E402
 from jtgpt.kernels.matmul import linear  # noqa: E402
@@ -59,7 +59,7 @@ def gemm_rows(dtype, sweep):
         ref = jax.jit(lambda x, w: reference.linear(x, w, **kw))
         flops = 2 * M * K * N
         xla_ms = bench(ref, x, w)
-        rows.append((f"XLA {name}", xla_ms, flops / xla_ms / 1e9, "TFLOP/s", ""))
+        _add(rows, (f"XLA {name}", xla_ms, flops / xla_ms / 1e9, "TFLOP/s", ""))
         configs = [None] + (SWEEP_GEMM if sweep else [])
         for cfg in configs:
             if cfg is not None:
@@ -69,13 +69,20 @@ def gemm_rows(dtype, sweep):
                 err = rel_err(fn(x, w), ref(x, w))
                 ms = bench(fn, x, w)
             except Exception as e:  # a config that does not fit (shared memory) is skipped
-                rows.append((f"jtgpt {name} {cfg}", float("nan"), float("nan"), "", type(e).__name__))
+                _add(rows, (f"jtgpt {name} {cfg}", float("nan"), float("nan"), "", type(e).__name__))
                 continue
             finally:
                 matmul._block_config = DEFAULT_GEMM_CONFIG
             label = "chosen" if cfg is None else _short(cfg)
-            rows.append((f"jtgpt {name} [{label}]", ms, flops / ms / 1e9, "TFLOP/s", f"err {err:.1e}"))
+            _add(rows, (f"jtgpt {name} [{label}]", ms, flops / ms / 1e9, "TFLOP/s", f"err {err:.1e}"))
     return rows
+
+
+def _add(rows, row):
+    """Keep the row and print it at once: a run cut short still shows what it measured."""
+    rows.append(row)
+    name, ms, rate, unit, note = row
+    print(f"| {name} | {ms:.3f} | {rate:.1f} | {unit} | {note} |", flush=True)
 
 
 def _short(cfg):
@@ -101,7 +108,7 @@ def attention_rows(dtype):
         err = rel_err(fn(qkv), cudnn(q, k, v).reshape(B, T, H * D))
         for name, f, args in (("cuDNN", cudnn, (q, k, v)), ("jtgpt", fn, (qkv,))):
             ms = bench(f, *args, calls=5 if T > 1000 else 20)
-            rows.append((f"{name} attention {B}x{T}x{H}x{D} causal", ms, flops / ms / 1e9, "TFLOP/s",
+            _add(rows, (f"{name} attention {B}x{T}x{H}x{D} causal", ms, flops / ms / 1e9, "TFLOP/s",
                          f"err {err:.1e}" if name == "jtgpt" else ""))
     return rows
 
@@ -117,7 +124,7 @@ def layernorm_rows(dtype):
     err = rel_err(ours(x, w, b), ref(x, w, b))
     for name, f in (("XLA layernorm", ref), ("jtgpt layernorm", ours)):
         ms = bench(f, x, w, b)
-        rows.append((name, ms, nbytes / ms / 1e6, "GB/s", f"err {err:.1e}" if "jtgpt" in name else ""))
+        _add(rows, (name, ms, nbytes / ms / 1e6, "GB/s", f"err {err:.1e}" if "jtgpt" in name else ""))
     return rows
 
 
@@ -127,6 +134,8 @@ def main():
     p.add_argument("--only", default="gemm,attention,layernorm")
     args = p.parse_args()
     dtype = jnp.bfloat16
+    print(f"{jax.devices()[0].device_kind}, bf16, M = {M} tokens")
+    print("| kernel | ms | rate | unit | check |\n|---|---:|---:|---|---|")
     rows = []
     if "gemm" in args.only:
         rows += gemm_rows(dtype, args.sweep)
@@ -134,10 +143,6 @@ def main():
         rows += attention_rows(dtype)
     if "layernorm" in args.only:
         rows += layernorm_rows(dtype)
-    print(f"\n{jax.devices()[0].device_kind}, bf16, M = {M} tokens")
-    print("| kernel | ms | rate | unit | check |\n|---|---:|---:|---|---|")
-    for name, ms, rate, unit, note in rows:
-        print(f"| {name} | {ms:.3f} | {rate:.1f} | {unit} | {note} |")
 
 
 if __name__ == "__main__":
