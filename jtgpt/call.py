@@ -10,6 +10,10 @@ This is the one module that knows about platforms:
   output is filled with NaN before the kernel runs, so an element the kernel fails to write shows
   up in any comparison.
 
+`compile_only()` makes the same calls compile each kernel for an NVIDIA GPU instead of running
+it (Triton ships ptxas: no GPU needed), so CI on a CPU machine catches what only the GPU compiler
+rejects, and shows each kernel's registers, spills and shared memory.
+
 Calling convention (jax-triton's): the kernel takes the array and scalar `args` in order, then
 one pointer per output, then the `constexprs` as keyword arguments. Shapes and strides should go
 in as constexprs: jax-triton 0.3 does not specialise integer scalars, and a GEMM with runtime
@@ -18,9 +22,14 @@ program (a decode position) go in as arrays instead.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import inspect
-from typing import Any, Callable, Sequence
+import os
+import re
+import subprocess
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -29,8 +38,8 @@ ShapeDtype = jax.ShapeDtypeStruct
 
 
 def on_gpu() -> bool:
-    """Kernels run through jax-triton on the default backend's GPU, else in the interpreter."""
-    return jax.default_backend() == "gpu"
+    """Kernels run (or, under compile_only, are built) for the GPU, else in the interpreter."""
+    return _compile_log is not None or jax.default_backend() == "gpu"
 
 
 def triton_call(*args: Any, kernel, out_shape: ShapeDtype | Sequence[ShapeDtype], grid: tuple[int, ...],
@@ -43,7 +52,9 @@ def triton_call(*args: Any, kernel, out_shape: ShapeDtype | Sequence[ShapeDtype]
     single = not isinstance(out_shape, (list, tuple))
     out_shapes = (out_shape,) if single else tuple(out_shape)
     grid = tuple(int(g) for g in grid)
-    if on_gpu():
+    if _compile_log is not None:
+        outs = _compile_call(args, kernel, out_shapes, num_warps, num_stages, constexprs)
+    elif on_gpu():
         outs = _gpu_call(args, kernel, out_shapes, grid, num_warps, num_stages, constexprs)
     else:
         outs = _cpu_call(args, kernel, out_shapes, grid, num_warps, num_stages, constexprs)
@@ -67,6 +78,90 @@ def _gpu_call(args, kernel, out_shapes, grid, num_warps, num_stages, constexprs)
 def _jax_triton_params() -> frozenset[str]:
     import jax_triton
     return frozenset(inspect.signature(jax_triton.triton_call).parameters)
+
+
+# ------------------------------------------------------------------------------- compile only
+
+@dataclasses.dataclass(frozen=True)
+class CompiledKernel:
+    """One kernel built by compile_only(), with ptxas's resource use per thread / program."""
+    name: str
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+    registers: int
+    spill_bytes: int  # the stack frame: registers spilled to local memory
+    shared_bytes: int
+
+
+_compile_log: dict[tuple, CompiledKernel] | None = None  # one entry per distinct build
+_compile_capability = 90
+
+
+@contextlib.contextmanager
+def compile_only(capability: int = 90):
+    """Within the block, triton_call builds each kernel for compute capability `capability`
+    (90: H100/H200) and returns zeros instead of running it; yields the CompiledKernels built,
+    one per distinct kernel, argument types and constexprs.
+
+    Arguments are typed as jax-triton types them (pointers 16-byte aligned, constexprs baked in),
+    so what compiles here compiles there. Use it with jax.eval_shape: nothing needs to run.
+    """
+    global _compile_log, _compile_capability
+    saved = _compile_log, _compile_capability
+    _compile_log, _compile_capability = {}, capability
+    try:
+        yield _compile_log.values()
+    finally:
+        _compile_log, _compile_capability = saved
+
+
+_TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int32": "i32",
+                 "int64": "i64", "uint32": "u32", "int8": "i8", "uint8": "u8", "bool": "i1"}
+
+
+def _compile_call(args, kernel, out_shapes, num_warps, num_stages, constexprs):
+    import jax.numpy as jnp
+
+    signature, attrs = {}, {}
+    for i, (name, arg) in enumerate(zip(kernel.arg_names, (*args, *out_shapes))):
+        if hasattr(arg, "dtype"):
+            signature[name] = "*" + _TRITON_TYPES[np.dtype(arg.dtype).name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "fp32" if isinstance(arg, float) else "i32"
+    signature.update({name: "constexpr" for name in constexprs})
+    key = (kernel.fn, tuple(signature.items()), tuple(constexprs.items()), num_warps, num_stages)
+    if key not in _compile_log:
+        _compile_log[key] = _build(kernel, signature, constexprs, attrs, num_warps, num_stages)
+    return tuple(jnp.zeros(s.shape, s.dtype) for s in out_shapes)
+
+
+def _build(kernel, signature, constexprs, attrs, num_warps, num_stages) -> CompiledKernel:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
+                              target=GPUTarget("cuda", _compile_capability, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    registers, stack = _resource_usage(compiled.asm["cubin"])
+    return CompiledKernel(kernel.fn.__name__, dict(constexprs), num_warps, num_stages, registers,
+                          stack, compiled.metadata.shared)
+
+
+def _resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers, stack bytes) of a cubin, read by the cuobjdump that ships with Triton."""
+    import tempfile
+
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        report = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True,
+                                check=True).stdout
+    return int(re.search(r"REG:(\d+)", report)[1]), int(re.search(r"STACK:(\d+)", report)[1])
 
 
 # ----------------------------------------------------------------------------------------- CPU
