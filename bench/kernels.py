@@ -9,13 +9,12 @@ output checked against its reference first. GPU only.
 import argparse
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from common import compile_and_time, relative_error  # noqa: E402
 from jtgpt import reference  # noqa: E402
 from jtgpt.kernels import matmul  # noqa: E402
 from jtgpt.kernels.attention import flash_attention  # noqa: E402
@@ -27,20 +26,7 @@ M = 512 * 300
 
 def bench(fn, *args, calls=20, repeats=5):
     """Median ms per call of `calls` back-to-back calls."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / calls * 1e3)
-    return float(np.median(times))
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+    return compile_and_time(fn, *args, calls=calls, repeats=repeats)[0] * 1e3
 
 
 def gemm_rows(dtype, sweep):
@@ -58,7 +44,7 @@ def gemm_rows(dtype, sweep):
                   activation=epi.get("activation"))
         ref = jax.jit(lambda x, w: reference.linear(x, w, **kw))
         flops = 2 * M * K * N
-        xla_ms = bench(ref, x, w)
+        xla_ms = bench(lambda x, w: _xla_linear(x, w, **kw), x, w)
         _add(rows, (f"XLA {name}", xla_ms, flops / xla_ms / 1e9, "TFLOP/s", ""))
         configs = [None] + (SWEEP_GEMM if sweep else [])
         for cfg in configs:
@@ -66,7 +52,7 @@ def gemm_rows(dtype, sweep):
                 matmul._block_config = lambda M_, N_, K_, dt, cfg=cfg: dict(cfg)
             fn = jax.jit(lambda x, w: linear(x, w, **kw))
             try:
-                err = rel_err(fn(x, w), ref(x, w))
+                err = relative_error(fn(x, w), ref(x, w))
                 ms = bench(fn, x, w)
             except Exception as e:  # a config that does not fit (shared memory) is skipped
                 _add(rows, (f"jtgpt {name} {cfg}", float("nan"), float("nan"), "", type(e).__name__))
@@ -76,6 +62,14 @@ def gemm_rows(dtype, sweep):
             label = "chosen" if cfg is None else _short(cfg)
             _add(rows, (f"jtgpt {name} [{label}]", ms, flops / ms / 1e9, "TFLOP/s", f"err {err:.1e}"))
     return rows
+
+
+def _xla_linear(x, w, bias=None, residual=None, activation=None):
+    """The competitor: the same epilogue as XLA fuses it, in the input dtype."""
+    y = x @ w + bias
+    if activation == "gelu_tanh":
+        y = jax.nn.gelu(y, approximate=True)
+    return y if residual is None else y + residual
 
 
 def _add(rows, row):
@@ -105,7 +99,7 @@ def attention_rows(dtype):
         q, k, v = (qkv[..., i * H * D:(i + 1) * H * D].reshape(B, T, H, D) for i in range(3))
         cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                                     implementation="cudnn"))
-        err = rel_err(fn(qkv), cudnn(q, k, v).reshape(B, T, H * D))
+        err = relative_error(fn(qkv), cudnn(q, k, v).reshape(B, T, H * D))
         for name, f, args in (("cuDNN", cudnn, (q, k, v)), ("jtgpt", fn, (qkv,))):
             ms = bench(f, *args, calls=5 if T > 1000 else 20)
             _add(rows, (f"{name} attention {B}x{T}x{H}x{D} causal", ms, flops / ms / 1e9, "TFLOP/s",
@@ -121,7 +115,7 @@ def layernorm_rows(dtype):
     rows = []
     ref = jax.jit(reference.layer_norm)
     ours = jax.jit(layer_norm)
-    err = rel_err(ours(x, w, b), ref(x, w, b))
+    err = relative_error(ours(x, w, b), ref(x, w, b))
     for name, f in (("XLA layernorm", ref), ("jtgpt layernorm", ours)):
         ms = bench(f, x, w, b)
         _add(rows, (name, ms, nbytes / ms / 1e6, "GB/s", f"err {err:.1e}" if "jtgpt" in name else ""))
