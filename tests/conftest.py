@@ -42,6 +42,19 @@ def assert_close(actual, expected, dtype=None, rtol=None):
     assert err <= rtol, f"relative error {err:.3g} > {rtol:g} ({dtype})"
 
 
+@pytest.fixture(autouse=True)
+def poison_gpu_memory():
+    """On the GPU, fill freed device memory with NaN before each test.
+
+    The CPU path NaN-fills every kernel output itself (jtgpt/call.py); on the GPU, XLA allocates
+    the outputs, so this leaves NaN in the allocator's free pool, where the test's outputs will
+    most likely be placed: an element a kernel fails to write then reads as NaN, not stale data.
+    """
+    if jax.default_backend() == "gpu":
+        jax.block_until_ready(jax.numpy.full((256 * 2**20,), jax.numpy.nan, jax.numpy.float32))
+    yield
+
+
 @pytest.fixture
 def key(request):
     """A fresh random key per test, seeded by the test's name so failures reproduce."""

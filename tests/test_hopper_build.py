@@ -16,12 +16,15 @@ KERNELS = {"_embedding_fwd_kernel", "_layer_norm_fwd_kernel", "_matmul_kernel", 
 
 @pytest.mark.parametrize("dtype,precision", [(jnp.bfloat16, "ieee"), (jnp.float16, "ieee"),
                                              (jnp.float32, "tf32"), (jnp.float32, "ieee")])
-def test_gpt2_forward_builds_for_hopper(dtype, precision):
-    model = jax.eval_shape(lambda: jtgpt.GPT(GPTConfig(), dtype=dtype, precision=precision))
+@pytest.mark.parametrize("dropout", [False, True])
+def test_gpt2_forward_builds_for_hopper(dtype, precision, dropout):
+    config = GPTConfig(attn_pdrop=0.0)
+    model = jax.eval_shape(lambda: jtgpt.GPT(config, dtype=dtype, precision=precision))
     ids = jax.ShapeDtypeStruct((512, 300), jnp.int32)
     mask = jax.ShapeDtypeStruct((512, 300), jnp.int32)
+    key = jax.random.key(0) if dropout else None
     with compile_only(capability=90) as built:
-        jax.eval_shape(lambda m, ids, mask: m(ids, mask), model, ids, mask)
+        jax.eval_shape(lambda m, ids, mask: m(ids, mask, dropout_key=key), model, ids, mask)
     assert {k.name for k in built} == KERNELS
     for k in built:  # what ptxas accepted must also fit an H100 multiprocessor
         assert 0 < k.registers <= 255 and k.shared_bytes <= 227 * 1024, k
