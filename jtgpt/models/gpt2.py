@@ -25,7 +25,7 @@ from jtgpt.kernels.embedding import embedding
 from jtgpt.kernels.layernorm import layer_norm
 from jtgpt.kernels.matmul import linear
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +71,7 @@ class Compute:
     precision: str = "ieee"
 
     def __post_init__(self):
-        if jnp.dtype(self.dtype) not in map(jnp.dtype, DTYPES.values()):
+        if jnp.dtype(self.dtype) not in map(jnp.dtype, DTYPES):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype}")
         if self.precision not in ("ieee", "tf32"):
             raise ValueError(f"precision must be 'ieee' or 'tf32', got {self.precision!r}")
