@@ -34,9 +34,9 @@ import triton
 import triton.language as tl
 
 from jtgpt.call import triton_call
+from jtgpt.kernels import check_float_dtype
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
-DTYPES = ("float32", "float16", "bfloat16")
 PRECISIONS = ("ieee", "tf32")
 
 
@@ -232,9 +232,7 @@ def attention_forward(qkv, *, num_heads, num_kv_heads=None, attention_mask=None,
     if getattr(qkv, "ndim", None) != 3:
         raise ValueError(f"qkv must be 3-D [B, T, (num_heads + 2 * num_kv_heads) * head_dim], "
                          f"got shape {getattr(qkv, 'shape', None)}")
-    dtype = jnp.dtype(qkv.dtype)
-    if dtype.name not in DTYPES:
-        raise ValueError(f"qkv dtype must be one of {DTYPES}, got {dtype.name}")
+    check_float_dtype("qkv dtype", qkv.dtype)
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     if num_kv_heads < 1 or num_heads < 1 or num_heads % num_kv_heads:
         raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads "

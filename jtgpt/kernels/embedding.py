@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 
 from jtgpt.call import triton_call
+from jtgpt.kernels import check_float_dtype
 
-SUPPORTED_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
 # Elements one program writes (BLOCK_T tokens x BLOCK_D features).
 TILE = 4096
 # Widest feature block; wider rows are split over the grid's second axis (no reduction here).
@@ -92,8 +92,7 @@ def embedding(ids, positions, wte, wpe, *, dropout_rate=0.0, seed=None):
     for name, table in (("wte", wte), ("wpe", wpe)):
         if table.ndim != 2 or table.shape[0] == 0:
             raise ValueError(f"{name} must be a [rows, D] table with rows >= 1, got shape {table.shape}")
-        if table.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"{name} dtype {table.dtype} unsupported: float32, float16 or bfloat16")
+        check_float_dtype(f"{name} dtype", table.dtype)
     if wpe.shape[1] != wte.shape[1]:
         raise ValueError(f"wpe D={wpe.shape[1]} must equal wte D={wte.shape[1]}")
     if not 0.0 <= dropout_rate < 1.0:

@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 
 from jtgpt.call import triton_call
+from jtgpt.kernels import check_float_dtype
 
-SUPPORTED_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
 # The whole row lives in registers. At 16384 (Llama-3 405B's hidden size) and 16 warps that is
 # 32 fp32 values a thread; a wider row would need a kernel that loops over chunks of it.
 MAX_D = 16384
@@ -83,16 +83,14 @@ def layer_norm_forward(x, weight, bias, *, eps=1e-5):
     """
     if x.ndim < 1:
         raise ValueError(f"x must have at least one axis (the normalised one), got shape {x.shape}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"x dtype {x.dtype} unsupported: float32, float16 or bfloat16")
+    check_float_dtype("x dtype", x.dtype)
     d = x.shape[-1]
     if not 1 <= d <= MAX_D:
         raise ValueError(f"x's last axis D={d} must be in [1, {MAX_D}] (the row is held in registers)")
     for name, p in (("weight", weight), ("bias", bias)):
         if p.shape != (d,):
             raise ValueError(f"{name} shape {p.shape} must be (D,) = ({d},), x's last axis")
-        if p.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"{name} dtype {p.dtype} unsupported: float32, float16 or bfloat16")
+        check_float_dtype(f"{name} dtype", p.dtype)
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
 

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from jtgpt.call import on_gpu, triton_call
+from jtgpt.kernels import check_float_dtype
 
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # kernels read globals only as constexprs
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -105,9 +106,6 @@ def _fit(size: int, block: int) -> int:
     return max(16, min(block, triton.next_power_of_2(size)))
 
 
-SUPPORTED_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
-
-
 def linear(x, w, bias=None, *, residual=None, activation=None, dropout_rate=0.0, seed=None,
            transpose_w=False, precision="ieee"):
     """dropout(act(x @ w + bias)) + residual in one Triton GEMM; returns [..., N] in x.dtype.
@@ -119,8 +117,7 @@ def linear(x, w, bias=None, *, residual=None, activation=None, dropout_rate=0.0,
     x = jnp.asarray(x)
     if x.ndim < 2:
         raise ValueError(f"linear: x must be [..., K] with at least 2 dims, got shape {x.shape}")
-    if jnp.dtype(x.dtype) not in map(jnp.dtype, SUPPORTED_DTYPES):
-        raise ValueError(f"linear: x dtype must be float32, float16 or bfloat16, got {x.dtype}")
+    check_float_dtype("linear: x dtype", x.dtype)
     if w.ndim != 2 or w.dtype != x.dtype:
         raise ValueError(f"linear: w must be a 2-D {x.dtype} matrix, got {w.dtype}{list(w.shape)}")
     K = x.shape[-1]

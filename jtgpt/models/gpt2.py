@@ -20,13 +20,11 @@ import numpy as np
 from flax import nnx
 
 from jtgpt import checkpoint
+from jtgpt.kernels import check_float_dtype
 from jtgpt.kernels.attention import flash_attention
 from jtgpt.kernels.embedding import embedding
 from jtgpt.kernels.layernorm import layer_norm
 from jtgpt.kernels.matmul import linear
-
-DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-
 
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
@@ -71,8 +69,7 @@ class Compute:
     precision: str = "ieee"
 
     def __post_init__(self):
-        if jnp.dtype(self.dtype) not in map(jnp.dtype, DTYPES):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype}")
+        check_float_dtype("dtype", self.dtype)
         if self.precision not in ("ieee", "tf32"):
             raise ValueError(f"precision must be 'ieee' or 'tf32', got {self.precision!r}")
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
