@@ -246,7 +246,16 @@ def _shim_interpreter() -> None:
     from triton.runtime import interpreter as interp
     from triton.runtime.jit import JITFunction
 
-    JITFunction.__call__ = lambda self, *args, **kwargs: _interpreted(self)(*args, **kwargs)
+    def call_helper(self, *args, **kwargs):
+        # InterpretedFunction.__call__ would patch triton.language for the helper and never undo
+        # it, which breaks any later real compile in this process (compile_only, or a GPU).
+        scope = interp._patch_lang(self.fn)
+        try:
+            return _interpreted(self).rewrite()(*args, **kwargs)
+        finally:
+            scope.restore()
+
+    JITFunction.__call__ = call_helper
 
     builder = interp.InterpreterBuilder
 
