@@ -167,7 +167,7 @@ def _randomize_norms(model):
     """LayerNorm weights and all biases random too, so a wrong one cannot hide behind 1s and 0s."""
     from flax import nnx
     keys = iter(jax.random.split(jax.random.key(7), 1000))
-    for path, var in nnx.state(model, nnx.Param).flat_state():
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         if path[-1] == "bias" or "ln" in str(path[-2]):
             base = 1.0 if path[-1] == "weight" else 0.0
             var.set_value(base + 0.1 * jax.random.normal(next(keys), var.shape, var.dtype))

@@ -257,7 +257,7 @@ class GPT(nnx.Module):
 
 
 def _params(model: nnx.Module):
-    return list(nnx.state(model, nnx.Param).flat_state())
+    return list(nnx.to_flat_state(nnx.state(model, nnx.Param)))
 
 
 def _name(path) -> str:
