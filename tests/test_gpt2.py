@@ -142,6 +142,8 @@ def test_bad_options_are_clear_errors():
         jtgpt.GPT(config, precision="fast")
     with pytest.raises(ValueError, match="activation_function"):
         GPTConfig.from_hf({"activation_function": "relu"})
+    with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
+        GPTConfig.from_hf({"scale_attn_by_inverse_layer_idx": True})
 
 
 def test_checkpoint_tensor_of_wrong_shape_is_named(hf_checkpoint, tmp_path):

@@ -26,6 +26,7 @@ from jtgpt.kernels.embedding import embedding
 from jtgpt.kernels.layernorm import layer_norm
 from jtgpt.kernels.matmul import linear
 
+
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
     """The fields of Hugging Face's GPT2Config that the model uses (same names and defaults)."""
@@ -47,6 +48,10 @@ class GPTConfig:
                              f"got {activation!r}")
         if hf.get("n_inner") not in (None, 4 * hf.get("n_embd", cls.n_embd)):
             raise ValueError(f"config n_inner must be None or 4 * n_embd, got {hf['n_inner']}")
+        # Variants of GPT-2's attention scaling that the kernels do not implement.
+        for name, supported in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False)):
+            if hf.get(name, supported) != supported:
+                raise ValueError(f"config {name}={hf[name]} is not supported (only {supported})")
         return cls(**{f.name: hf[f.name] for f in dataclasses.fields(cls) if f.name in hf})
 
     def to_hf(self) -> dict[str, Any]:
