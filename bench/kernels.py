@@ -87,7 +87,7 @@ DEFAULT_GEMM_CONFIG = matmul._block_config
 SWEEP_GEMM = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s)
               for bm, bn, bk, w, s in [(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4),
                                        (256, 128, 64, 8, 3), (128, 256, 64, 8, 4), (64, 256, 64, 4, 4),
-                                       (128, 192, 64, 8, 3), (128, 128, 128, 8, 3)]]
+                                       (128, 128, 128, 8, 3)]]
 
 
 def attention_rows(dtype):

@@ -94,6 +94,8 @@ def _block_config(M: int, N: int, K: int, dtype) -> dict:
         cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
     else:
         # bf16 128x256x64, 8 warps, 3 stages: 619 TFLOP/s on an H100 at 8192^3 (DESIGN.md).
+        # With the residual epilogue this tile spills 32 bytes a thread (255 registers, seen with
+        # compile_only); 256x128 does not. `python bench/kernels.py --sweep` on a GPU decides.
         cfg = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
     cfg["BLOCK_M"] = _fit(M, cfg["BLOCK_M"])
     cfg["BLOCK_N"] = _fit(N, cfg["BLOCK_N"])
