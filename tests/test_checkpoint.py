@@ -9,11 +9,10 @@ import socket
 import ml_dtypes
 import numpy as np
 import pytest
+import torch
+import transformers
 
 from jtgpt import checkpoint as ck
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 N_LAYER, D, V, P = 2, 32, 97, 64
 SHARD = 30_000  # bytes: the tiny model (~120 kB) splits into several shards

@@ -3,12 +3,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import transformers
 from conftest import assert_close, shapes
 
 import jtgpt
 from jtgpt.models.gpt2 import GPTConfig
-
-transformers = pytest.importorskip("transformers")
 
 # Tiny on CPU (the interpreter); GPT-2 124M's shape under --large.
 CONFIGS = shapes([dict(vocab_size=97, n_positions=32, n_embd=128, n_layer=2, n_head=2)],
