@@ -151,6 +151,7 @@ def test_flash_attention_returns_out(key):
     ((2, 8, 6 * 64), jnp.float32, {"sm_scale": -1.0}, "sm_scale"),
     ((2, 8, 6 * 64), jnp.float32, {"attention_mask": jnp.ones((2, 9), jnp.int32)}, "attention_mask"),
     ((2, 8, 6 * 64), jnp.float32, {"attention_mask": jnp.ones((2, 8), jnp.float32)}, "attention_mask"),
+    ((2731, 1, 3 * 24 * 16), jnp.float32, {"num_heads": 24}, "batch \\* num_heads"),
 ])
 def test_invalid_arguments(shape, dtype, kwargs, match):
     kwargs = {"num_heads": 2, **kwargs}

@@ -38,6 +38,7 @@ from jtgpt.kernels import check_float_dtype
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
 PRECISIONS = ("ieee", "tf32")
+MAX_GRID_Y = 65535
 
 
 # -------------------------------------------------------------------------------------- kernel
@@ -252,6 +253,10 @@ def attention_forward(qkv, *, num_heads, num_kv_heads=None, attention_mask=None,
     if not sm_scale > 0:
         # The kernel takes max(s) * scale as max(s * scale), which needs scale > 0.
         raise ValueError(f"sm_scale must be positive, got {sm_scale}")
+    if B * num_heads > MAX_GRID_Y:
+        # (batch, head) pairs run on the grid's second axis, which CUDA caps at 65535.
+        raise ValueError(f"batch * num_heads = {B} * {num_heads} exceeds {MAX_GRID_Y}: split the "
+                         f"batch into chunks of at most {MAX_GRID_Y // num_heads}")
     if attention_mask is not None:
         if tuple(attention_mask.shape) != (B, T):
             raise ValueError(f"attention_mask must have shape [B, T] = {(B, T)}, "
