@@ -29,8 +29,7 @@ def bench(fn, *args, calls=20, repeats=5):
     return compile_and_time(fn, *args, calls=calls, repeats=repeats)[0] * 1e3
 
 
-def gemm_rows(dtype, sweep):
-    rows = []
+def bench_gemms(dtype, sweep):
     shapes = {"c_attn": (768, 2304, dict(bias=True)), "attn.c_proj": (768, 768, dict(bias=True, residual=True)),
               "c_fc+gelu": (768, 3072, dict(bias=True, activation="gelu_tanh")),
               "mlp.c_proj": (3072, 768, dict(bias=True, residual=True))}
@@ -45,7 +44,7 @@ def gemm_rows(dtype, sweep):
         ref = jax.jit(lambda x, w: reference.linear(x, w, **kw))
         flops = 2 * M * K * N
         xla_ms = bench(lambda x, w: _xla_linear(x, w, **kw), x, w)
-        _add(rows, (f"XLA {name}", xla_ms, flops / xla_ms / 1e9, "TFLOP/s", ""))
+        _row(f"XLA {name}", xla_ms, flops / xla_ms / 1e9, "TFLOP/s")
         configs = [None] + (SWEEP_GEMM if sweep else [])
         for cfg in configs:
             if cfg is not None:
@@ -55,13 +54,12 @@ def gemm_rows(dtype, sweep):
                 err = relative_error(fn(x, w), ref(x, w))
                 ms = bench(fn, x, w)
             except Exception as e:  # a config that does not fit (shared memory) is skipped
-                _add(rows, (f"jtgpt {name} {cfg}", float("nan"), float("nan"), "", type(e).__name__))
+                _row(f"jtgpt {name} {cfg}", float("nan"), float("nan"), "", type(e).__name__)
                 continue
             finally:
                 matmul._block_config = DEFAULT_GEMM_CONFIG
             label = "chosen" if cfg is None else _short(cfg)
-            _add(rows, (f"jtgpt {name} [{label}]", ms, flops / ms / 1e9, "TFLOP/s", f"err {err:.1e}"))
-    return rows
+            _row(f"jtgpt {name} [{label}]", ms, flops / ms / 1e9, "TFLOP/s", f"err {err:.1e}")
 
 
 def _xla_linear(x, w, bias=None, residual=None, activation=None):
@@ -72,10 +70,8 @@ def _xla_linear(x, w, bias=None, residual=None, activation=None):
     return y if residual is None else y + residual
 
 
-def _add(rows, row):
-    """Keep the row and print it at once: a run cut short still shows what it measured."""
-    rows.append(row)
-    name, ms, rate, unit, note = row
+def _row(name, ms, rate, unit, note=""):
+    """Print a table row as soon as it is measured: a run cut short still shows what it got."""
     print(f"| {name} | {ms:.3f} | {rate:.1f} | {unit} | {note} |", flush=True)
 
 
@@ -90,8 +86,7 @@ SWEEP_GEMM = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, n
                                        (128, 128, 128, 8, 3)]]
 
 
-def attention_rows(dtype):
-    rows = []
+def bench_attention(dtype):
     for B, T, H, D in [(512, 300, 12, 64), (4, 4096, 32, 128)]:
         qkv = jax.random.normal(jax.random.key(B), (B, T, 3 * H * D), dtype)
         flops = 4 * B * H * D * T * (T + 1) / 2  # causal: each (query, key<=query) pair once
@@ -102,24 +97,21 @@ def attention_rows(dtype):
         err = relative_error(fn(qkv), cudnn(q, k, v).reshape(B, T, H * D))
         for name, f, args in (("cuDNN", cudnn, (q, k, v)), ("jtgpt", fn, (qkv,))):
             ms = bench(f, *args, calls=5 if T > 1000 else 20)
-            _add(rows, (f"{name} attention {B}x{T}x{H}x{D} causal", ms, flops / ms / 1e9, "TFLOP/s",
-                         f"err {err:.1e}" if name == "jtgpt" else ""))
-    return rows
+            _row(f"{name} attention {B}x{T}x{H}x{D} causal", ms, flops / ms / 1e9, "TFLOP/s",
+                 f"err {err:.1e}" if name == "jtgpt" else "")
 
 
-def layernorm_rows(dtype):
+def bench_layernorm(dtype):
     x = jax.random.normal(jax.random.key(3), (M, 768), dtype)
     w = jax.random.normal(jax.random.key(4), (768,), dtype)
     b = jax.random.normal(jax.random.key(5), (768,), dtype)
     nbytes = 2 * x.size * x.dtype.itemsize
-    rows = []
     ref = jax.jit(reference.layer_norm)
     ours = jax.jit(layer_norm)
     err = relative_error(ours(x, w, b), ref(x, w, b))
     for name, f in (("XLA layernorm", ref), ("jtgpt layernorm", ours)):
         ms = bench(f, x, w, b)
-        _add(rows, (name, ms, nbytes / ms / 1e6, "GB/s", f"err {err:.1e}" if "jtgpt" in name else ""))
-    return rows
+        _row(name, ms, nbytes / ms / 1e6, "GB/s", f"err {err:.1e}" if "jtgpt" in name else "")
 
 
 def main():
@@ -130,13 +122,12 @@ def main():
     dtype = jnp.bfloat16
     print(f"{jax.devices()[0].device_kind}, bf16, M = {M} tokens")
     print("| kernel | ms | rate | unit | check |\n|---|---:|---:|---|---|")
-    rows = []
     if "gemm" in args.only:
-        rows += gemm_rows(dtype, args.sweep)
+        bench_gemms(dtype, args.sweep)
     if "attention" in args.only:
-        rows += attention_rows(dtype)
+        bench_attention(dtype)
     if "layernorm" in args.only:
-        rows += layernorm_rows(dtype)
+        bench_layernorm(dtype)
 
 
 if __name__ == "__main__":
