@@ -8,3 +8,21 @@ def check_float_dtype(what: str, dtype) -> None:
     """ValueError naming `what` (e.g. "x dtype") unless dtype is float32, float16 or bfloat16."""
     if jnp.dtype(dtype) not in FLOAT_DTYPES:
         raise ValueError(f"{what} must be float32, float16 or bfloat16, got {jnp.dtype(dtype).name}")
+
+
+def dropout_seed(dropout_rate: float, seed):
+    """The int32 seed array a dropout kernel loads, after checking rate and seed.
+
+    dropout_rate must be in [0, 1); above 0, seed (an integer array of shape (), traced or not: a
+    new seed does not recompile) is required. Without dropout the kernel never reads the seed.
+    """
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
+    if dropout_rate == 0.0:
+        return jnp.zeros((), jnp.int32)
+    if seed is None:
+        raise ValueError("seed (an integer array of shape ()) is required when dropout_rate > 0")
+    seed = jnp.asarray(seed)
+    if seed.shape != () or not jnp.issubdtype(seed.dtype, jnp.integer):
+        raise ValueError(f"seed must be an integer scalar array, got {seed.dtype}{list(seed.shape)}")
+    return seed.astype(jnp.int32)

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from jtgpt.call import triton_call
-from jtgpt.kernels import check_float_dtype
+from jtgpt.kernels import check_float_dtype, dropout_seed
 
 # Elements one program writes (BLOCK_T tokens x BLOCK_D features).
 TILE = 4096
@@ -95,18 +95,7 @@ def embedding(ids, positions, wte, wpe, *, dropout_rate=0.0, seed=None):
         check_float_dtype(f"{name} dtype", table.dtype)
     if wpe.shape[1] != wte.shape[1]:
         raise ValueError(f"wpe D={wpe.shape[1]} must equal wte D={wte.shape[1]}")
-    if not 0.0 <= dropout_rate < 1.0:
-        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
-    if dropout_rate == 0.0:
-        # The kernel signature always has a seed pointer; without dropout it is never read.
-        seed = jnp.zeros((), jnp.int32)
-    elif seed is None:
-        raise ValueError("seed (an integer array of shape ()) is required when dropout_rate > 0")
-    else:
-        seed = jnp.asarray(seed)
-        if seed.shape != () or not jnp.issubdtype(seed.dtype, jnp.integer):
-            raise ValueError(f"seed must be an integer scalar array, got {seed.dtype}{list(seed.shape)}")
-        seed = seed.astype(jnp.int32)
+    seed = dropout_seed(dropout_rate, seed)
 
     (b, t), (v, d), n_positions = ids.shape, wte.shape, wpe.shape[0]
     n_tokens = b * t

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from jtgpt.call import on_gpu, triton_call
-from jtgpt.kernels import check_float_dtype
+from jtgpt.kernels import check_float_dtype, dropout_seed
 
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # kernels read globals only as constexprs
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -134,10 +134,7 @@ def linear(x, w, bias=None, *, residual=None, activation=None, dropout_rate=0.0,
         raise ValueError(f"linear: residual must have shape {out_shape}, got {residual.shape}")
     if activation not in (None, "gelu_tanh"):
         raise ValueError(f"linear: activation must be None or 'gelu_tanh', got {activation!r}")
-    if not 0.0 <= dropout_rate < 1.0:
-        raise ValueError(f"linear: dropout_rate must be in [0, 1), got {dropout_rate}")
-    if dropout_rate > 0.0 and seed is None:
-        raise ValueError("linear: dropout_rate > 0 needs seed (an int32 array of shape ())")
+    seed = dropout_seed(dropout_rate, seed)
     if precision not in ("ieee", "tf32"):
         raise ValueError(f"linear: precision must be 'ieee' or 'tf32', got {precision!r}")
 
@@ -149,7 +146,7 @@ def linear(x, w, bias=None, *, residual=None, activation=None, dropout_rate=0.0,
         x.reshape(M, K), w,
         placeholder if bias is None else bias.astype(x.dtype),
         placeholder if residual is None else residual.reshape(M, N),
-        jnp.zeros((1,), jnp.int32) if seed is None else jnp.asarray(seed, jnp.int32).reshape(1),
+        seed,
         kernel=_matmul_kernel, out_shape=jax.ShapeDtypeStruct((M, N), x.dtype), grid=grid,
         M=M, N=N, K=K, stride_wk=1 if transpose_w else N, stride_wn=K if transpose_w else 1,
         HAS_BIAS=bias is not None, GELU=activation == "gelu_tanh",
