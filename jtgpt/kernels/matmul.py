@@ -1,19 +1,44 @@
-"""GEMM with a fused epilogue: y = dropout(act(x @ W + bias)) + residual.
+"""GEMM with a fused epilogue, forward and backward: y = dropout(act(x @ W + bias)) + residual.
 
     x [M, K] (any leading dims, flattened), W [K, N] (or [N, K] read transposed: the tied LM head
     multiplies by wte [V, D] without a transposed copy), bias [N], residual [M, N].
     act is identity or GPT-2's tanh-GELU:
-        gelu_tanh(y) = 0.5 y (1 + tanh(u)) = y * sigmoid(2u),   u = sqrt(2/pi) (y + 0.044715 y^3)
+        gelu_tanh(y) = 0.5 y (1 + tanh(u)) = y * s,   s = sigmoid(2u),   u = sqrt(2/pi) (y + 0.044715 y^3)
+        gelu_tanh'(y) = s + 2 y s (1 - s) u',          u' = sqrt(2/pi) (1 + 3 * 0.044715 y^2)
     dropout keeps an element with probability 1 - p, drawn from tl.rand(seed, m * N + n), and
     scales it by 1 / (1 - p).
 
-The products accumulate in fp32 and every epilogue step runs in fp32 on the accumulator, so the
-activation, bias and residual cost no extra pass over memory; the result is cast once to x.dtype.
+One kernel, `_matmul_kernel`, computes op(A) @ op(B) for every product here: each operand is read
+in place through its strides, as stored or transposed (no XLA transpose copies). The products
+accumulate in fp32 and every epilogue step runs in fp32 on the accumulator, so the activation,
+bias and residual cost no extra pass over memory; the result is cast once to the output dtype.
 fp32 inputs use true IEEE fp32 products by default (`precision="ieee"`); `precision="tf32"` opts
 into the tensor cores' tf32 (Triton's own default for fp32, chosen explicitly here).
+
+Backward. With dz = dy * keep / (1 - p) * gelu_tanh'(pre), pre = x @ W + bias (each factor only
+when that epilogue is on):
+
+    d_residual = dy,   dbias = sum over rows of dz (fp32),   dx = dz @ W^T,   dW = x^T @ dz
+
+dz comes from one elementwise kernel, `_linear_dz_kernel`, which writes dz once (in x's dtype) and
+the fp32 column sums of its tile for dbias; it is skipped when dz = dy. Computing dz in a prologue
+of each GEMM's operand loads instead would save that one pass, but would put the GELU and dropout
+into both GEMMs' inner loops (one reads dz row-major, the other transposed): the simple kernel
+keeps the GEMM one kernel. dx and dW are two more `matmul` calls whose transpose flags read W, x
+and dz in place; with transpose_w the gradient of w comes back in w's layout [N, K] (dz^T @ x).
+dW reduces over all M tokens into a small output, too few tiles to fill the GPU: the reduction is
+split over a second grid axis into fp32 partials [S, K, N] that an XLA sum adds (deterministic).
+
+What the custom_vjp saves: `matmul` saves a and b. `linear` saves x and W, with GELU also pre
+(written by the forward kernel as a second output, only when differentiating), and with dropout the
+seed: the mask is regenerated from it, never stored. Neither bias nor the residual is saved.
 """
+import functools
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import triton
 import triton.language as tl
 
@@ -21,18 +46,35 @@ from jtgpt.call import on_gpu, triton_call
 from jtgpt.kernels import check_float_dtype, dropout_seed
 
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # kernels read globals only as constexprs
+GELU_CUBIC = tl.constexpr(0.044715)
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _matmul_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, seed_ptr, out_ptr,
+def _gelu_gate(y):
+    """sigmoid(2u) of gelu_tanh(y) = y * sigmoid(2u), with u' (the module docstring's math)."""
+    u = SQRT_2_OVER_PI * (y + GELU_CUBIC * y * y * y)
+    du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * y * y)
+    return 1.0 / (1.0 + tl.exp2(-2.0 * LOG2E * u)), du
+
+
+@triton.jit
+def _dropout_keep(seed_ptr, offsets, DROPOUT_P: tl.constexpr):
+    """Which elements dropout keeps: one draw per element of the [M, N] output, forward and
+    backward alike, so the backward regenerates the forward's mask from the seed."""
+    return tl.rand(tl.load(seed_ptr), offsets.to(tl.int32)) >= DROPOUT_P
+
+
+@triton.jit
+def _matmul_kernel(a_ptr, b_ptr, bias_ptr, residual_ptr, seed_ptr, out_ptr, pre_ptr,
                    M: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
-                   stride_wk: tl.constexpr, stride_wn: tl.constexpr,
+                   stride_am: tl.constexpr, stride_ak: tl.constexpr,
+                   stride_bk: tl.constexpr, stride_bn: tl.constexpr, K_PER_SPLIT: tl.constexpr,
                    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                   DROPOUT_P: tl.constexpr, FP32_IEEE: tl.constexpr,
+                   DROPOUT_P: tl.constexpr, SAVE_PRE: tl.constexpr, FP32_IEEE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    GROUP_M: tl.constexpr):
-    # Grouped tile order: GROUP_M row-tiles share each column-tile of W while it sits in L2.
+    # Grouped tile order: GROUP_M row-tiles share each column-tile of B while it sits in L2.
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -42,47 +84,84 @@ def _matmul_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, seed_ptr, out_ptr,
     pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_size
     pid_n = (pid % (GROUP_M * tiles_n)) // group_size
 
+    if K_PER_SPLIT < K:  # split-K: program (pid, s) reduces K's slice s into partial s of out
+        split = tl.program_id(1)
+        k_start = split * K_PER_SPLIT
+        k_tiles = tl.cdiv(tl.minimum(K - k_start, K_PER_SPLIT), BLOCK_K)
+        out_ptr += split.to(tl.int64) * (M * N)
+    else:
+        k_start = 0
+        k_tiles = tl.cdiv(K, BLOCK_K)
+
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     # Out-of-range rows and columns wrap onto valid ones so the loads in the K loop need no mask;
-    # the store below drops them. Rows go 64-bit: the LM head's M * N passes 2**31.
+    # the store below drops them. Offsets go 64-bit: the LM head's M * N passes 2**31.
     rows = (offs_m % M).to(tl.int64)
-    cols = offs_n % N
-    x_ptrs = x_ptr + rows[:, None] * K + offs_k[None, :]
-    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
+    cols = (offs_n % N).to(tl.int64)
+    ks = (k_start + offs_k).to(tl.int64)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak
+    b_ptrs = b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if K % BLOCK_K == 0:
-            a = tl.load(x_ptrs)
-            b = tl.load(w_ptrs)
+    for k in range(0, k_tiles):
+        if K % BLOCK_K == 0:  # K_PER_SPLIT is a multiple of BLOCK_K: every tile is full
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
         else:
-            k_left = K - k * BLOCK_K
-            a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-            b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            k_left = K - k_start - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         if FP32_IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K * stride_wk
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
 
     y = acc
     if HAS_BIAS:
         y += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
-    if GELU:
-        u = SQRT_2_OVER_PI * (y + 0.044715 * y * y * y)
-        y = y / (1.0 + tl.exp2(-2.0 * LOG2E * u))
     out_offsets = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    if DROPOUT_P > 0.0:
-        seed = tl.load(seed_ptr)
-        keep = tl.rand(seed, out_offsets.to(tl.int32)) >= DROPOUT_P
-        y = tl.where(keep, y * (1.0 / (1.0 - DROPOUT_P)), 0.0)
     in_bounds = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if SAVE_PRE:  # the backward's gelu_tanh'(pre)
+        tl.store(pre_ptr + out_offsets, y.to(pre_ptr.dtype.element_ty), mask=in_bounds)
+    if GELU:
+        gate, _ = _gelu_gate(y)
+        y = y * gate
+    if DROPOUT_P > 0.0:
+        keep = _dropout_keep(seed_ptr, out_offsets, DROPOUT_P)
+        y = tl.where(keep, y * (1.0 / (1.0 - DROPOUT_P)), 0.0)
     if HAS_RESIDUAL:
         y += tl.load(residual_ptr + out_offsets, mask=in_bounds, other=0.0).to(tl.float32)
     tl.store(out_ptr + out_offsets, y.to(out_ptr.dtype.element_ty), mask=in_bounds)
+
+
+@triton.jit
+def _linear_dz_kernel(dy_ptr, pre_ptr, seed_ptr, dz_ptr, dbias_ptr,
+                      M: tl.constexpr, N: tl.constexpr, GELU: tl.constexpr,
+                      DROPOUT_P: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dz = dy * keep / (1 - p) * gelu_tanh'(pre) on one tile; dbias gets the tile's column sums
+    as row pid_m of fp32 partials [tiles_m, N]."""
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offsets = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    in_bounds = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+
+    dz = tl.load(dy_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
+    if DROPOUT_P > 0.0:
+        keep = _dropout_keep(seed_ptr, offsets, DROPOUT_P)
+        dz = tl.where(keep, dz * (1.0 / (1.0 - DROPOUT_P)), 0.0)
+    if GELU:
+        pre = tl.load(pre_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
+        gate, du = _gelu_gate(pre)
+        dz *= gate + 2.0 * pre * gate * (1.0 - gate) * du
+    tl.store(dz_ptr + offsets, dz.to(dz_ptr.dtype.element_ty), mask=in_bounds)
+    if HAS_BIAS:  # out-of-range elements loaded as 0 add nothing
+        tl.store(dbias_ptr + pid_m * N + offs_n, tl.sum(dz, axis=0), mask=offs_n < N)
 
 
 def _block_config(M: int, N: int, K: int, dtype) -> dict:
@@ -108,6 +187,141 @@ def _fit(size: int, block: int) -> int:
     return max(16, min(block, triton.next_power_of_2(size)))
 
 
+# Split-K cost model (H100 SXM, bf16; only the ratio of the two rates matters, and fp32, slower
+# to compute, would split more: erring toward fewer splits).
+NUM_SMS = 132
+SM_FLOPS = 600e12 / NUM_SMS   # dense GEMM throughput of one SM
+HBM_BYTES = 3e12              # bytes/s for the fp32 partials' round trip
+MIN_K_TILES_PER_SPLIT = 4     # each slice keeps a few K steps for the software pipeline
+MAX_SPLIT_K = 32
+
+
+def _split_k(M: int, N: int, K: int, cfg: dict) -> int:
+    """How many slices S the K reduction is split into (1: no split).
+
+    A weight gradient has a small output and a long reduction (dW = x^T @ dz: 768 x 3072 outputs,
+    16384 tokens), so its tiles fill only part of the SMs. S slices give S times the programs,
+    each 1/S of the work, but S fp32 partials [M, N] make a round trip through memory. The S
+    with the least estimated time wins: waves of programs times the work of one, plus the bytes.
+    """
+    if not on_gpu():  # the interpreter runs programs one at a time: splitting only adds work
+        return 1
+    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    tile_seconds = 2 * cfg["BLOCK_M"] * cfg["BLOCK_N"] * K / SM_FLOPS
+
+    def seconds(s):
+        partials = 8 * s * M * N / HBM_BYTES if s > 1 else 0.0  # written fp32, read by the sum
+        return triton.cdiv(tiles * s, NUM_SMS) * tile_seconds / s + partials
+
+    most = max(1, min(MAX_SPLIT_K, triton.cdiv(K, cfg["BLOCK_K"]) // MIN_K_TILES_PER_SPLIT))
+    return min(range(1, most + 1), key=seconds)  # the smallest S on ties
+
+
+def _gemm(a, b, transpose_a, transpose_b, out_dtype, precision, *, bias=None, residual=None,
+          gelu=False, dropout_p=0.0, seed=None, save_pre=False):
+    """op(a) @ op(b) with the epilogue in one `_matmul_kernel` launch (plus an XLA sum of the
+    partials when split over K, only without an epilogue); returns out, or (out, pre)."""
+    M, K = a.shape[::-1] if transpose_a else a.shape
+    N = b.shape[0] if transpose_b else b.shape[1]
+    cfg = _block_config(M, N, K, a.dtype)
+    plain = bias is None and residual is None and not gelu and dropout_p == 0.0
+    k_tiles = triton.cdiv(K, cfg["BLOCK_K"])
+    k_per_split = triton.cdiv(k_tiles, _split_k(M, N, K, cfg) if plain else 1) * cfg["BLOCK_K"]
+    splits = triton.cdiv(K, k_per_split)
+    out_shape = (jax.ShapeDtypeStruct((splits, M, N), jnp.float32) if splits > 1
+                 else jax.ShapeDtypeStruct((M, N), out_dtype))
+    placeholder = jnp.zeros((1,), a.dtype)  # stands in for an absent operand; never read
+    out, pre = triton_call(
+        a, b,
+        placeholder if bias is None else bias,
+        placeholder if residual is None else residual,
+        jnp.zeros((), jnp.int32) if seed is None else seed,
+        kernel=_matmul_kernel,
+        out_shape=(out_shape, jax.ShapeDtypeStruct((M, N) if save_pre else (1,), a.dtype)),
+        grid=(triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), splits),
+        M=M, N=N, K=K, stride_am=1 if transpose_a else K, stride_ak=M if transpose_a else 1,
+        stride_bk=1 if transpose_b else N, stride_bn=K if transpose_b else 1,
+        K_PER_SPLIT=k_per_split, HAS_BIAS=bias is not None, GELU=gelu,
+        HAS_RESIDUAL=residual is not None, DROPOUT_P=float(dropout_p), SAVE_PRE=save_pre,
+        FP32_IEEE=a.dtype == jnp.float32 and precision == "ieee", **cfg)
+    if splits > 1:
+        out = out.sum(axis=0).astype(out_dtype)
+    return (out, pre) if save_pre else out
+
+
+def _check_precision(op: str, precision) -> None:
+    if precision not in ("ieee", "tf32"):
+        raise ValueError(f"{op}: precision must be 'ieee' or 'tf32', got {precision!r}")
+
+
+# ------------------------------------------------------------------------------------- matmul
+
+def matmul(a, b, *, transpose_a=False, transpose_b=False, out_dtype=None, precision="ieee"):
+    """a @ b in one Triton GEMM (fp32 accumulation); returns [M, N] in out_dtype. Differentiable.
+
+    a [M, K], or [K, M] read transposed with `transpose_a=True`; b [K, N], or [N, K] with
+    `transpose_b=True`; both in place (no transposed copies), of one float dtype. out_dtype is
+    a's dtype (default) or float32: then the fp32 accumulation is written out without rounding.
+    precision "ieee" or "tf32" for fp32 inputs. The backward is two more matmuls; it saves a, b.
+    """
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    a_layout, b_layout = "[K, M]" if transpose_a else "[M, K]", "[N, K]" if transpose_b else "[K, N]"
+    if a.ndim != 2:
+        raise ValueError(f"matmul: a must be a 2-D {a_layout} matrix, got shape {a.shape}")
+    check_float_dtype("matmul: a dtype", a.dtype)
+    if b.ndim != 2 or b.dtype != a.dtype:
+        raise ValueError(f"matmul: b must be a 2-D {a.dtype} matrix, got {b.dtype}{list(b.shape)}")
+    K = a.shape[0] if transpose_a else a.shape[1]
+    if (b.shape[1] if transpose_b else b.shape[0]) != K:
+        raise ValueError(f"matmul: b must be {b_layout} with K={K} (a is {a_layout}), "
+                         f"got {list(b.shape)}")
+    out_dtype = a.dtype if out_dtype is None else jnp.dtype(out_dtype)
+    if out_dtype not in (a.dtype, jnp.float32):
+        raise ValueError(f"matmul: out_dtype must be a's dtype ({a.dtype}) or float32, got {out_dtype}")
+    _check_precision("matmul", precision)
+    return _matmul(a, b, _MatmulConfig(bool(transpose_a), bool(transpose_b), out_dtype, precision))
+
+
+class _MatmulConfig(NamedTuple):
+    transpose_a: bool
+    transpose_b: bool
+    out_dtype: jnp.dtype
+    precision: str
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(a, b, cfg: _MatmulConfig):
+    return _gemm(a, b, cfg.transpose_a, cfg.transpose_b, cfg.out_dtype, cfg.precision)
+
+
+def _matmul_fwd(a, b, cfg):
+    return _matmul(a, b, cfg), (a, b)
+
+
+def _matmul_bwd(cfg, saved, g):
+    a, b = saved
+    return _operand_grads(a, b, g, cfg.transpose_a, cfg.transpose_b, cfg.precision)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def _operand_grads(a, b, g, transpose_a, transpose_b, precision):
+    """(da, db) of C = op(a) @ op(b) from g = dC [M, N], each in its operand's stored layout:
+    dop(a) = g @ op(b)^T and dop(b) = op(a)^T @ g, or their transposes for a transposed operand.
+    Both are matmuls over a, b and g in place; g is first cast to a's dtype (an fp32 cotangent of
+    an fp32 output from bf16 inputs)."""
+    g = g.astype(a.dtype)
+    mm = functools.partial(matmul, precision=precision)
+    da = mm(b, g, transpose_a=transpose_b, transpose_b=True) if transpose_a else \
+        mm(g, b, transpose_b=not transpose_b)
+    db = mm(g, a, transpose_a=True, transpose_b=transpose_a) if transpose_b else \
+        mm(a, g, transpose_a=not transpose_a)
+    return da, db
+
+
+# ------------------------------------------------------------------------------------- linear
+
 def linear(x, w, bias=None, *, residual=None, activation=None, dropout_rate=0.0, seed=None,
            transpose_w=False, precision="ieee"):
     """dropout(act(x @ w + bias)) + residual in one Triton GEMM; returns [..., N] in x.dtype.
@@ -115,6 +329,8 @@ def linear(x, w, bias=None, *, residual=None, activation=None, dropout_rate=0.0,
     x [..., K]; w [K, N], or [N, K] with `transpose_w=True`; bias [N]; residual [..., N];
     activation None or "gelu_tanh"; dropout with rate `dropout_rate` needs `seed`, an int32 array
     of shape () (a new seed does not recompile); precision "ieee" or "tf32" for fp32 inputs.
+    Differentiable wrt x, w, bias and residual (gradients in each one's dtype); the backward
+    saves x, w, with GELU the pre-activation and with dropout the seed (module docstring).
     """
     x = jnp.asarray(x)
     if x.ndim < 2:
@@ -135,21 +351,71 @@ def linear(x, w, bias=None, *, residual=None, activation=None, dropout_rate=0.0,
     if activation not in (None, "gelu_tanh"):
         raise ValueError(f"linear: activation must be None or 'gelu_tanh', got {activation!r}")
     seed = dropout_seed(dropout_rate, seed)
-    if precision not in ("ieee", "tf32"):
-        raise ValueError(f"linear: precision must be 'ieee' or 'tf32', got {precision!r}")
+    _check_precision("linear", precision)
 
     M = x.size // K
-    cfg = _block_config(M, N, K, x.dtype)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    placeholder = jnp.zeros((1,), x.dtype)  # stands in for an absent operand; never read
-    out = triton_call(
-        x.reshape(M, K), w,
-        placeholder if bias is None else bias.astype(x.dtype),
-        placeholder if residual is None else residual.reshape(M, N),
-        seed,
-        kernel=_matmul_kernel, out_shape=jax.ShapeDtypeStruct((M, N), x.dtype), grid=grid,
-        M=M, N=N, K=K, stride_wk=1 if transpose_w else N, stride_wn=K if transpose_w else 1,
-        HAS_BIAS=bias is not None, GELU=activation == "gelu_tanh",
-        HAS_RESIDUAL=residual is not None, DROPOUT_P=float(dropout_rate),
-        FP32_IEEE=x.dtype == jnp.float32 and precision == "ieee", **cfg)
+    cfg = _LinearConfig(activation == "gelu_tanh", float(dropout_rate), bool(transpose_w),
+                        precision, bias is not None, None if residual is None else residual.dtype)
+    out = _linear(x.reshape(M, K), w, None if bias is None else bias.astype(x.dtype),
+                  None if residual is None else residual.reshape(M, N), seed, cfg)
     return out.reshape(out_shape)
+
+
+class _LinearConfig(NamedTuple):
+    gelu: bool
+    dropout_rate: float
+    transpose_w: bool
+    precision: str
+    has_bias: bool
+    residual_dtype: jnp.dtype | None  # the residual's gradient comes back in its dtype
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _linear(x, w, bias, residual, seed, cfg: _LinearConfig):
+    return _linear_gemm(x, w, bias, residual, seed, cfg, save_pre=False)
+
+
+def _linear_gemm(x, w, bias, residual, seed, cfg, save_pre):
+    return _gemm(x, w, False, cfg.transpose_w, x.dtype, cfg.precision, bias=bias,
+                 residual=residual, gelu=cfg.gelu, dropout_p=cfg.dropout_rate, seed=seed,
+                 save_pre=save_pre)
+
+
+def _linear_fwd(x, w, bias, residual, seed, cfg):
+    if cfg.gelu:
+        out, pre = _linear_gemm(x, w, bias, residual, seed, cfg, save_pre=True)
+    else:
+        out, pre = _linear_gemm(x, w, bias, residual, seed, cfg, save_pre=False), None
+    return out, (x, w, pre, seed)  # the seed: a scalar, read only with dropout
+
+
+def _linear_bwd(cfg, saved, dy):
+    x, w, pre, seed = saved
+    dz, dbias = _linear_dz(dy, pre, seed, cfg)
+    dx, dw = _operand_grads(x, w, dz, False, cfg.transpose_w, cfg.precision)
+    d_residual = None if cfg.residual_dtype is None else dy.astype(cfg.residual_dtype)
+    return dx, dw, dbias, d_residual, np.zeros(seed.shape, jax.dtypes.float0)
+
+
+_linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+def _linear_dz(dy, pre, seed, cfg: _LinearConfig):
+    """(dz, dbias or None): the gradient at the GEMM's output, before bias, and its column sum."""
+    M, N = dy.shape
+    if not cfg.gelu and cfg.dropout_rate == 0.0:  # dz = dy: no pass over it but dbias's
+        return dy, dy.astype(jnp.float32).sum(axis=0).astype(dy.dtype) if cfg.has_bias else None
+    if on_gpu():  # memory bound: 32 rows of up to 256 columns, 16 values a thread
+        block_m, block_n, num_warps = 32, _fit(N, 256), 4
+    else:  # the interpreter: fewest program instances
+        block_m, block_n, num_warps = _fit(M, 64), _fit(N, 128), 4
+    tiles_m = triton.cdiv(M, block_m)
+    dz, partials = triton_call(
+        dy, dy if pre is None else pre, seed,
+        kernel=_linear_dz_kernel,
+        out_shape=(jax.ShapeDtypeStruct((M, N), dy.dtype),
+                   jax.ShapeDtypeStruct((tiles_m, N) if cfg.has_bias else (1,), jnp.float32)),
+        grid=(tiles_m, triton.cdiv(N, block_n)), num_warps=num_warps,
+        M=M, N=N, GELU=cfg.gelu, DROPOUT_P=cfg.dropout_rate, HAS_BIAS=cfg.has_bias,
+        BLOCK_M=block_m, BLOCK_N=block_n)
+    return dz, partials.sum(axis=0).astype(dy.dtype) if cfg.has_bias else None
