@@ -99,7 +99,7 @@ def main():
     _stage(f"jtgpt fp32 logits vs FlaxGPT2LMHeadModel: relative error {logits_err:.2e}")
 
     ceiling = gemm_ceiling(args.calls, args.repeats) if on_gpu else float("nan")
-    header = (f"GPT-2 {_params_m(config):.1f}M forward, no LM head, B={B} T={T}, "
+    header = (f"GPT-2 {config.num_params / 1e6:.1f}M forward, no LM head, B={B} T={T}, "
               f"{total_flops / 1e12:.2f} TFLOP per call; device: {jax.devices()[0].device_kind}; "
               f"XLA bf16 8192^3 GEMM ceiling here: {ceiling:.0f} TFLOP/s")
     rows = []
@@ -171,11 +171,6 @@ def _randomize_norms(model):
         if path[-1] == "bias" or "ln" in str(path[-2]):
             base = 1.0 if path[-1] == "weight" else 0.0
             var.set_value(base + 0.1 * jax.random.normal(next(keys), var.shape, var.dtype))
-
-
-def _params_m(config: GPTConfig) -> float:
-    D, L = config.n_embd, config.n_layer
-    return (config.vocab_size * D + config.n_positions * D + L * 12 * D * D) / 1e6
 
 
 def _torch_rows(weights, ids, reference, check, args):

@@ -30,16 +30,18 @@ def shapes(small, large):
 TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
 
 
-def assert_close(actual, expected, dtype=None, rtol=None):
-    """Relative error ||actual - expected|| / ||expected|| under the dtype's tolerance, no NaN."""
+def assert_close(actual, expected, dtype=None, rtol=None, what=""):
+    """Relative error ||actual - expected|| / ||expected|| under the dtype's tolerance, no NaN.
+    `what` names the compared value in the failure message."""
     dtype = np.dtype(dtype or expected.dtype).name
     rtol = TOLERANCE[dtype] if rtol is None else rtol
     a = np.asarray(actual, np.float64)
     e = np.asarray(expected, np.float64)
-    assert a.shape == e.shape, f"shape {a.shape} != {e.shape}"
-    assert np.isfinite(a).all(), f"{(~np.isfinite(a)).sum()} non-finite values (unwritten outputs?)"
+    what = f"{what}: " if what else ""
+    assert a.shape == e.shape, f"{what}shape {a.shape} != {e.shape}"
+    assert np.isfinite(a).all(), f"{what}{(~np.isfinite(a)).sum()} non-finite values (unwritten outputs?)"
     err = np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-30)
-    assert err <= rtol, f"relative error {err:.3g} > {rtol:g} ({dtype})"
+    assert err <= rtol, f"{what}relative error {err:.3g} > {rtol:g} ({dtype})"
 
 
 @pytest.fixture(autouse=True)
