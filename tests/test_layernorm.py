@@ -1,11 +1,14 @@
-"""LayerNorm kernel vs jtgpt.reference.layer_norm, under jax.jit, on random inputs."""
+"""LayerNorm kernels (forward and backward) vs jtgpt.reference.layer_norm, under jax.jit, on random inputs."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import conftest
 from conftest import assert_close, shapes
 from jtgpt import reference
+from jtgpt.call import compile_only
+from jtgpt.kernels import layernorm
 from jtgpt.kernels.layernorm import layer_norm, layer_norm_forward
 
 DTYPES = [jnp.float32, jnp.float16, jnp.bfloat16]
@@ -68,3 +71,79 @@ def test_layer_norm_rejects(x_shape, x_dtype, w_shape, w_dtype, b_shape, eps, ar
     weight, bias = jnp.ones(w_shape, w_dtype), jnp.ones(b_shape, jnp.float32)
     with pytest.raises(ValueError, match=arg):
         layer_norm(x, weight, bias, eps=eps)
+
+
+# ----------------------------------------------------------------------------------- backward
+
+# As SHAPES, plus no rows at all, and a row wider than MAX_FUSED_D (the two-launch backward).
+GRAD_SHAPES = shapes(small=[(37, 100), (3, 5, 48), (7, 64), (9, 768), (0, 48), (3, 9000)],
+                     large=[(16384, 768), (2, 1023, 1600), (3, 8192), (1000, 16384)])
+
+
+def _grads(f, x, weight, bias, dy):
+    """(dx, dweight, dbias) of f at (x, weight, bias) for the cotangent dy, under jax.jit."""
+    return jax.jit(lambda *a: jax.vjp(f, *a[:3])[1](a[3]))(x, weight, bias, dy)
+
+
+def _check_grads(key, shape, dtype, param_dtype=None):
+    kin, kdy = jax.random.split(key)
+    x, weight, bias = _inputs(kin, shape, dtype, param_dtype)
+    dy = jax.random.normal(kdy, shape).astype(dtype)
+    got = _grads(layer_norm, x, weight, bias, dy)
+    expected = _grads(reference.layer_norm, x, weight, bias, dy)
+    for name, g, e, primal in zip(("dx", "dweight", "dbias"), got, expected, (x, weight, bias)):
+        assert g.shape == primal.shape and g.dtype == primal.dtype, name
+        assert_close(g, e)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("shape", GRAD_SHAPES, ids=str)
+def test_layer_norm_grad_matches_reference(key, shape, dtype):
+    _check_grads(key, shape, dtype)
+
+
+def test_layer_norm_grad_fp32_params_bf16_activations(key):
+    """dx comes back in bf16, dweight and dbias in the parameters' fp32."""
+    _check_grads(key, (11, 48), jnp.bfloat16, param_dtype=jnp.float32)
+
+
+def test_layer_norm_grad_sums_chunks_of_tiles(key, monkeypatch):
+    """Each program sums several row tiles when rows outnumber PARTIALS tiles (at GPU sizes)."""
+    # (45, 300): tiles of 8 rows (BLOCK_D 512), 6 tiles; PARTIALS=4 makes 3 programs of 2 tiles
+    # each, the last one ragged (rows 32..44).
+    monkeypatch.setattr(layernorm, "PARTIALS", 4)
+    _check_grads(key, (45, 300), jnp.float32)
+
+
+def test_layer_norm_grad_is_deterministic(key):
+    shape = (4096, 768) if conftest.LARGE else (45, 300)
+    kin, kdy = jax.random.split(key)
+    x, weight, bias = _inputs(kin, shape, jnp.bfloat16)
+    dy = jax.random.normal(kdy, shape).astype(jnp.bfloat16)
+    first, second = (_grads(layer_norm, x, weight, bias, dy) for _ in range(2))
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_layer_norm_grad_has_no_xla_dot(key):
+    x, weight, bias = _inputs(key, (9, 48), jnp.float32)
+    loss = lambda *a: layer_norm(*a).sum()  # noqa: E731
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(x, weight, bias))
+    assert "_layer_norm_bwd_kernel" in jaxpr or "pure_callback" in jaxpr
+    assert "dot_general" not in jaxpr
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=lambda d: d.__name__)
+@pytest.mark.parametrize("shape, launches", [((16384, 768), 1), ((2048, 8192), 1), ((1024, 16384), 2)],
+                         ids=str)
+def test_layer_norm_backward_builds_for_hopper(shape, launches, dtype):
+    """The backward kernels (fused, and the wide-row pair) fit an H100 without spilling."""
+    x = jax.ShapeDtypeStruct(shape, dtype)
+    param = jax.ShapeDtypeStruct(shape[-1:], dtype)
+    loss = lambda *a: layer_norm(*a).astype(jnp.float32).sum()  # noqa: E731
+    with compile_only(capability=90) as built:
+        jax.eval_shape(jax.grad(loss, argnums=(0, 1, 2)), x, param, param)
+    backward = [k for k in built if k.name == "_layer_norm_bwd_kernel"]
+    assert len(backward) == launches
+    for k in backward:
+        assert 0 < k.registers <= 255 and k.spill_bytes == 0 and k.shared_bytes <= 227 * 1024, k
