@@ -48,7 +48,7 @@ def bench_gemms(dtype, sweep):
         configs = [None] + (SWEEP_GEMM if sweep else [])
         for cfg in configs:
             if cfg is not None:
-                matmul._block_config = lambda M_, N_, K_, dt, cfg=cfg: dict(cfg)
+                matmul._block_config = lambda *shape_dtype, cfg=cfg, **epilogue: dict(cfg)
             fn = jax.jit(lambda x, w: linear(x, w, **kw))
             try:
                 err = relative_error(fn(x, w), ref(x, w))

@@ -7,6 +7,7 @@ import pytest
 from conftest import TOLERANCE, assert_close, shapes
 
 from jtgpt import reference
+from jtgpt.call import compile_only
 from jtgpt.kernels import matmul as matmul_module
 from jtgpt.kernels.matmul import linear, matmul
 
@@ -66,6 +67,9 @@ def test_linear_dropout_statistics(key):
     dropped = np.abs(branch) < 1e-6
     n = dropped.size
     assert abs(dropped.mean() - p) < 5 * np.sqrt(p * (1 - p) / n)
+    # Neighbouring columns (one Philox evaluation draws four) are dropped independently.
+    both = dropped[:, :-1] & dropped[:, 1:]
+    assert abs(both.mean() - p * p) < 5 * np.sqrt(p * p * (1 - p * p) / both.size)
     np.testing.assert_allclose(branch[~dropped], full[~dropped] / (1 - p), rtol=1e-4, atol=1e-5)
 
 
@@ -185,3 +189,125 @@ def test_matmul_rejects_bad_input(call, match):
     b = jnp.ones((8, 6))
     with pytest.raises(ValueError, match=match):
         call(a, b)
+
+
+# ------------------------------------------------------------------------------ linear backward
+
+# Each epilogue alone, then all together with the tied LM head's transposed weight; x is 3-D.
+EPILOGUES = {"plain": {}, "bias": dict(bias=True), "gelu": dict(activation="gelu_tanh"),
+             "residual": dict(residual=True),
+             "all_transposed": dict(bias=True, activation="gelu_tanh", residual=True, transpose_w=True)}
+GRAD_SHAPES = shapes([((2, 19), 45, 70)], [((4, 300), 768, 3072), ((2, 333), 768, 50257)])
+
+
+def _linear_case(key, lead, K, N, dtype, bias=False, residual=False, transpose_w=False, **kwargs):
+    """({name: differentiable input}, the other kwargs of linear and reference.linear)."""
+    x, w, b, r = _inputs(key, lead, K, N, dtype)
+    args = {"x": x, "w": w.T if transpose_w else w}
+    if bias:
+        args["bias"] = b
+    if residual:
+        args["residual"] = r
+    return args, dict(transpose_w=transpose_w, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+@pytest.mark.parametrize("lead,K,N", GRAD_SHAPES)
+def test_linear_grads_match_reference(key, dtype, epilogue, lead, K, N):
+    args, kwargs = _linear_case(key, lead, K, N, dtype, **EPILOGUES[epilogue])
+    names = list(args)
+    call = lambda fn: lambda *a: fn(**dict(zip(names, a)), **kwargs)
+    _check_vjp(jax.random.fold_in(key, 1), call(linear), call(reference.linear), *args.values())
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("epilogue", ["dropout", "all"])
+def test_linear_dropout_grads_use_the_forward_mask(key, dtype, epilogue):
+    """The mask read off the forward (with residual=None an element is 0 exactly where dropped,
+    every pre-dropout value being nonzero) applied to the reference must give our gradients: a
+    backward that drew a different mask fails."""
+    p, seed = 0.3, jnp.int32(7)
+    extra = dict(bias=True, activation="gelu_tanh", residual=True) if epilogue == "all" else {}
+    args, kwargs = _linear_case(key, (2, 19), 45, 70, dtype, **extra)
+    branch = {k: v for k, v in args.items() if k != "residual"}
+    assert (np.asarray(linear(**branch, **kwargs)) != 0).all()
+    keep = np.asarray(linear(**branch, **kwargs, dropout_rate=p, seed=seed)) != 0
+    assert 0.5 < keep.mean() < 0.9
+
+    def ref(x, w, bias=None, residual=None):
+        y = reference.linear(x.astype(jnp.float32), w, bias, **kwargs)  # fp32 until the end
+        y = jnp.where(keep, y / (1 - p), 0.0)
+        return (y if residual is None else y + residual.astype(jnp.float32)).astype(dtype)
+
+    names = list(args)
+    _check_vjp(jax.random.fold_in(key, 1),
+               lambda *a: linear(**dict(zip(names, a)), **kwargs, dropout_rate=p, seed=seed),
+               lambda *a: ref(**dict(zip(names, a))), *args.values())
+
+
+def test_linear_split_k_weight_gradient(key, monkeypatch):
+    """dW and dx reduce in 3 slices of the token / feature axes (dz itself from the GELU kernel)."""
+    monkeypatch.setattr(matmul_module, "_split_k", lambda M, N, K, cfg: 3)
+    args, kwargs = _linear_case(key, (3, 37), 45, 70, jnp.float32, bias=True, activation="gelu_tanh")
+    _check_vjp(jax.random.fold_in(key, 1), lambda x, w, bias: linear(x, w, bias, **kwargs),
+               lambda x, w, bias: reference.linear(x, w, bias, **kwargs), *args.values())
+
+
+def test_gradients_have_no_xla_dot(key):
+    """The backward is Triton only: no dot_general in the jaxpr of either op's gradient."""
+    x, w, bias, residual = _inputs(key, (2, 5), 8, 6, jnp.float32)
+
+    def loss(x, w, bias, residual):
+        y = linear(x, w, bias, residual=residual, activation="gelu_tanh", dropout_rate=0.1,
+                   seed=jnp.int32(3))
+        return matmul(y.reshape(10, 6), w, transpose_b=True, out_dtype=jnp.float32).sum()
+
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(x, w, bias, residual))
+    assert "dot_general" not in jaxpr
+    assert "pure_callback" in jaxpr or "triton" in jaxpr  # the kernels are in it
+
+
+def test_linear_grads_come_back_in_each_inputs_dtype(key):
+    """An fp32 bias and residual with bf16 x and w: each gradient in its own input's dtype."""
+    x, w, bias, residual = _inputs(key, (7,), 24, 20, jnp.bfloat16)
+    grads = jax.grad(lambda *a: linear(a[0], a[1], a[2], residual=a[3]).astype(jnp.float32).sum(),
+                     argnums=(0, 1, 2, 3))(x, w, bias.astype(jnp.float32), residual.astype(jnp.float32))
+    assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16, jnp.float32, jnp.float32]
+    assert_close(grads[2], jnp.full((20,), 7.0))  # d(sum)/dbias = number of rows
+    assert_close(grads[3], jnp.ones((7, 20)))
+
+
+# --------------------------------------------------------------------------------- sm_90 build
+
+@pytest.mark.parametrize("dtype,precision", [(jnp.bfloat16, "ieee"), (jnp.float32, "ieee"),
+                                             (jnp.float32, "tf32")])
+def test_backward_builds_for_hopper(dtype, precision):
+    """GPT-2's MLP (with dropout after the GELU too) and tied LM head, differentiated at 16384
+    tokens: the forwards with dropout and with the saved pre-activation, the dz kernel, the dx
+    GEMMs and the dW GEMMs (transposed A; split over K for the MLP, whole for the LM head's
+    dz^T @ x). Every build fits an H100 SM; the bf16 builds do not spill."""
+    sizes = dict(x=(16384, 768), w_fc=(768, 3072), b_fc=(3072,), w_proj=(3072, 768),
+                 b_proj=(768,), wte=(50257, 768))
+    params = {name: jax.ShapeDtypeStruct(size, dtype) for name, size in sizes.items()}
+    x = params.pop("x")
+
+    def loss(x, p):
+        dropout = dict(dropout_rate=0.1, seed=jnp.int32(1), precision=precision)
+        h = linear(x, p["w_fc"], p["b_fc"], activation="gelu_tanh", **dropout)
+        y = linear(h, p["w_proj"], p["b_proj"], residual=x, **dropout)
+        return linear(y, p["wte"], transpose_w=True, precision=precision).astype(jnp.float32).sum()
+
+    jax.block_until_ready(linear(jnp.ones((3, 4)), jnp.ones((4, 5)), dropout_rate=0.5,
+                                 seed=jnp.int32(1)))  # interpret tl.rand first (test_hopper_build)
+    with compile_only(capability=90) as built:
+        jax.eval_shape(jax.grad(loss, argnums=(0, 1)), x, params)
+    built = list(built)
+    assert {k.name for k in built} == {"_matmul_kernel", "_linear_dz_kernel"}
+    gemms = [k.constexprs for k in built if k.name == "_matmul_kernel"]
+    assert any(c["SAVE_PRE"] and c["DROPOUT_P"] for c in gemms)
+    assert any(c["K_PER_SPLIT"] < c["K"] and c["stride_am"] == 1 for c in gemms)  # split dW
+    assert any(c["M"] == 50257 and c["stride_am"] == 1 for c in gemms)  # the LM head's dW
+    for k in built:
+        assert 0 < k.registers <= 255 and k.shared_bytes <= 227 * 1024, k
+        assert dtype == jnp.float32 or k.spill_bytes == 0, k

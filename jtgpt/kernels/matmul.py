@@ -5,8 +5,8 @@
     act is identity or GPT-2's tanh-GELU:
         gelu_tanh(y) = 0.5 y (1 + tanh(u)) = y * s,   s = sigmoid(2u),   u = sqrt(2/pi) (y + 0.044715 y^3)
         gelu_tanh'(y) = s + 2 y s (1 - s) u',          u' = sqrt(2/pi) (1 + 3 * 0.044715 y^2)
-    dropout keeps an element with probability 1 - p, drawn from tl.rand(seed, m * N + n), and
-    scales it by 1 / (1 - p).
+    dropout keeps an element with probability 1 - p, drawn by Philox from (seed, m, n) (see
+    _dropout_keep), and scales it by 1 / (1 - p).
 
 One kernel, `_matmul_kernel`, computes op(A) @ op(B) for every product here: each operand is read
 in place through its strides, as stored or transposed (no XLA transpose copies). The products
@@ -59,10 +59,18 @@ def _gelu_gate(y):
 
 
 @triton.jit
-def _dropout_keep(seed_ptr, offsets, DROPOUT_P: tl.constexpr):
-    """Which elements dropout keeps: one draw per element of the [M, N] output, forward and
-    backward alike, so the backward regenerates the forward's mask from the seed."""
-    return tl.rand(tl.load(seed_ptr), offsets.to(tl.int32)) >= DROPOUT_P
+def _dropout_keep(seed_ptr, offs_m, col0, N: tl.constexpr, DROPOUT_P: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Which elements of the [M, N] output's tile (rows offs_m, columns col0 + [0, BLOCK_N))
+    dropout keeps: a function of the seed and of (m, n) alone, so the backward regenerates the
+    forward's mask with its own tiles. One Philox evaluation gives four draws: columns 4j..4j+3 of
+    row m share counter m * ceil(N / 4) + j. (tl.rand, one evaluation per element, kept four
+    32-bit words live per element and spilled kilobytes in the GEMM epilogue.)"""
+    quads = col0 // 4 + tl.arange(0, BLOCK_N // 4)
+    counters = offs_m[:, None] * ((N + 3) // 4) + quads[None, :]
+    r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), counters)
+    bits = tl.join(tl.join(r0, r2), tl.join(r1, r3)).reshape(BLOCK_M, BLOCK_N)  # column 4j+i: r_i
+    return (bits >> 8).to(tl.float32) * (1.0 / 16777216) >= DROPOUT_P  # 24 bits: U[0, 1)
 
 
 @triton.jit
@@ -131,7 +139,7 @@ def _matmul_kernel(a_ptr, b_ptr, bias_ptr, residual_ptr, seed_ptr, out_ptr, pre_
         gate, _ = _gelu_gate(y)
         y = y * gate
     if DROPOUT_P > 0.0:
-        keep = _dropout_keep(seed_ptr, out_offsets, DROPOUT_P)
+        keep = _dropout_keep(seed_ptr, offs_m, pid_n * BLOCK_N, N, DROPOUT_P, BLOCK_M, BLOCK_N)
         y = tl.where(keep, y * (1.0 / (1.0 - DROPOUT_P)), 0.0)
     if HAS_RESIDUAL:
         y += tl.load(residual_ptr + out_offsets, mask=in_bounds, other=0.0).to(tl.float32)
@@ -146,14 +154,15 @@ def _linear_dz_kernel(dy_ptr, pre_ptr, seed_ptr, dz_ptr, dbias_ptr,
     """dz = dy * keep / (1 - p) * gelu_tanh'(pre) on one tile; dbias gets the tile's column sums
     as row pid_m of fp32 partials [tiles_m, N]."""
     pid_m = tl.program_id(0)
+    col0 = tl.program_id(1) * BLOCK_N
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = col0 + tl.arange(0, BLOCK_N)
     offsets = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     in_bounds = (offs_m[:, None] < M) & (offs_n[None, :] < N)
 
     dz = tl.load(dy_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
     if DROPOUT_P > 0.0:
-        keep = _dropout_keep(seed_ptr, offsets, DROPOUT_P)
+        keep = _dropout_keep(seed_ptr, offs_m, col0, N, DROPOUT_P, BLOCK_M, BLOCK_N)
         dz = tl.where(keep, dz * (1.0 / (1.0 - DROPOUT_P)), 0.0)
     if GELU:
         pre = tl.load(pre_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
@@ -164,7 +173,7 @@ def _linear_dz_kernel(dy_ptr, pre_ptr, seed_ptr, dz_ptr, dbias_ptr,
         tl.store(dbias_ptr + pid_m * N + offs_n, tl.sum(dz, axis=0), mask=offs_n < N)
 
 
-def _block_config(M: int, N: int, K: int, dtype) -> dict:
+def _block_config(M: int, N: int, K: int, dtype, dropout: bool = False) -> dict:
     """Tile sizes and launch shape per dtype, shrunk to the problem for small matrices."""
     if not on_gpu():  # the interpreter: fewest program instances, smallest tiles that fit
         return dict(BLOCK_M=_fit(M, 64), BLOCK_N=_fit(N, 64), BLOCK_K=_fit(K, 32), GROUP_M=8,
@@ -175,7 +184,10 @@ def _block_config(M: int, N: int, K: int, dtype) -> dict:
         # bf16 128x256x64, 8 warps, 3 stages: 619 TFLOP/s on an H100 at 8192^3 (DESIGN.md).
         # With the residual epilogue this tile spills 32 bytes a thread (255 registers, seen with
         # compile_only); 256x128 does not. `python bench/kernels.py --sweep` on a GPU decides.
-        cfg = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+        # Dropout's Philox state next to a 128-value accumulator spills 56-384 bytes at 128x256 or
+        # 256x128; at 128x128 (64 accumulator values a thread) it fits in 167-178 registers.
+        cfg = dict(BLOCK_M=128, BLOCK_N=128 if dropout else 256, BLOCK_K=64, GROUP_M=8,
+                   num_warps=8, num_stages=3)
     cfg["BLOCK_M"] = _fit(M, cfg["BLOCK_M"])
     cfg["BLOCK_N"] = _fit(N, cfg["BLOCK_N"])
     cfg["BLOCK_K"] = _fit(K, cfg["BLOCK_K"])
@@ -223,7 +235,7 @@ def _gemm(a, b, transpose_a, transpose_b, out_dtype, precision, *, bias=None, re
     partials when split over K, only without an epilogue); returns out, or (out, pre)."""
     M, K = a.shape[::-1] if transpose_a else a.shape
     N = b.shape[0] if transpose_b else b.shape[1]
-    cfg = _block_config(M, N, K, a.dtype)
+    cfg = _block_config(M, N, K, a.dtype, dropout=dropout_p > 0.0)
     plain = bias is None and residual is None and not gelu and dropout_p == 0.0
     k_tiles = triton.cdiv(K, cfg["BLOCK_K"])
     k_per_split = triton.cdiv(k_tiles, _split_k(M, N, K, cfg) if plain else 1) * cfg["BLOCK_K"]
