@@ -1,21 +1,44 @@
-"""Token + position embedding with optional dropout, forward: one Triton kernel.
+"""Token + position embedding with optional dropout, forward and backward: Triton kernels behind
+a jax.custom_vjp.
 
-For token (b, t) and feature d:
+For token n = b*T + t of the [B, T] batch and feature d:
 
-    h[b, t, d]   = wte[ids[b, t], d] + wpe[positions[b, t], d]            (in fp32)
-    out[b, t, d] = h * keep / (1 - p),  keep = rand(seed, (b*T + t)*D + d) >= p   (p > 0 only)
+    h[n, d]   = wte[ids[n], d] + wpe[positions[n], d]                 (in fp32)
+    out[n, d] = h * keep / (1 - p),  keep = rand(seed, n*D + d) >= p    (p > 0 only)
 
 cast once to wte's dtype. Indices follow jnp's `wte[ids]`: a negative index counts from the end
 (i + V), then anything still outside [0, V) is clamped to the nearest row; the same for positions
-and wpe. So `jtgpt.reference.embedding` (plain jnp indexing) agrees on any input.
+and wpe. So `jtgpt.reference.embedding` (plain jnp indexing) agrees on any input. The mapping to
+table rows is done once, in XLA (`_table_rows`), and both directions use its result: a clamped
+index's gradient goes to the row it read (jnp's own gradient of `wte[ids]` drops out-of-range
+indices instead).
 
 Dropout draws tl.rand (Philox) keyed by the seed and the element's offset in the [B, T, D] output,
-so the mask depends on neither the block sizes nor the machine, and a backward kernel can rebuild
+so the mask depends on neither the block sizes nor the machine, and the backward kernel rebuilds
 it from the seed alone. The seed is an array read inside the kernel: a new seed every step does
 not recompile. Use a different seed for every dropout site: two ops with the same seed and
 overlapping offsets draw the same mask.
+
+Backward, with g = dout * keep / (1 - p) (the same function of dout as of h above):
+
+    d_wte[v] = sum of g[n] over the tokens n with row ids[n] == v      (0 if there are none)
+    d_wpe[q] = sum of g[n] over the tokens n with row positions[n] == q
+
+One kernel computes either table's gradient. An XLA stable argsort of the tokens' rows lists each
+row's tokens together, in token order, and offsets[v] (the number of tokens with row < v, from a
+bincount) says where; one program per block of table rows sums each row's tokens BLOCK_T at a
+time, in fp32, and writes the row once in the table's dtype (zeros where no token reads it). So
+there are no atomics and the result is bit-for-bit deterministic, and the work is the table
+written once plus one read of dout per token. A row's tokens are summed serially by one program,
+BLOCK_T (32 at D >= 128) a step: 8192 padding tokens of one id take 256 dependent steps.
+
+What the custom_vjp saves: the tokens' wte and wpe rows (int32, after the index mapping) and the
+seed; none of the tables' values.
 """
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,26 +52,30 @@ from jtgpt.kernels import check_float_dtype, dropout_seed
 TILE = 4096
 # Widest feature block; wider rows are split over the grid's second axis (no reduction here).
 MAX_BLOCK_D = 1024
+# Backward: the feature block and the table rows one program sums (see _backward_config).
+BWD_BLOCK_D = 128
+BWD_BLOCK_ROWS = 16
 
 
 @triton.jit
-def _clamp_index(i, n: tl.constexpr):
-    """jnp gather semantics: negative indices count from the end, the rest clamp into [0, n)."""
-    i = tl.where(i < 0, i + n, i)
-    return tl.minimum(tl.maximum(i, 0), n - 1)
+def _dropout(h, seed_ptr, offs, DROPOUT_P: tl.constexpr):
+    """h * keep / (1 - p) with keep = rand(seed, offs) >= p: the forward's dropout of h, and
+    equally the backward's of dout (its derivative is the same mask and scale)."""
+    keep = tl.rand(tl.load(seed_ptr), offs) >= DROPOUT_P
+    return tl.where(keep, h * (1.0 / (1.0 - DROPOUT_P)), 0.0)
 
 
 @triton.jit
 def _embedding_fwd_kernel(ids_ptr, pos_ptr, wte_ptr, wpe_ptr, seed_ptr, out_ptr,
-                          N_TOKENS: tl.constexpr, V: tl.constexpr, P: tl.constexpr, D: tl.constexpr,
-                          DROPOUT_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                          N_TOKENS: tl.constexpr, D: tl.constexpr, DROPOUT_P: tl.constexpr,
+                          BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     tok_ok = tok < N_TOKENS
     mask = tok_ok[:, None] & (cols < D)[None, :]
 
-    ids = _clamp_index(tl.load(ids_ptr + tok, mask=tok_ok, other=0), V)
-    pos = _clamp_index(tl.load(pos_ptr + tok, mask=tok_ok, other=0), P)
+    ids = tl.load(ids_ptr + tok, mask=tok_ok, other=0)  # table rows, already in range
+    pos = tl.load(pos_ptr + tok, mask=tok_ok, other=0)
     # int64: V * D and B * T * D can pass 2**31 (Llama-3: 128256 x 4096 = 2**29, x8 batch rows).
     e = tl.load(wte_ptr + ids.to(tl.int64)[:, None] * D + cols[None, :], mask=mask, other=0.0)
     p = tl.load(wpe_ptr + pos.to(tl.int64)[:, None] * D + cols[None, :], mask=mask, other=0.0)
@@ -56,9 +83,39 @@ def _embedding_fwd_kernel(ids_ptr, pos_ptr, wte_ptr, wpe_ptr, seed_ptr, out_ptr,
 
     offs = tok.to(tl.int64)[:, None] * D + cols[None, :]
     if DROPOUT_P > 0.0:
-        keep = tl.rand(tl.load(seed_ptr), offs) >= DROPOUT_P
-        h = tl.where(keep, h * (1.0 / (1.0 - DROPOUT_P)), 0.0)
+        h = _dropout(h, seed_ptr, offs, DROPOUT_P)
     tl.store(out_ptr + offs, h.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _embedding_bwd_kernel(order_ptr, offsets_ptr, dout_ptr, seed_ptr, dtable_ptr,
+                          N_ROWS: tl.constexpr, D: tl.constexpr, DROPOUT_P: tl.constexpr,
+                          BLOCK_ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (i, j): table rows [i * BLOCK_ROWS, ...), features block j.
+
+    Row r's tokens are order[offsets[r]:offsets[r + 1]] (token indices, ascending).
+    """
+    first = tl.program_id(0) * BLOCK_ROWS
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    out_ptrs = dtable_ptr + first.to(tl.int64) * D + cols  # int64: V * D can pass 2**31
+    end = tl.load(offsets_ptr + first)
+    for row in range(first, tl.minimum(first + BLOCK_ROWS, N_ROWS)):
+        start = end
+        end = tl.load(offsets_ptr + row + 1)
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        for k in range(start, end, BLOCK_T):
+            idx = k + tl.arange(0, BLOCK_T)
+            tok_ok = idx < end
+            tok = tl.load(order_ptr + idx, mask=tok_ok, other=0)
+            offs = tok.to(tl.int64)[:, None] * D + cols[None, :]  # as the forward's, for dropout
+            g = tl.load(dout_ptr + offs, mask=tok_ok[:, None] & col_ok[None, :], other=0.0)
+            g = g.to(tl.float32)
+            if DROPOUT_P > 0.0:
+                g = _dropout(g, seed_ptr, offs, DROPOUT_P)
+            acc += tl.sum(g, axis=0)
+        tl.store(out_ptrs, acc.to(dtable_ptr.dtype.element_ty), mask=col_ok)
+        out_ptrs += D
 
 
 def _launch_config(n_tokens: int, d: int) -> tuple[int, int, int]:
@@ -74,13 +131,27 @@ def _launch_config(n_tokens: int, d: int) -> tuple[int, int, int]:
     return block_t, block_d, num_warps
 
 
+def _backward_config(n_tokens: int, d: int) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_D, num_warps) of the backward.
+
+    Narrow feature blocks (BWD_BLOCK_D, 256 bytes of bf16 a token: whole cache lines) leave room
+    for many tokens a step, so a row read by many tokens takes few serial steps; the table rows
+    no token reads cost one store each. BWD_BLOCK_ROWS rows a program: V = 50257 makes ~3k
+    programs a feature block.
+    """
+    block_d = min(triton.next_power_of_2(d), BWD_BLOCK_D)
+    block_t = max(1, min(TILE // block_d, triton.next_power_of_2(n_tokens)))
+    return block_t, block_d, 4
+
+
 def embedding(ids, positions, wte, wpe, *, dropout_rate=0.0, seed=None):
     """dropout(wte[ids] + wpe[positions]) -> [B, T, D] in wte's dtype.
 
     ids, positions [B, T] integer (cast to int32); wte [V, D], wpe [P, D] fp32/fp16/bf16 (wpe may
     differ from wte); out-of-range indices as jnp indexing (see the module docstring).
     dropout_rate p in [0, 1): with p > 0, seed (an integer array of shape (), traced or not) is
-    required; the kept elements are scaled by 1/(1-p).
+    required; the kept elements are scaled by 1/(1-p). Differentiable wrt wte and wpe (gradients
+    in each one's dtype); the backward saves the tokens' rows and the seed (module docstring).
     """
     if ids.ndim != 2:
         raise ValueError(f"ids must be [B, T], got shape {ids.shape}")
@@ -97,16 +168,68 @@ def embedding(ids, positions, wte, wpe, *, dropout_rate=0.0, seed=None):
         raise ValueError(f"wpe D={wpe.shape[1]} must equal wte D={wte.shape[1]}")
     seed = dropout_seed(dropout_rate, seed)
 
-    (b, t), (v, d), n_positions = ids.shape, wte.shape, wpe.shape[0]
-    n_tokens = b * t
-    out_shape = jax.ShapeDtypeStruct((b, t, d), wte.dtype)
+    cfg = _EmbeddingConfig(float(dropout_rate), wte.shape[0], jnp.dtype(wte.dtype),
+                           wpe.shape[0], jnp.dtype(wpe.dtype))
+    out = _embedding(_table_rows(ids, cfg.wte_rows), _table_rows(positions, cfg.wpe_rows),
+                     wte, wpe, seed, cfg)
+    return out.reshape(*ids.shape, wte.shape[1])
+
+
+def _table_rows(indices, n_rows: int):
+    """The table row each index reads, as jnp indexing maps it: int32 [tokens]."""
+    i = indices.reshape(-1).astype(jnp.int32)
+    return jnp.clip(jnp.where(i < 0, i + n_rows, i), 0, n_rows - 1)
+
+
+class _EmbeddingConfig(NamedTuple):
+    dropout_rate: float
+    wte_rows: int  # the tables' sizes and dtypes, for the gradients (no table is saved)
+    wte_dtype: jnp.dtype
+    wpe_rows: int
+    wpe_dtype: jnp.dtype
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _embedding(ids, positions, wte, wpe, seed, cfg: _EmbeddingConfig):
+    """[tokens, D] from the tokens' table rows ids, positions (int32 [tokens], in range)."""
+    (n_tokens,), d = ids.shape, wte.shape[1]
+    out_shape = jax.ShapeDtypeStruct((n_tokens, d), wte.dtype)
     if n_tokens == 0 or d == 0:  # a grid of zero programs is not a valid GPU launch
         return jnp.zeros(out_shape.shape, out_shape.dtype)
     block_t, block_d, num_warps = _launch_config(n_tokens, d)
     return triton_call(
-        ids.reshape(n_tokens).astype(jnp.int32), positions.reshape(n_tokens).astype(jnp.int32),
-        wte, wpe, seed,
+        ids, positions, wte, wpe, seed,
         kernel=_embedding_fwd_kernel, out_shape=out_shape,
         grid=(triton.cdiv(n_tokens, block_t), triton.cdiv(d, block_d)), num_warps=num_warps,
-        N_TOKENS=n_tokens, V=v, P=n_positions, D=d, DROPOUT_P=float(dropout_rate),
-        BLOCK_T=block_t, BLOCK_D=block_d)
+        N_TOKENS=n_tokens, D=d, DROPOUT_P=cfg.dropout_rate, BLOCK_T=block_t, BLOCK_D=block_d)
+
+
+def _embedding_fwd(ids, positions, wte, wpe, seed, cfg):
+    return _embedding(ids, positions, wte, wpe, seed, cfg), (ids, positions, seed)
+
+
+def _embedding_bwd(cfg, saved, dout):
+    ids, positions, seed = saved
+    d_wte = _table_grad(ids, dout, seed, cfg.wte_rows, cfg.wte_dtype, cfg.dropout_rate)
+    d_wpe = _table_grad(positions, dout, seed, cfg.wpe_rows, cfg.wpe_dtype, cfg.dropout_rate)
+    return None, None, d_wte, d_wpe, None  # ids, positions and seed are integers
+
+
+_embedding.defvjp(_embedding_fwd, _embedding_bwd)
+
+
+def _table_grad(rows, dout, seed, n_rows: int, dtype, dropout_rate: float):
+    """[n_rows, D] in dtype: row r sums the (dropped-out) dout of the tokens with rows == r."""
+    n_tokens, d = dout.shape
+    if n_tokens == 0 or d == 0:
+        return jnp.zeros((n_rows, d), dtype)
+    order = jnp.argsort(rows, stable=True).astype(jnp.int32)  # stable: each row's tokens ascending
+    counts = jnp.bincount(rows, length=n_rows)  # integer adds: exact in any order
+    offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts, dtype=jnp.int32)])
+    block_t, block_d, num_warps = _backward_config(n_tokens, d)
+    return triton_call(
+        order, offsets, dout, seed,
+        kernel=_embedding_bwd_kernel, out_shape=jax.ShapeDtypeStruct((n_rows, d), dtype),
+        grid=(triton.cdiv(n_rows, BWD_BLOCK_ROWS), triton.cdiv(d, block_d)), num_warps=num_warps,
+        N_ROWS=n_rows, D=d, DROPOUT_P=dropout_rate, BLOCK_ROWS=BWD_BLOCK_ROWS, BLOCK_T=block_t,
+        BLOCK_D=block_d)
