@@ -1,4 +1,5 @@
-"""LayerNorm kernels (forward and backward) vs jtgpt.reference.layer_norm, under jax.jit, on random inputs."""
+"""LayerNorm kernels (forward and backward) vs jtgpt.reference.layer_norm, under jax.jit, on random
+inputs."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -134,8 +135,8 @@ def test_layer_norm_grad_has_no_xla_dot(key):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=lambda d: d.__name__)
-@pytest.mark.parametrize("shape, launches", [((16384, 768), 1), ((2048, 8192), 1), ((1024, 16384), 2)],
-                         ids=str)
+@pytest.mark.parametrize("shape, launches", [((16384, 768), 1), ((2048, 8192), 1),
+                                             ((1024, 16384), 2)], ids=str)
 def test_layer_norm_backward_builds_for_hopper(shape, launches, dtype):
     """The backward kernels (fused, and the wide-row pair) fit an H100 without spilling."""
     x = jax.ShapeDtypeStruct(shape, dtype)

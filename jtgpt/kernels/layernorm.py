@@ -213,7 +213,8 @@ def _layer_norm_bwd(cfg, saved, dy):
         return jnp.zeros_like(x), jnp.zeros_like(weight), jnp.zeros((d,), cfg.bias_dtype)
     dx, dw, db = _backward(x.reshape(n_rows, d), weight, mean, rstd, dy.reshape(n_rows, d))
     # The partials' sum: a few hundred rows, added in a fixed order by XLA (deterministic).
-    return dx.reshape(x.shape), dw.sum(axis=0).astype(weight.dtype), db.sum(axis=0).astype(cfg.bias_dtype)
+    dweight, dbias = dw.sum(axis=0).astype(weight.dtype), db.sum(axis=0).astype(cfg.bias_dtype)
+    return dx.reshape(x.shape), dweight, dbias
 
 
 _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
