@@ -1,89 +1,149 @@
-"""Flash attention forward: softmax(q k^T * sm_scale + mask) v; causal, padded, grouped-query.
+"""Flash attention, forward and backward: softmax(q k^T * sm_scale + mask) v; causal, padded,
+grouped-query, with dropout on the attention probabilities.
 
 For batch b, query head h (reading kv head g = h // (Hq // Hkv)) and query row i:
 
     s_ij  = sm_scale * q_i . k_j             over the keys j that i may see: j <= i when causal,
                                              and attention_mask[b, j] != 0
     lse_i = log sum_j exp(s_ij)
-    out_i = sum_j exp(s_ij - lse_i) v_j
+    p_ij  = exp(s_ij - lse_i)
+    z_ij  = p_ij * keep_ij / (1 - rate)      dropout (rate > 0 only), keep_ij ~ Bernoulli(1 - rate)
+    out_i = sum_j z_ij v_j
 
-FlashAttention-2: one program owns BLOCK_M query rows of one head and streams the visible keys
-in blocks of BLOCK_N. It keeps, per row, the running max m_i of the scores seen so far, the
-running sum l_i = sum_j exp(s_ij - m_i) and an unnormalised fp32 accumulator acc_i =
-sum_j exp(s_ij - m_i) v_j; when a key block raises the max, l_i and acc_i are rescaled by
-exp(m_old - m_new) (online softmax), and acc_i / l_i is taken once at the end. Scores never reach
-memory. Everything runs in base 2: log2(e) is folded into the scale, so m_i is in log2 units and
-each exponential is one exp2 (a single MUFU instruction on the GPU).
+Forward (FlashAttention-2): one program owns BLOCK_M query rows of one head and streams the
+visible keys in blocks of BLOCK_N. It keeps, per row, the running max m_i of the scores seen so
+far, the running sum l_i = sum_j exp(s_ij - m_i) and an unnormalised fp32 accumulator acc_i =
+sum_j exp(s_ij - m_i) keep_ij v_j; when a key block raises the max, l_i and acc_i are rescaled by
+exp(m_old - m_new) (online softmax), and acc_i / (l_i (1 - rate)) is taken once at the end. l_i
+sums the undropped probabilities: lse is dropout's. Scores never reach memory. Everything runs in
+base 2: log2(e) is folded into the scale, so m_i is in log2 units and each exponential is one exp2
+(a single MUFU instruction on the GPU).
+
+Backward, with dO the cotangent of out (FlashAttention-2: p is recomputed from q, k and the saved
+lse, one exp2 per element, and never stored):
+
+    delta_i = dO_i . out_i  (= sum_j p_ij dp_ij)     _attn_bwd_delta_kernel, fp32 [B, Hq, T]
+    dp_ij   = keep_ij / (1 - rate) * dO_i . v_j
+    ds_ij   = p_ij (dp_ij - delta_i)
+    dv_j    = sum_i z_ij dO_i,   dk_j = sm_scale * sum_i ds_ij q_i     _attn_bwd_dkdv_kernel
+    dq_i    = sm_scale * sum_j ds_ij k_j                                _attn_bwd_dq_kernel
+
+dk and dv of kv head g sum over the Hq / Hkv query heads of its group: one dK/dV program owns a key
+block of one (batch, kv head) and loops over those heads and over the query blocks that see its
+keys, so every element is written once by one program (deterministic, no atomics). One dQ program
+owns a query block of one (batch, query head), as in the forward. Causal: both visit only the
+blocks on or below the diagonal, and only blocks on it pay for the elementwise mask.
 
 Layout: qkv is the [B, T, (Hq + 2 Hkv) D] output of the c_attn GEMM, each row [q heads | k heads |
-v heads] with each head D contiguous values. The kernel reads every head's [T, D] slice in place
-through strides and writes out as [B, T, Hq D], the input of the output-projection GEMM, so no
-split, transpose or merge of heads ever costs an XLA copy.
+v heads] with each head D contiguous values. The kernels read every head's [T, D] slice in place
+through strides; out is [B, T, Hq D], the input of the output-projection GEMM, and the gradient
+dqkv comes back packed exactly like qkv, for the c_attn GEMM's backward. (triton_call cannot alias
+one output buffer between the dQ and dK/dV launches, so dqkv is concat(dq, dkv): one copy.)
 
 lse [B, Hq, T] (natural log, fp32) is saved for the backward. A query row that sees no key at all
 (every key it may see is padding) gets out = 0, as in `jtgpt.reference.attention`, and
-lse = +inf, so that the backward's exp(s - lse) is 0 on that row rather than NaN.
+lse = +inf, so that the backward's exp(s - lse) is 0 on that row rather than NaN: zero gradient.
+
+Differentiation saves qkv, out and lse (and the mask and the seed, which are inputs anyway).
+
+Dropout mask: keep_ij is drawn by Philox from the seed and the counter (j // 4, i, b Hq + h, 0),
+whose four outputs decide keys 4 (j // 4) .. 4 (j // 4) + 3 (one Philox call per four elements).
+Each index has its own 32-bit counter word, so no flat offset b H T T + h T T + i T + j is formed
+and nothing overflows at any size (4 x 32 x 4096 x 4096 > 2**31). The backward regenerates the
+mask from the same counters; it is never stored.
 """
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import triton
 import triton.language as tl
 
 from jtgpt.call import triton_call
-from jtgpt.kernels import check_float_dtype
+from jtgpt.kernels import check_float_dtype, dropout_seed
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
 PRECISIONS = ("ieee", "tf32")
 MAX_GRID_Y = 65535
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
-# -------------------------------------------------------------------------------------- kernel
+# ------------------------------------------------------------------------------------- kernels
 
 @triton.jit
-def _attn_fwd_block_loop(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, offs_m, offs_n, lo, hi,
-                         T: tl.constexpr, ROW: tl.constexpr, QK_SCALE: tl.constexpr,
-                         HAS_MASK: tl.constexpr, DIAGONAL: tl.constexpr, KEY_TAIL: tl.constexpr,
-                         PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Fold the key blocks [lo, hi) into (acc, l_i, m_i).
+def _dropout_keep(seed, bh, offs_m, start_n, DROPOUT_P: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] bool: which p_ij of (batch * HQ + head) bh, query rows offs_m and keys
+    start_n + [0, BLOCK_N) dropout keeps. A function of (seed, b, h, i, j) alone (module
+    docstring), so every kernel regenerates the same mask with its own tiles."""
+    QUADS: tl.constexpr = BLOCK_N // 4
+    quads = tl.broadcast_to((start_n // 4 + tl.arange(0, QUADS))[None, :], (BLOCK_M, QUADS))
+    rows = tl.broadcast_to(offs_m[:, None], (BLOCK_M, QUADS))
+    zero = rows * 0
+    r0, r1, r2, r3 = tl.philox(seed, quads, rows, zero + bh, zero)
+    bits = tl.join(tl.join(r0, r2), tl.join(r1, r3)).reshape(BLOCK_M, BLOCK_N)  # key 4j+i: r_i
+    return (bits >> 8).to(tl.float32) * (1.0 / 16777216) >= DROPOUT_P  # 24 bits: U[0, 1)
 
-    DIAGONAL: the blocks straddle the causal diagonal (elementwise causal mask). KEY_TAIL: the
-    last block may run past T (masked loads; keys >= T masked out unless the causal or padding
-    mask already hides them). Blocks left of the diagonal, and the whole blocks of the
-    non-causal case, need neither and skip the per-element work.
+
+@triton.jit
+def _mask_scores(x, FILL: tl.constexpr, offs_m, cols, mask_ptrs, T: tl.constexpr,
+                 HAS_MASK: tl.constexpr, DIAGONAL: tl.constexpr, KEY_TAIL: tl.constexpr):
+    """x [BLOCK_M, BLOCK_N] (scores or probabilities of query rows offs_m and keys cols) with FILL
+    wherever the row may not see the key.
+
+    DIAGONAL: the block straddles the causal diagonal (elementwise causal mask). KEY_TAIL: the
+    block may run past T (keys >= T are masked unless the causal or padding mask already hides
+    them). Blocks left of the diagonal, and the whole blocks of the non-causal case, need neither
+    and skip the per-element work.
     """
+    if HAS_MASK:
+        # Masked load: `other=0` also marks keys >= T as padding.
+        key_ok = tl.load(mask_ptrs + cols, mask=cols < T, other=0) != 0
+    if DIAGONAL:
+        # Rows >= T are never stored, so the causal test alone also hides keys >= T.
+        keep = offs_m[:, None] >= cols[None, :]
+        if HAS_MASK:
+            keep = keep & key_ok[None, :]
+        x = tl.where(keep, x, FILL)
+    elif HAS_MASK:
+        x = tl.where(key_ok[None, :], x, FILL)
+    elif KEY_TAIL:
+        x = tl.where((cols < T)[None, :], x, FILL)
+    return x
+
+
+@triton.jit
+def _attn_fwd_block_loop(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, seed, bh, offs_m, offs_n,
+                         lo, hi, T: tl.constexpr, ROW: tl.constexpr, QK_SCALE: tl.constexpr,
+                         HAS_MASK: tl.constexpr, DIAGONAL: tl.constexpr, KEY_TAIL: tl.constexpr,
+                         DROPOUT_P: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+    """Fold the key blocks [lo, hi) into (acc, l_i, m_i); DIAGONAL, KEY_TAIL: see _mask_scores."""
     k_ptrs += lo * ROW
     v_ptrs += lo * ROW
     for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        in_seq = cols < T
+        in_seq = start_n + offs_n < T
         if KEY_TAIL:
             k = tl.load(k_ptrs, mask=in_seq[:, None], other=0.0)
         else:
             k = tl.load(k_ptrs)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-
-        if HAS_MASK:
-            # Masked load: `other=0` also marks keys >= T as padding.
-            key_ok = tl.load(mask_ptrs + cols, mask=in_seq, other=0) != 0
-        if DIAGONAL:
-            # Rows >= T are never stored, so the causal test alone also hides keys >= T.
-            keep = offs_m[:, None] >= cols[None, :]
-            if HAS_MASK:
-                keep = keep & key_ok[None, :]
-            s = tl.where(keep, s, float("-inf"))
-        elif HAS_MASK:
-            s = tl.where(key_ok[None, :], s, float("-inf"))
-        elif KEY_TAIL:
-            s = tl.where(in_seq[None, :], s, float("-inf"))
+        s = _mask_scores(s, float("-inf"), offs_m, start_n + offs_n, mask_ptrs, T, HAS_MASK,
+                         DIAGONAL, KEY_TAIL)
 
         m_new = tl.maximum(m_i, tl.max(s, 1) * QK_SCALE)
         p = tl.math.exp2(s * QK_SCALE - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.sum(p, 1)  # undropped: lse is the softmax's
+        if DROPOUT_P > 0.0:
+            p = tl.where(_dropout_keep(seed, bh, offs_m, start_n, DROPOUT_P, BLOCK_M, BLOCK_N),
+                         p, 0.0)
         if KEY_TAIL:
             # other=0, not garbage: masked-out keys have p = 0, but 0 * NaN would still be NaN.
             v = tl.load(v_ptrs, mask=in_seq[:, None], other=0.0)
@@ -97,15 +157,16 @@ def _attn_fwd_block_loop(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, offs_m, of
 
 
 @triton.jit
-def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, lse_ptr,
+def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, seed_ptr, out_ptr, lse_ptr,
                      T: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
                      QK_SCALE: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     DROPOUT_P: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
     """One program: BLOCK_M query rows of one (batch, query head). Grid (cdiv(T, BLOCK_M), B * HQ).
 
     q_ptr, k_ptr and v_ptr all point at the packed qkv [B, T, (HQ + 2 HKV) HEAD_DIM]; mask_ptr at
-    the int32 attention mask [B, T] (unread unless HAS_MASK); out_ptr at [B, T, HQ HEAD_DIM];
-    lse_ptr at fp32 [B, HQ, T].
+    the int32 attention mask [B, T] (unread unless HAS_MASK); seed_ptr at the int32 dropout seed
+    (unread unless DROPOUT_P > 0); out_ptr at [B, T, HQ HEAD_DIM]; lse_ptr at fp32 [B, HQ, T].
     """
     ROW: tl.constexpr = (HQ + 2 * HKV) * HEAD_DIM  # stride of one token in qkv
     OUT_ROW: tl.constexpr = HQ * HEAD_DIM
@@ -131,6 +192,9 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, lse_ptr,
     k_ptrs = k_ptr + qkv_b + (HQ + g) * HEAD_DIM + offs_n[:, None] * ROW + offs_d[None, :]
     v_ptrs = v_ptr + qkv_b + (HQ + HKV + g) * HEAD_DIM + offs_n[:, None] * ROW + offs_d[None, :]
     mask_ptrs = mask_ptr + b * T
+    seed = 0
+    if DROPOUT_P > 0.0:
+        seed = tl.load(seed_ptr)
 
     q = tl.load(q_ptrs, mask=offs_m[:, None] < T, other=0.0)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -144,29 +208,32 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, lse_ptr,
         # fully visible, and only those on it (at most BLOCK_M // BLOCK_N) pay for the mask.
         diag = start_m * BLOCK_M
         acc, l_i, m_i = _attn_fwd_block_loop(
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, offs_m, offs_n, 0, diag, T, ROW, QK_SCALE,
-            HAS_MASK, DIAGONAL=False, KEY_TAIL=False, PRECISION=PRECISION, BLOCK_N=BLOCK_N)
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, seed, pid_bh, offs_m, offs_n, 0, diag, T,
+            ROW, QK_SCALE, HAS_MASK, DIAGONAL=False, KEY_TAIL=False, DROPOUT_P=DROPOUT_P,
+            PRECISION=PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
         diag_end = tl.minimum(diag + BLOCK_M, T)
         acc, l_i, m_i = _attn_fwd_block_loop(
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, offs_m, offs_n, diag, diag_end, T, ROW,
-            QK_SCALE, HAS_MASK, DIAGONAL=True, KEY_TAIL=True, PRECISION=PRECISION, BLOCK_N=BLOCK_N)
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, seed, pid_bh, offs_m, offs_n, diag,
+            diag_end, T, ROW, QK_SCALE, HAS_MASK, DIAGONAL=True, KEY_TAIL=True,
+            DROPOUT_P=DROPOUT_P, PRECISION=PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     else:
         FULL: tl.constexpr = T // BLOCK_N * BLOCK_N
         acc, l_i, m_i = _attn_fwd_block_loop(
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, offs_m, offs_n, 0, FULL, T, ROW, QK_SCALE,
-            HAS_MASK, DIAGONAL=False, KEY_TAIL=False, PRECISION=PRECISION, BLOCK_N=BLOCK_N)
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, seed, pid_bh, offs_m, offs_n, 0, FULL, T,
+            ROW, QK_SCALE, HAS_MASK, DIAGONAL=False, KEY_TAIL=False, DROPOUT_P=DROPOUT_P,
+            PRECISION=PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
         if FULL < T:
             acc, l_i, m_i = _attn_fwd_block_loop(
-                acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, offs_m, offs_n, FULL, T, T, ROW,
-                QK_SCALE, HAS_MASK, DIAGONAL=False, KEY_TAIL=True, PRECISION=PRECISION,
-                BLOCK_N=BLOCK_N)
+                acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, seed, pid_bh, offs_m, offs_n, FULL,
+                T, T, ROW, QK_SCALE, HAS_MASK, DIAGONAL=False, KEY_TAIL=True,
+                DROPOUT_P=DROPOUT_P, PRECISION=PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
 
     # l_i = 0 exactly when the row saw no key (then acc = 0 too): out 0 and lse +inf. m_i is in
     # log2 units, so m_i * ln(2) is the row's natural-log max.
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    lse = tl.where(seen, m_i * 0.6931471805599453 + tl.log(l_safe), float("inf"))
+    out = acc * ((1.0 / (1.0 - DROPOUT_P)) / l_safe)[:, None]
+    lse = tl.where(seen, m_i * LN2 + tl.log(l_safe), float("inf"))
 
     row_ok = offs_m < T
     out_ptrs = (out_ptr + b.to(tl.int64) * (T * OUT_ROW) + h * HEAD_DIM
@@ -175,10 +242,234 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, lse_ptr,
     tl.store(lse_ptr + pid_bh * T + offs_m, lse, mask=row_ok)
 
 
-# ------------------------------------------------------------------------------------ launcher
+@triton.jit
+def _attn_bwd_delta_kernel(out_ptr, do_ptr, delta_ptr, T: tl.constexpr, HQ: tl.constexpr,
+                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta [B, HQ, T] fp32 = rowsum(dO * out) of BLOCK_M rows of one (batch, query head); out
+    and dO are [B, T, HQ HEAD_DIM]. Grid (cdiv(T, BLOCK_M), B * HQ)."""
+    OUT_ROW: tl.constexpr = HQ * HEAD_DIM
+    pid_bh = tl.program_id(1)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offsets = ((pid_bh // HQ).to(tl.int64) * (T * OUT_ROW) + (pid_bh % HQ) * HEAD_DIM
+               + offs_m[:, None] * OUT_ROW + offs_d[None, :])
+    row_ok = offs_m < T
+    out = tl.load(out_ptr + offsets, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + offsets, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(delta_ptr + pid_bh * T + offs_m, tl.sum(out * do, 1), mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_dkdv_loop(dk, dv, k, v, qt_ptrs, do_ptrs, lse_ptrs, delta_ptrs, seed, bh, start_n,
+                        lo, hi, T: tl.constexpr, ROW: tl.constexpr, OUT_ROW: tl.constexpr,
+                        QK_SCALE: tl.constexpr, DIAGONAL: tl.constexpr, DROPOUT_P: tl.constexpr,
+                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Add the query blocks [lo, hi) of one head to (dk, dv) of the keys start_n + [0, BLOCK_N).
+
+    Works on transposed tiles ([keys, queries]), so that every product has the key block as its
+    row operand and no register tile needs a transpose. Rows >= T load q = dO = 0 and lse = +inf,
+    so their p and ds are 0: no elementwise mask needed off the diagonal.
+    """
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < T
+        qt = tl.load(qt_ptrs + start_m * ROW, mask=row_ok[None, :], other=0.0)  # [HEAD_DIM, M]
+        do = tl.load(do_ptrs + start_m * OUT_ROW, mask=row_ok[:, None], other=0.0)
+        lse2 = tl.load(lse_ptrs + rows, mask=row_ok, other=float("inf")) * LOG2E
+        delta = tl.load(delta_ptrs + rows, mask=row_ok, other=0.0)
+
+        pt = tl.math.exp2(tl.dot(k, qt, input_precision=PRECISION) * QK_SCALE - lse2[None, :])
+        if DIAGONAL:
+            pt = tl.where(rows[None, :] >= offs_n[:, None], pt, 0.0)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        if DROPOUT_P > 0.0:
+            keep = tl.trans(_dropout_keep(seed, bh, rows, start_n, DROPOUT_P, BLOCK_M, BLOCK_N))
+            zt = tl.where(keep, pt * (1.0 / (1.0 - DROPOUT_P)), 0.0)
+            dpt = tl.where(keep, dpt * (1.0 / (1.0 - DROPOUT_P)), 0.0)
+        else:
+            zt = pt
+        dv = tl.dot(zt.to(do.dtype), do, dv, input_precision=PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, seed_ptr, dkv_ptr,
+                          T: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr,
+                          HEAD_DIM: tl.constexpr, QK_SCALE: tl.constexpr, SM_SCALE: tl.constexpr,
+                          CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT_P: tl.constexpr,
+                          PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program: dK, dV of BLOCK_N keys of one (batch, kv head), summed over the query heads
+    of its group. Grid (cdiv(T, BLOCK_N), B * HKV).
+
+    qkv_ptr: [B, T, (HQ + 2 HKV) HEAD_DIM]; do_ptr: dO [B, T, HQ HEAD_DIM]; lse_ptr, delta_ptr:
+    fp32 [B, HQ, T]; mask_ptr, seed_ptr as in the forward; dkv_ptr: [B, T, 2 HKV HEAD_DIM] packed
+    [k heads | v heads]. Causal needs BLOCK_N % BLOCK_M == 0 (the diagonal is BLOCK_N // BLOCK_M
+    query blocks). Heaviest first needs nothing: key block 0 sees the most queries.
+    """
+    ROW: tl.constexpr = (HQ + 2 * HKV) * HEAD_DIM
+    OUT_ROW: tl.constexpr = HQ * HEAD_DIM
+    DKV_ROW: tl.constexpr = 2 * HKV * HEAD_DIM
+    GROUP: tl.constexpr = HQ // HKV
+    start_n = tl.program_id(0) * BLOCK_N
+    b = tl.program_id(1) // HKV
+    g = tl.program_id(1) % HKV
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_seq = offs_n < T
+    qkv_b = qkv_ptr + b.to(tl.int64) * (T * ROW)
+    kv_ptrs = qkv_b + offs_n[:, None] * ROW + offs_d[None, :]
+    k = tl.load(kv_ptrs + (HQ + g) * HEAD_DIM, mask=in_seq[:, None], other=0.0)
+    v = tl.load(kv_ptrs + (HQ + HKV + g) * HEAD_DIM, mask=in_seq[:, None], other=0.0)
+    seed = 0
+    if DROPOUT_P > 0.0:
+        seed = tl.load(seed_ptr)
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    for i in range(GROUP):
+        h = g * GROUP + i
+        bh = b * HQ + h
+        qt_ptrs = qkv_b + h * HEAD_DIM + offs_m[None, :] * ROW + offs_d[:, None]  # q^T
+        do_ptrs = (do_ptr + b.to(tl.int64) * (T * OUT_ROW) + h * HEAD_DIM
+                   + offs_m[:, None] * OUT_ROW + offs_d[None, :])
+        if CAUSAL:
+            # Queries above the diagonal never see these keys: start on it.
+            dk, dv = _attn_bwd_dkdv_loop(
+                dk, dv, k, v, qt_ptrs, do_ptrs, lse_ptr + bh * T, delta_ptr + bh * T, seed, bh,
+                start_n, start_n, tl.minimum(start_n + BLOCK_N, T), T, ROW, OUT_ROW, QK_SCALE,
+                DIAGONAL=True, DROPOUT_P=DROPOUT_P, PRECISION=PRECISION, BLOCK_M=BLOCK_M,
+                BLOCK_N=BLOCK_N)
+            lo = start_n + BLOCK_N
+        else:
+            lo = 0
+        dk, dv = _attn_bwd_dkdv_loop(
+            dk, dv, k, v, qt_ptrs, do_ptrs, lse_ptr + bh * T, delta_ptr + bh * T, seed, bh,
+            start_n, lo, T, T, ROW, OUT_ROW, QK_SCALE, DIAGONAL=False, DROPOUT_P=DROPOUT_P,
+            PRECISION=PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+
+    if HAS_MASK:
+        # A padded key has p = 0 on every row, hence dk = dv = 0; its rows were computed unmasked
+        # (they may hold inf or NaN) and are replaced here, once, instead of masking every tile.
+        key_ok = tl.load(mask_ptr + b * T + offs_n, mask=in_seq, other=0) != 0
+        dk = tl.where(key_ok[:, None], dk, 0.0)
+        dv = tl.where(key_ok[:, None], dv, 0.0)
+    dkv_ptrs = (dkv_ptr + b.to(tl.int64) * (T * DKV_ROW) + g * HEAD_DIM
+                + offs_n[:, None] * DKV_ROW + offs_d[None, :])
+    tl.store(dkv_ptrs, (dk * SM_SCALE).to(dkv_ptr.dtype.element_ty), mask=in_seq[:, None])
+    tl.store(dkv_ptrs + HKV * HEAD_DIM, dv.to(dkv_ptr.dtype.element_ty), mask=in_seq[:, None])
+
+
+@triton.jit
+def _attn_bwd_dq_loop(dq, q, do, lse2, delta, k_ptrs, v_ptrs, mask_ptrs, seed, bh, offs_m, offs_n,
+                      lo, hi, T: tl.constexpr, ROW: tl.constexpr, QK_SCALE: tl.constexpr,
+                      HAS_MASK: tl.constexpr, DIAGONAL: tl.constexpr, KEY_TAIL: tl.constexpr,
+                      DROPOUT_P: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """Add the key blocks [lo, hi) to dq of the query rows offs_m; DIAGONAL, KEY_TAIL: see
+    _mask_scores."""
+    k_ptrs += lo * ROW
+    v_ptrs += lo * ROW
+    for start_n in range(lo, hi, BLOCK_N):
+        if KEY_TAIL:
+            # other=0: ds = 0 there, and 0 * garbage could be NaN.
+            in_seq = start_n + offs_n < T
+            k = tl.load(k_ptrs, mask=in_seq[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=in_seq[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * QK_SCALE
+                         - lse2[:, None])
+        p = _mask_scores(p, 0.0, offs_m, start_n + offs_n, mask_ptrs, T, HAS_MASK, DIAGONAL,
+                         KEY_TAIL)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if DROPOUT_P > 0.0:
+            keep = _dropout_keep(seed, bh, offs_m, start_n, DROPOUT_P, BLOCK_M, BLOCK_N)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - DROPOUT_P)), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+        k_ptrs += BLOCK_N * ROW
+        v_ptrs += BLOCK_N * ROW
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, seed_ptr, dq_ptr,
+                        T: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr,
+                        HEAD_DIM: tl.constexpr, QK_SCALE: tl.constexpr, SM_SCALE: tl.constexpr,
+                        CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT_P: tl.constexpr,
+                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program: dQ of BLOCK_M query rows of one (batch, query head), over the key blocks they
+    see, as the forward. Grid (cdiv(T, BLOCK_M), B * HQ). Arguments as _attn_bwd_dkdv_kernel's;
+    dq_ptr: [B, T, HQ HEAD_DIM]. Causal needs BLOCK_M % BLOCK_N == 0."""
+    ROW: tl.constexpr = (HQ + 2 * HKV) * HEAD_DIM
+    OUT_ROW: tl.constexpr = HQ * HEAD_DIM
+    pid_bh = tl.program_id(1)
+    if CAUSAL:  # longest blocks first, as in the forward
+        start_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        start_m = tl.program_id(0)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    g = h // (HQ // HKV)
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+    qkv_b = qkv_ptr + b.to(tl.int64) * (T * ROW)
+    q = tl.load(qkv_b + h * HEAD_DIM + offs_m[:, None] * ROW + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    out_offsets = (b.to(tl.int64) * (T * OUT_ROW) + h * HEAD_DIM + offs_m[:, None] * OUT_ROW
+                   + offs_d[None, :])
+    do = tl.load(do_ptr + out_offsets, mask=row_ok[:, None], other=0.0)
+    # Rows with no visible key have lse = +inf: p = exp2(-inf) = 0, so dq = 0 there.
+    lse2 = tl.load(lse_ptr + pid_bh * T + offs_m, mask=row_ok, other=float("inf")) * LOG2E
+    delta = tl.load(delta_ptr + pid_bh * T + offs_m, mask=row_ok, other=0.0)
+    k_ptrs = qkv_b + (HQ + g) * HEAD_DIM + offs_n[:, None] * ROW + offs_d[None, :]
+    v_ptrs = qkv_b + (HQ + HKV + g) * HEAD_DIM + offs_n[:, None] * ROW + offs_d[None, :]
+    mask_ptrs = mask_ptr + b * T
+    seed = 0
+    if DROPOUT_P > 0.0:
+        seed = tl.load(seed_ptr)
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if CAUSAL:
+        diag = start_m * BLOCK_M
+        dq = _attn_bwd_dq_loop(
+            dq, q, do, lse2, delta, k_ptrs, v_ptrs, mask_ptrs, seed, pid_bh, offs_m, offs_n, 0,
+            diag, T, ROW, QK_SCALE, HAS_MASK, DIAGONAL=False, KEY_TAIL=False, DROPOUT_P=DROPOUT_P,
+            PRECISION=PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+        dq = _attn_bwd_dq_loop(
+            dq, q, do, lse2, delta, k_ptrs, v_ptrs, mask_ptrs, seed, pid_bh, offs_m, offs_n, diag,
+            tl.minimum(diag + BLOCK_M, T), T, ROW, QK_SCALE, HAS_MASK, DIAGONAL=True,
+            KEY_TAIL=True, DROPOUT_P=DROPOUT_P, PRECISION=PRECISION, BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N)
+    else:
+        FULL: tl.constexpr = T // BLOCK_N * BLOCK_N
+        dq = _attn_bwd_dq_loop(
+            dq, q, do, lse2, delta, k_ptrs, v_ptrs, mask_ptrs, seed, pid_bh, offs_m, offs_n, 0,
+            FULL, T, ROW, QK_SCALE, HAS_MASK, DIAGONAL=False, KEY_TAIL=False, DROPOUT_P=DROPOUT_P,
+            PRECISION=PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+        if FULL < T:
+            dq = _attn_bwd_dq_loop(
+                dq, q, do, lse2, delta, k_ptrs, v_ptrs, mask_ptrs, seed, pid_bh, offs_m, offs_n,
+                FULL, T, T, ROW, QK_SCALE, HAS_MASK, DIAGONAL=False, KEY_TAIL=True,
+                DROPOUT_P=DROPOUT_P, PRECISION=PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+    tl.store(dq_ptr + out_offsets, (dq * SM_SCALE).to(dq_ptr.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+# ----------------------------------------------------------------------------------- launchers
 
 def _block_config(head_dim: int, dtype, precision: str) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for an H100; not yet timed there.
+    """Forward (BLOCK_M, BLOCK_N, num_warps, num_stages) for an H100; not yet timed there.
 
     Chosen by compiling every variant for sm_90a on CPU: the largest tiles for which ptxas
     reports no register spills and no serialized wgmma (C7515: with 128 x 128 tiles the causal
@@ -205,31 +496,124 @@ def _block_config(head_dim: int, dtype, precision: str) -> tuple[int, int, int, 
     return 32, 16, 8, 2
 
 
-def _launch(qkv, mask, *, num_heads, num_kv_heads, head_dim, causal, sm_scale, precision):
+def _bwd_block_config(head_dim: int, dtype, precision: str) -> tuple[tuple[int, int, int, int], ...]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV kernel, then of the dQ kernel, for
+    an H100; not yet timed there.
+
+    dK/dV holds two fp32 [BLOCK_N, head_dim] accumulators and streams BLOCK_M query rows; dQ one
+    [BLOCK_M, head_dim] accumulator and streams BLOCK_N keys. The held block is every product's
+    row operand: with 8 warps, 64 rows per warpgroup. dK/dV needs BLOCK_N % BLOCK_M == 0, dQ
+    BLOCK_M % BLOCK_N == 0 (the causal diagonal). Chosen by compiling for sm_90a on CPU (causal,
+    padded, dropout variants): the largest tiles without spills or serialized wgmma (C7515). At
+    D = 128 dK/dV spills with 64 query rows, so it streams 32; at D = 256 (16-bit) only the
+    dropout variant of dK/dV spills (64 bytes); fp32 at D >= 128 spills a little in every tiling
+    tried.
+    """
+    if jnp.dtype(dtype).itemsize == 2:
+        if head_dim <= 64:
+            return (64, 128, 8, 2), (128, 64, 8, 2)
+        if head_dim == 128:
+            return (32, 128, 8, 3), (128, 64, 8, 3)
+        return (16, 64, 8, 2), (64, 32, 8, 2)
+    if precision == "tf32":
+        if head_dim <= 64:
+            return (32, 128, 8, 2), (128, 64, 8, 2)
+        if head_dim == 128:
+            return (32, 128, 8, 2), (128, 32, 8, 2)
+        return (16, 32, 4, 1), (32, 16, 4, 1)
+    # True fp32: FMA dots (see _block_config), small tiles.
+    if head_dim <= 64:
+        return (32, 32, 4, 1), (32, 32, 4, 1)
+    return (16, 16, 4, 1), (16, 16, 4, 1)
+
+
+class _Config(NamedTuple):
+    """The static arguments of one attention: hashable, so custom_vjp can take it as nondiff."""
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    causal: bool
+    sm_scale: float
+    precision: str
+    dropout_rate: float
+
+    def constexprs(self, T: int, has_mask: bool) -> dict:
+        """The constexprs the forward and backward kernels share."""
+        return dict(T=T, HQ=self.num_heads, HKV=self.num_kv_heads, HEAD_DIM=self.head_dim,
+                    QK_SCALE=self.sm_scale * math.log2(math.e), CAUSAL=self.causal,
+                    HAS_MASK=has_mask, DROPOUT_P=self.dropout_rate, PRECISION=self.precision)
+
+
+def _forward(qkv, mask, seed, cfg: _Config):
     B, T, _ = qkv.shape
-    block_m, block_n, num_warps, num_stages = _block_config(head_dim, qkv.dtype, precision)
-    out_shapes = (jax.ShapeDtypeStruct((B, T, num_heads * head_dim), qkv.dtype),
-                  jax.ShapeDtypeStruct((B, num_heads, T), jnp.float32))
+    block_m, block_n, num_warps, num_stages = _block_config(cfg.head_dim, qkv.dtype, cfg.precision)
+    out_shapes = (jax.ShapeDtypeStruct((B, T, cfg.num_heads * cfg.head_dim), qkv.dtype),
+                  jax.ShapeDtypeStruct((B, cfg.num_heads, T), jnp.float32))
     # Without a mask, qkv stands in for the mask pointer (HAS_MASK off: never read), so no
     # placeholder array is made.
     return triton_call(
-        qkv, qkv, qkv, qkv if mask is None else mask,
+        qkv, qkv, qkv, qkv if mask is None else mask, seed,
         kernel=_attn_fwd_kernel, out_shape=out_shapes,
-        grid=(triton.cdiv(T, block_m), B * num_heads), num_warps=num_warps, num_stages=num_stages,
-        T=T, HQ=num_heads, HKV=num_kv_heads, HEAD_DIM=head_dim,
-        QK_SCALE=sm_scale * math.log2(math.e), CAUSAL=bool(causal), HAS_MASK=mask is not None,
-        PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n)
+        grid=(triton.cdiv(T, block_m), B * cfg.num_heads), num_warps=num_warps,
+        num_stages=num_stages, **cfg.constexprs(T, mask is not None),
+        BLOCK_M=block_m, BLOCK_N=block_n)
+
+
+def _backward(qkv, mask, seed, out, lse, dout, cfg: _Config):
+    """dqkv [B, T, (Hq + 2 Hkv) D] in qkv.dtype: the three kernels of the module docstring."""
+    B, T, _ = qkv.shape
+    Hq, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    block_t = max(16, 8192 // D)  # 8192 elements of out and of dO per program
+    delta = triton_call(
+        out, dout, kernel=_attn_bwd_delta_kernel,
+        out_shape=jax.ShapeDtypeStruct((B, Hq, T), jnp.float32),
+        grid=(triton.cdiv(T, block_t), B * Hq), num_warps=4,
+        T=T, HQ=Hq, HEAD_DIM=D, BLOCK_M=block_t)
+
+    dkdv_cfg, dq_cfg = _bwd_block_config(D, qkv.dtype, cfg.precision)
+    args = (qkv, dout, lse, delta, qkv if mask is None else mask, seed)
+    constexprs = cfg.constexprs(T, mask is not None)
+    block_m, block_n, num_warps, num_stages = dkdv_cfg
+    dkv = triton_call(
+        *args, kernel=_attn_bwd_dkdv_kernel,
+        out_shape=jax.ShapeDtypeStruct((B, T, 2 * Hkv * D), qkv.dtype),
+        grid=(triton.cdiv(T, block_n), B * Hkv), num_warps=num_warps, num_stages=num_stages,
+        SM_SCALE=cfg.sm_scale, **constexprs, BLOCK_M=block_m, BLOCK_N=block_n)
+    block_m, block_n, num_warps, num_stages = dq_cfg
+    dq = triton_call(
+        *args, kernel=_attn_bwd_dq_kernel,
+        out_shape=jax.ShapeDtypeStruct((B, T, Hq * D), qkv.dtype),
+        grid=(triton.cdiv(T, block_m), B * Hq), num_warps=num_warps, num_stages=num_stages,
+        SM_SCALE=cfg.sm_scale, **constexprs, BLOCK_M=block_m, BLOCK_N=block_n)
+    return jnp.concatenate([dq, dkv], axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _flash_attention(qkv, mask, seed, cfg: _Config):
+    return _forward(qkv, mask, seed, cfg)[0]
+
+
+def _flash_attention_fwd(qkv, mask, seed, cfg):
+    out, lse = _forward(qkv, mask, seed, cfg)
+    return out, (qkv, mask, seed, out, lse)
+
+
+def _flash_attention_bwd(cfg, saved, dout):
+    qkv, mask, seed, out, lse = saved
+    dqkv = _backward(qkv, mask, seed, out, lse, dout, cfg)
+    # The mask and the seed are integer arrays: their cotangents are float0 zeros.
+    dmask = None if mask is None else np.zeros(mask.shape, jax.dtypes.float0)
+    return dqkv, dmask, np.zeros(seed.shape, jax.dtypes.float0)
+
+
+_flash_attention.defvjp(_flash_attention_fwd, _flash_attention_bwd)
 
 
 # -------------------------------------------------------------------------------------- public
 
-def attention_forward(qkv, *, num_heads, num_kv_heads=None, attention_mask=None, causal=True,
-                      sm_scale=None, precision="ieee"):
-    """Attention over packed qkv; returns (out, lse). See `flash_attention` for the arguments.
-
-    lse [B, num_heads, T] fp32 is the natural-log log-sum-exp of each query row's scaled, masked
-    scores (+inf on rows that see no key), kept for the backward.
-    """
+def _checked(qkv, num_heads, num_kv_heads, attention_mask, causal, sm_scale, precision,
+             dropout_rate, seed):
+    """(qkv, int32 mask or None, int32 seed, _Config) after checking every argument."""
     if getattr(qkv, "ndim", None) != 3:
         raise ValueError(f"qkv must be 3-D [B, T, (num_heads + 2 * num_kv_heads) * head_dim], "
                          f"got shape {getattr(qkv, 'shape', None)}")
@@ -266,12 +650,26 @@ def attention_forward(qkv, *, num_heads, num_kv_heads=None, attention_mask=None,
             raise ValueError(f"attention_mask must be int or bool (1 = token, 0 = padding), "
                              f"got {mask_dtype.name}")
         attention_mask = attention_mask.astype(jnp.int32)
-    return _launch(qkv, attention_mask, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                   head_dim=head_dim, causal=causal, sm_scale=sm_scale, precision=precision)
+    seed = dropout_seed(dropout_rate, seed)
+    cfg = _Config(num_heads, num_kv_heads, head_dim, bool(causal), sm_scale, precision,
+                  float(dropout_rate))
+    return qkv, attention_mask, seed, cfg
+
+
+def attention_forward(qkv, *, num_heads, num_kv_heads=None, attention_mask=None, causal=True,
+                      sm_scale=None, precision="ieee", dropout_rate=0.0, seed=None):
+    """Attention over packed qkv; returns (out, lse). See `flash_attention` for the arguments.
+    Not differentiable (flash_attention is).
+
+    lse [B, num_heads, T] fp32 is the natural-log log-sum-exp of each query row's scaled, masked
+    scores (+inf on rows that see no key), kept for the backward.
+    """
+    return _forward(*_checked(qkv, num_heads, num_kv_heads, attention_mask, causal, sm_scale,
+                              precision, dropout_rate, seed))
 
 
 def flash_attention(qkv, *, num_heads, num_kv_heads=None, attention_mask=None, causal=True,
-                    sm_scale=None, precision="ieee"):
+                    sm_scale=None, precision="ieee", dropout_rate=0.0, seed=None):
     """Multi-head (or grouped-query) attention straight from the packed qkv projection.
 
     qkv [B, T, (Hq + 2 * Hkv) * D] packed as [q heads | k heads | v heads], each [H, D] row-major
@@ -284,9 +682,12 @@ def flash_attention(qkv, *, num_heads, num_kv_heads=None, attention_mask=None, c
     GPT-2, and a query row whose visible keys are all padding returns zeros. causal: query i sees
     keys j <= i. sm_scale: default D ** -0.5. precision: tl.dot's input precision for float32
     inputs, "ieee" (true fp32) or "tf32" (faster, ~1e-3 relative error); 16-bit inputs ignore it.
+    dropout_rate in [0, 1): drops attention probabilities (GPT-2's attn_pdrop); above 0, seed (an
+    integer array of shape (), traced or not: a new seed does not recompile) is required.
     Softmax statistics and accumulation are fp32 whatever the dtype.
+
+    Differentiable wrt qkv (dqkv packed like qkv, in its dtype; Triton kernels only); the forward
+    saves qkv, out and the fp32 lse [B, Hq, T] (module docstring).
     """
-    out, _ = attention_forward(qkv, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                               attention_mask=attention_mask, causal=causal, sm_scale=sm_scale,
-                               precision=precision)
-    return out
+    return _flash_attention(*_checked(qkv, num_heads, num_kv_heads, attention_mask, causal,
+                                      sm_scale, precision, dropout_rate, seed))
