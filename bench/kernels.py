@@ -1,10 +1,10 @@
 """Each jtgpt kernel alone at GPT-2 124M's shapes (B*T = 512*300 tokens), against XLA.
 
-    python bench/kernels.py            # the kernels with their chosen configs, vs XLA / cuDNN
-    python bench/kernels.py --sweep    # also try other GEMM and attention tile configs
+    python bench/kernels.py            # the kernels with their chosen configs, vs XLA
+    python bench/kernels.py --sweep    # also try other GEMM tile configs
 
-For tuning: prints TFLOP/s (GEMM, attention) or GB/s (layernorm, embedding) per kernel, each
-output checked against its reference first. GPU only.
+For tuning: prints TFLOP/s (GEMM) or GB/s (layernorm, embedding) per kernel, each output checked
+against its reference first. GPU only. Attention has its own script, bench/attention.py.
 """
 import argparse
 import os
@@ -17,7 +17,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from common import compile_and_time, relative_error  # noqa: E402
 from jtgpt import reference  # noqa: E402
 from jtgpt.kernels import matmul  # noqa: E402
-from jtgpt.kernels.attention import flash_attention  # noqa: E402
 from jtgpt.kernels.layernorm import layer_norm  # noqa: E402
 from jtgpt.kernels.matmul import linear  # noqa: E402
 
@@ -86,21 +85,6 @@ SWEEP_GEMM = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, n
                                        (128, 128, 128, 8, 3)]]
 
 
-def bench_attention(dtype):
-    for B, T, H, D in [(512, 300, 12, 64), (4, 4096, 32, 128)]:
-        qkv = jax.random.normal(jax.random.key(B), (B, T, 3 * H * D), dtype)
-        flops = 4 * B * H * D * T * (T + 1) / 2  # causal: each (query, key<=query) pair once
-        fn = jax.jit(lambda qkv: flash_attention(qkv, num_heads=H))
-        q, k, v = (qkv[..., i * H * D:(i + 1) * H * D].reshape(B, T, H, D) for i in range(3))
-        cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                                    implementation="cudnn"))
-        err = relative_error(fn(qkv), cudnn(q, k, v).reshape(B, T, H * D))
-        for name, f, args in (("cuDNN", cudnn, (q, k, v)), ("jtgpt", fn, (qkv,))):
-            ms = bench(f, *args, calls=5 if T > 1000 else 20)
-            _row(f"{name} attention {B}x{T}x{H}x{D} causal", ms, flops / ms / 1e9, "TFLOP/s",
-                 f"err {err:.1e}" if name == "jtgpt" else "")
-
-
 def bench_layernorm(dtype):
     x = jax.random.normal(jax.random.key(3), (M, 768), dtype)
     w = jax.random.normal(jax.random.key(4), (768,), dtype)
@@ -117,15 +101,13 @@ def bench_layernorm(dtype):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--sweep", action="store_true")
-    p.add_argument("--only", default="gemm,attention,layernorm")
+    p.add_argument("--only", default="gemm,layernorm")
     args = p.parse_args()
     dtype = jnp.bfloat16
     print(f"{jax.devices()[0].device_kind}, bf16, M = {M} tokens")
     print("| kernel | ms | rate | unit | check |\n|---|---:|---:|---|---|")
     if "gemm" in args.only:
         bench_gemms(dtype, args.sweep)
-    if "attention" in args.only:
-        bench_attention(dtype)
     if "layernorm" in args.only:
         bench_layernorm(dtype)
 
