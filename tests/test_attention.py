@@ -177,14 +177,15 @@ def grads(key, qkv, mask=None, **kwargs):
     Hq, Hkv = kwargs["num_heads"], kwargs.get("num_kv_heads") or kwargs["num_heads"]
     B, T, _ = qkv.shape
     D = qkv.shape[-1] // (Hq + 2 * Hkv)
+    causal = kwargs.get("causal", True)
     dout = jax.random.normal(key, (B, T, Hq * D), jnp.float32)
 
     def ours(x):
         return attention.flash_attention(x, attention_mask=mask, **kwargs)
 
     def ref(x):
-        out = reference.attention(*split_heads(x, Hq, Hkv), attention_mask=mask,
-                                  causal=kwargs.get("causal", True), sm_scale=kwargs.get("sm_scale"))
+        out = reference.attention(*split_heads(x, Hq, Hkv), attention_mask=mask, causal=causal,
+                                  sm_scale=kwargs.get("sm_scale"))
         return out.reshape(B, T, Hq * D)
 
     dqkv = jax.jit(lambda x, g: jax.vjp(ours, x)[1](g)[0])(qkv, dout.astype(qkv.dtype))
@@ -356,7 +357,7 @@ def test_dropout_seed(key):
 
     @functools.partial(jax.jit, static_argnums=1)
     def run(x, rate, seed):
-        f = lambda x: attention.flash_attention(x, num_heads=H, dropout_rate=rate, seed=seed)  # noqa: E731
+        f = functools.partial(attention.flash_attention, num_heads=H, dropout_rate=rate, seed=seed)
         out, vjp = jax.vjp(f, x)
         return out, vjp(out)[0]
 

@@ -496,7 +496,7 @@ def _block_config(head_dim: int, dtype, precision: str) -> tuple[int, int, int, 
     return 32, 16, 8, 2
 
 
-def _bwd_block_config(head_dim: int, dtype, precision: str) -> tuple[tuple[int, int, int, int], ...]:
+def _bwd_block_config(head_dim: int, dtype, precision: str) -> tuple[tuple[int, ...], ...]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV kernel, then of the dQ kernel, for
     an H100; not yet timed there.
 
