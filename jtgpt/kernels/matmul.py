@@ -74,6 +74,23 @@ def _dropout_keep(seed_ptr, offs_m, col0, N: tl.constexpr, DROPOUT_P: tl.constex
 
 
 @triton.jit
+def _accumulate(acc, a_ptrs, b_ptrs, offs_k, k_left, MASKED: tl.constexpr, FP32_IEEE: tl.constexpr):
+    """acc + a[:, k:k+BLOCK_K] @ b[k:k+BLOCK_K, :] for the tiles at a_ptrs, b_ptrs; MASKED: only
+    the first k_left of the BLOCK_K exist (the tail of K)."""
+    if MASKED:
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+    else:
+        a = tl.load(a_ptrs)
+        b = tl.load(b_ptrs)
+    if FP32_IEEE:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
 def _matmul_kernel(a_ptr, b_ptr, bias_ptr, residual_ptr, seed_ptr, out_ptr, pre_ptr,
                    M: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
                    stride_am: tl.constexpr, stride_ak: tl.constexpr,
@@ -95,11 +112,11 @@ def _matmul_kernel(a_ptr, b_ptr, bias_ptr, residual_ptr, seed_ptr, out_ptr, pre_
     if K_PER_SPLIT < K:  # split-K: program (pid, s) reduces K's slice s into partial s of out
         split = tl.program_id(1)
         k_start = split * K_PER_SPLIT
-        k_tiles = tl.cdiv(tl.minimum(K - k_start, K_PER_SPLIT), BLOCK_K)
+        k_len = tl.minimum(K - k_start, K_PER_SPLIT)
         out_ptr += split.to(tl.int64) * (M * N)
     else:
         k_start = 0
-        k_tiles = tl.cdiv(K, BLOCK_K)
+        k_len = K
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -113,20 +130,14 @@ def _matmul_kernel(a_ptr, b_ptr, bias_ptr, residual_ptr, seed_ptr, out_ptr, pre_
     b_ptrs = b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, k_tiles):
-        if K % BLOCK_K == 0:  # K_PER_SPLIT is a multiple of BLOCK_K: every tile is full
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            k_left = K - k_start - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        if FP32_IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+    # Full BLOCK_K tiles without masks, then the tail of K (if any) once, masked: masks in the
+    # pipelined loop cost registers (the LM head's dh GEMM, K = 50257, spilled 120 bytes).
+    for k in range(0, k_len // BLOCK_K):
+        acc = _accumulate(acc, a_ptrs, b_ptrs, offs_k, BLOCK_K, False, FP32_IEEE)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
+    if K % BLOCK_K != 0:  # K_PER_SPLIT is a multiple of BLOCK_K: only K's own tail is partial
+        acc = _accumulate(acc, a_ptrs, b_ptrs, offs_k, k_len % BLOCK_K, True, FP32_IEEE)
 
     y = acc
     if HAS_BIAS:
