@@ -2,11 +2,14 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import transformers
 from conftest import assert_close, shapes
+from flax import nnx
 
 import jtgpt
+from jtgpt import checkpoint
 from jtgpt.models.gpt2 import GPTConfig
 
 # Tiny on CPU (the interpreter); GPT-2 124M's shape under --large.
@@ -103,7 +106,7 @@ def test_save_pretrained_round_trips(hf_checkpoint, tmp_path, key, fmt):
 
 def test_dropout_only_with_a_key(key):
     config = GPTConfig(vocab_size=53, n_positions=16, n_embd=64, n_layer=1, n_head=1,
-                       embd_pdrop=0.2, resid_pdrop=0.2, attn_pdrop=0.0)
+                       embd_pdrop=0.2, resid_pdrop=0.2, attn_pdrop=0.2)
     model = jtgpt.GPT(config)
     ids = jax.random.randint(key, (2, 9), 0, 53)
     forward = jax.jit(lambda m, ids, k: m(ids, dropout_key=k))
@@ -114,10 +117,117 @@ def test_dropout_only_with_a_key(key):
     assert not np.allclose(train_a, eval_out) and not np.allclose(train_a, train_b)
 
 
-def test_attention_dropout_is_refused_not_ignored(key):
-    model = jtgpt.GPT(GPTConfig(vocab_size=53, n_positions=16, n_embd=64, n_layer=1, n_head=1))
-    with pytest.raises(NotImplementedError, match="attn_pdrop"):
-        model(jnp.zeros((1, 4), jnp.int32), dropout_key=key)
+# ---------------------------------------------------------------------------------- gradients
+
+def _hf_loss(hf, params, ids, labels, mask=None):
+    """HF PyTorch GPT2LMHeadModel's loss, on FlaxGPT2LMHeadModel: shifted labels, -100 ignored."""
+    logits = hf(ids, attention_mask=mask, params=params).logits[:, :-1].astype(jnp.float32)
+    targets = labels[:, 1:]
+    counted = targets != -100
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(counted, targets, 0))
+    return jnp.sum(jnp.where(counted, losses, 0.0)) / jnp.sum(counted)
+
+
+def _loss_and_grads(model, *args, **kwargs):
+    """(loss, {HF name: gradient}) of model.loss under jax.jit."""
+    graphdef, params = nnx.split(model, nnx.Param)
+    loss, grads = jax.jit(jax.value_and_grad(
+        lambda p: nnx.merge(graphdef, p).loss(*args, **kwargs)))(params)
+    return loss, {".".join(map(str, path)): v[...] for path, v in nnx.to_flat_state(grads)}
+
+
+def _labels(ids, mask):
+    """ids as labels, -100 on padding and on one column. Also -100 where the previous token is
+    padding: that label would be scored from a padding query, which sees no key (zeros here, a
+    uniform average in HF Flax: see test_left_padded_batch_matches_hf_flax)."""
+    previous = jnp.pad(mask[:, :-1], ((0, 0), (1, 0)), constant_values=1)
+    labels = jnp.where((mask == 0) | (previous == 0), -100, ids)
+    return labels.at[:, 2].set(-100)
+
+
+@pytest.mark.parametrize("batch", BATCH)
+def test_gradients_match_hf_flax_fp32(hf_checkpoint, key, batch):
+    """Every parameter's gradient of the loss, left padding and ignored labels included."""
+    path, hf = hf_checkpoint
+    model = jtgpt.GPT.from_pretrained(path)
+    ids = _ids(hf, key, batch)
+    B, T = batch
+    mask = (jnp.arange(T)[None, :] >= (jnp.arange(B) * (T // 3) // max(B - 1, 1))[:, None]).astype(jnp.int32)
+    labels = _labels(ids, mask)
+    loss, grads = _loss_and_grads(model, ids, labels, mask)
+    with jax.default_matmul_precision("highest"):
+        hf_loss, hf_grads = jax.jit(jax.value_and_grad(
+            lambda p: _hf_loss(hf, p, ids, labels, mask)))(hf.params)
+    expected = checkpoint._from_hf(checkpoint._flatten(hf_grads), path)
+    assert sorted(grads) == sorted(expected)
+    assert_close(loss, hf_loss, rtol=1e-5)
+    for name, grad in grads.items():
+        assert grad.dtype == jnp.float32
+        assert_close(grad, expected[name], rtol=1e-4, what=name)
+
+
+def test_mixed_precision_gradients_track_fp32(hf_checkpoint, key):
+    path, hf = hf_checkpoint
+    ids = _ids(hf, key, BATCH[0])
+    _, grads32 = _loss_and_grads(jtgpt.GPT.from_pretrained(path), ids)
+    _, grads = _loss_and_grads(jtgpt.GPT.from_pretrained(path, dtype=jnp.bfloat16, param_dtype=jnp.float32), ids)
+    for name, grad in grads.items():
+        assert grad.dtype == jnp.float32  # gradients in the parameters' dtype
+        assert_close(grad, grads32[name], rtol=6e-2, what=name)
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_gradient_matches_finite_differences(key, dropout):
+    """The directional derivative <grad, v> against a central difference of the loss, in fp32.
+
+    With dropout the loss is still a deterministic function of the parameters for a fixed key,
+    so this also checks that every backward kernel regenerates its forward's dropout mask."""
+    config = GPTConfig(vocab_size=61, n_positions=16, n_embd=32, n_layer=2, n_head=2,
+                       embd_pdrop=0.1, resid_pdrop=0.1, attn_pdrop=0.1)
+    model = jtgpt.GPT(config, rngs=nnx.Rngs(3))
+    graphdef, params = nnx.split(model, nnx.Param)
+    k_ids, k_dir = jax.random.split(key)
+    ids = jax.random.randint(k_ids, (2, 11), 0, config.vocab_size)
+    dropout_key = jax.random.key(5) if dropout else None
+    loss_fn = jax.jit(lambda p: nnx.merge(graphdef, p).loss(ids, dropout_key=dropout_key))
+    grads = jax.jit(jax.grad(loss_fn))(params)
+
+    leaves, treedef = jax.tree.flatten(params)
+    direction = [jax.random.normal(k, leaf.shape) for k, leaf in
+                 zip(jax.random.split(k_dir, len(leaves)), leaves)]
+    norm = jnp.sqrt(sum(jnp.sum(d * d) for d in direction))
+    direction = jax.tree.unflatten(treedef, [d / norm for d in direction])
+    eps = 5e-2  # fp32 rounding of the loss (~5e-7) stays ~1e-5 of the difference quotient
+    shifted = lambda s: jax.tree.map(lambda p, d: p + s * eps * d, params, direction)  # noqa: E731
+    numeric = (float(loss_fn(shifted(1.0))) - float(loss_fn(shifted(-1.0)))) / (2 * eps)
+    analytic = float(sum(jnp.sum(g * d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction))))
+    assert abs(analytic) > 1e-3  # a direction the loss actually moves along
+    assert abs(numeric - analytic) <= 1e-2 * abs(analytic), (numeric, analytic)
+
+
+def test_every_dot_of_the_gradient_is_a_triton_kernel(hf_checkpoint):
+    path, _ = hf_checkpoint
+    model = jtgpt.GPT.from_pretrained(path, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    graphdef, params = nnx.split(model, nnx.Param)
+    ids = jnp.zeros((1, 8), jnp.int32)
+    jaxpr = str(jax.make_jaxpr(jax.grad(
+        lambda p: nnx.merge(graphdef, p).loss(ids, dropout_key=jax.random.key(0))))(params))
+    assert "dot_general" not in jaxpr and "conv_general" not in jaxpr
+
+
+def test_loss_is_the_mean_of_the_logits_cross_entropy(hf_checkpoint, key):
+    """model.loss (fused LM head) against cross-entropy of model(ids)'s logits, sum and mean."""
+    path, hf = hf_checkpoint
+    model = jtgpt.GPT.from_pretrained(path)
+    ids = _ids(hf, key, BATCH[0])
+    labels = _labels(ids, jnp.ones_like(ids))
+    logits = jax.jit(lambda m, ids: m(ids))(model, ids)[:, :-1]
+    counted = labels[:, 1:] != -100
+    per_token = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(counted, labels[:, 1:], 0))
+    total = jnp.sum(jnp.where(counted, per_token, 0.0))
+    loss = jax.jit(lambda m: m.loss(ids, labels, reduction="sum"))(model)
+    assert_close(loss, total, rtol=1e-5)
+    assert_close(jax.jit(lambda m: m.loss(ids, labels))(model), total / counted.sum(), rtol=1e-5)
 
 
 @pytest.mark.parametrize("call,error,match", [
@@ -126,6 +236,7 @@ def test_attention_dropout_is_refused_not_ignored(key):
     (lambda m: m(jnp.zeros((1, 17), jnp.int32)), ValueError, "n_positions=16"),
     (lambda m: m(jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 5))), ValueError, "attention_mask must have shape"),
     (lambda m: m(jnp.zeros((1, 4), jnp.int32), None, jnp.ones((2, 4))), ValueError, "position_ids must have shape"),
+    (lambda m: m.loss(jnp.zeros((1, 4), jnp.int32), jnp.zeros((1, 5), jnp.int32)), ValueError, "labels must be"),
 ])
 def test_bad_input_is_a_clear_error(call, error, match):
     model = jtgpt.GPT(GPTConfig(vocab_size=53, n_positions=16, n_embd=64, n_layer=1, n_head=1))
@@ -159,8 +270,7 @@ def test_checkpoint_tensor_of_wrong_shape_is_named(hf_checkpoint, tmp_path):
 
 def test_presets_match_hf_sizes():
     for name, config in jtgpt.PRESETS.items():
-        n = config.vocab_size * config.n_embd + config.n_positions * config.n_embd + \
-            config.n_layer * (12 * config.n_embd ** 2 + 13 * config.n_embd) + 2 * config.n_embd
+        n = config.num_params
         expected = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080,
                     "gpt2-xl": 1_557_611_200}[name]
         assert n == expected, name

@@ -1,4 +1,4 @@
-"""Every kernel of the GPT-2 124M forward builds for the H100 (sm_90), checked on any machine.
+"""Every kernel of the GPT-2 124M forward and gradient builds for the H100 (sm_90), on any machine.
 
 The interpreter runs what the GPU compiler rejects (a plain-float global, say), so CPU tests
 alone cannot show that the kernels build. compile_only() builds them with Triton's own ptxas.
@@ -6,6 +6,7 @@ alone cannot show that the kernels build. compile_only() builds them with Triton
 import jax
 import jax.numpy as jnp
 import pytest
+from flax import nnx
 
 import jtgpt
 from jtgpt.call import compile_only
@@ -34,3 +35,20 @@ def test_gpt2_forward_builds_for_hopper(dtype, precision, dropout):
     assert {k.name for k in built} == KERNELS
     for k in built:  # what ptxas accepted must also fit an H100 multiprocessor
         assert 0 < k.registers <= 255 and k.shared_bytes <= 227 * 1024, k
+
+
+@pytest.mark.parametrize("dtype,param_dtype", [(jnp.bfloat16, jnp.float32), (jnp.float32, jnp.float32)])
+def test_gpt2_gradient_builds_for_hopper(dtype, param_dtype):
+    """Every kernel of a GPT-2 124M training step's gradient (B=16, T=1024, dropout on)."""
+    model = jax.eval_shape(lambda: jtgpt.GPT(GPTConfig(), dtype=dtype, param_dtype=param_dtype))
+    graphdef, params = nnx.split(model, nnx.Param)
+    ids = jax.ShapeDtypeStruct((16, 1024), jnp.int32)
+    loss = lambda p, ids: nnx.merge(graphdef, p).loss(ids, dropout_key=jax.random.key(0))  # noqa: E731
+    with compile_only(capability=90) as built:
+        jax.eval_shape(jax.grad(loss), params, ids)
+    names = {k.name for k in built}
+    assert KERNELS <= names and len(names) > len(KERNELS), names
+    for k in built:
+        assert 0 < k.registers <= 255 and k.shared_bytes <= 227 * 1024, k
+        if dtype == jnp.bfloat16:
+            assert k.spill_bytes == 0, k

@@ -4,6 +4,11 @@
     h_l'    = h_l  + dropout(c_proj(attention(c_attn(ln_1(h_l)))))      for each of n_layer blocks
     h_l+1   = h_l' + dropout(c_proj(gelu_tanh(c_fc(ln_2(h_l')))))
     logits  = ln_f(h_L) @ wte^T                                          (LM head tied to wte)
+    loss    = mean over labelled tokens t of  logsumexp(logits_t) - logits_t[labels_t+1]
+
+attention() drops attention probabilities too (attn_pdrop). Every op is a jax.custom_vjp whose
+backward is Triton as well, so jax.grad of `loss` runs on Triton kernels end to end; the loss
+fuses the LM head with the cross-entropy and never holds the whole batch's logits.
 
 Parameters are named and laid out exactly as Hugging Face's PyTorch GPT2Model names them
 ("h.0.attn.c_attn.weight", Conv1D weights [in, out]), so a checkpoint maps onto the module by name.
@@ -22,6 +27,7 @@ from flax import nnx
 from jtgpt import checkpoint
 from jtgpt.kernels import check_float_dtype
 from jtgpt.kernels.attention import flash_attention
+from jtgpt.kernels.cross_entropy import linear_cross_entropy
 from jtgpt.kernels.embedding import embedding
 from jtgpt.kernels.layernorm import layer_norm
 from jtgpt.kernels.matmul import linear
@@ -53,6 +59,12 @@ class GPTConfig:
             if hf.get(name, supported) != supported:
                 raise ValueError(f"config {name}={hf[name]} is not supported (only {supported})")
         return cls(**{f.name: hf[f.name] for f in dataclasses.fields(cls) if f.name in hf})
+
+    @property
+    def num_params(self) -> int:
+        """Parameters of the model (the LM head is tied to wte: counted once)."""
+        D, L = self.n_embd, self.n_layer
+        return self.vocab_size * D + self.n_positions * D + L * (12 * D * D + 13 * D) + 2 * D
 
     def to_hf(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "model_type": "gpt2", "activation_function": "gelu_new",
@@ -121,10 +133,10 @@ class Attention(nnx.Module):
         self.n_head = config.n_head
         self.precision = compute.precision
 
-    def __call__(self, x, residual, attention_mask, dropout):
+    def __call__(self, x, residual, attention_mask, prob_dropout, dropout):
         qkv = self.c_attn(x)
         y = flash_attention(qkv, num_heads=self.n_head, attention_mask=attention_mask,
-                            causal=True, precision=self.precision)
+                            causal=True, precision=self.precision, **prob_dropout)
         return self.c_proj(y, residual=residual, **dropout)
 
 
@@ -145,8 +157,11 @@ class Block(nnx.Module):
         self.ln_2 = LayerNorm(config.n_embd, eps, param_dtype, compute)
         self.mlp = MLP(config, param_dtype, compute, rngs)
 
-    def __call__(self, x, attention_mask, attn_dropout, mlp_dropout):
-        x = self.attn(self.ln_1(x), x, attention_mask, attn_dropout)
+    def __call__(self, x, attention_mask, dropout):
+        """dropout: the kwargs of the three dropout sites, (attention probabilities, attention
+        output, MLP output)."""
+        prob_dropout, attn_dropout, mlp_dropout = dropout
+        x = self.attn(self.ln_1(x), x, attention_mask, prob_dropout, attn_dropout)
         return self.mlp(self.ln_2(x), x, mlp_dropout)
 
 
@@ -206,18 +221,39 @@ class GPT(nnx.Module):
                       self.compute.cast(self.wte.weight), self.compute.cast(self.wpe.weight),
                       **_dropout(config.embd_pdrop, seeds, 0))
         for i, block in enumerate(self.h):
-            x = block(x, attention_mask, _dropout(config.resid_pdrop, seeds, 1 + 2 * i),
-                      _dropout(config.resid_pdrop, seeds, 2 + 2 * i))
+            site = 1 + 3 * i
+            x = block(x, attention_mask, (_dropout(config.attn_pdrop, seeds, site),
+                                          _dropout(config.resid_pdrop, seeds, site + 1),
+                                          _dropout(config.resid_pdrop, seeds, site + 2)))
         return self.ln_f(x)
+
+    def loss(self, input_ids, labels=None, attention_mask=None, position_ids=None, *,
+             dropout_key=None, ignore_index: int = -100, reduction: str = "mean"):
+        """Next-token cross-entropy, as Hugging Face's GPT2LMHeadModel computes it from `labels`.
+
+        labels [B, T] (default: input_ids) are shifted inside: the logits at position t are
+        scored against labels[:, t + 1]; labels equal to `ignore_index` (e.g. padding) do not
+        count. reduction "mean" (over counted tokens) or "sum". The LM head runs fused with the
+        cross-entropy (jtgpt.kernels.cross_entropy): the [B, T, vocab] logits never exist.
+        Dropout runs only with `dropout_key`, as in __call__.
+        """
+        h = self.hidden_states(input_ids, attention_mask, position_ids, dropout_key=dropout_key)
+        labels = jnp.asarray(input_ids if labels is None else labels)
+        if labels.shape != h.shape[:2] or not jnp.issubdtype(labels.dtype, jnp.integer):
+            raise ValueError(f"labels must be an integer array of input_ids' shape {h.shape[:2]}, "
+                             f"got {labels.dtype}{list(labels.shape)}")
+        # Shift the labels, not the hidden states: the last position has no next token and is
+        # ignored, which spares a copy of h[:, :-1].
+        targets = jnp.concatenate(
+            [labels[:, 1:], jnp.full((labels.shape[0], 1), ignore_index, labels.dtype)], axis=1)
+        return linear_cross_entropy(h, self.compute.cast(self.wte.weight), targets.astype(jnp.int32),
+                                    ignore_index=ignore_index, reduction=reduction,
+                                    precision=self.compute.precision)
 
     def _dropout_seeds(self, dropout_key):
         if dropout_key is None:
             return None
-        if self.config.attn_pdrop > 0:
-            raise NotImplementedError(
-                "dropout on the attention probabilities is not implemented yet: train with "
-                "attn_pdrop=0 (GPTConfig(..., attn_pdrop=0.0)) or without dropout_key")
-        sites = 1 + 2 * self.config.n_layer  # embeddings, then two residual branches a block
+        sites = 1 + 3 * self.config.n_layer  # embeddings, then three sites a block
         return jax.random.randint(dropout_key, (sites,), 0, jnp.iinfo(jnp.int32).max, jnp.int32)
 
     # ------------------------------------------------------------------------- checkpoints
