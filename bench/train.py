@@ -1,0 +1,201 @@
+"""Training benchmark: one optimizer step of GPT-2 124M (forward, backward, AdamW), jtgpt vs HF.
+
+    python bench/train.py                       # GPU: B=16, T=1024; CPU: a tiny config, interpreted
+    python bench/train.py --batch 8 --seq 2048 --markdown bench/out.md
+
+Every competitor trains the same weights (fp32 master weights, bf16 compute: the usual mixed
+precision) on the same token ids with the same optimizer (jtgpt.train.adamw: global-norm clipping
+then AdamW), dropout as GPT-2 configures it (0.1) in training mode. Before timing, each model's
+eval-mode loss on the batch is checked against HF Flax fp32's. Timing: `--steps` chained steps
+(each step's state feeds the next) with one block at the end, `--repeats` times, median.
+
+Throughput: tokens/s = B*T / step time. MFU counts 6 N FLOPs per token (N = all parameters,
+embeddings included; attention's own FLOPs left out, as in the usual 6N rule) against the H100
+SXM's 989 dense bf16 TFLOP/s. Peak memory: XLA's buffer assignment of the compiled step
+(arguments + outputs + temporaries - donated aliases); for torch, max_memory_allocated.
+"""
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # run from a checkout too
+import jtgpt  # noqa: E402
+from common import relative_error  # noqa: E402
+from jtgpt import train  # noqa: E402
+from jtgpt.models.gpt2 import GPTConfig  # noqa: E402
+
+H100_BF16_DENSE_TFLOPS = 989.0
+LEARNING_RATE = 1e-4
+
+
+def main():
+    on_gpu = jax.default_backend() == "gpu"
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=16 if on_gpu else 2)
+    p.add_argument("--seq", type=int, default=1024 if on_gpu else 16)
+    p.add_argument("--steps", type=int, default=10 if on_gpu else 1)
+    p.add_argument("--repeats", type=int, default=3 if on_gpu else 1)
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch competitors")
+    p.add_argument("--markdown", help="also write the table to this file")
+    args = p.parse_args()
+    from transformers import FlaxGPT2LMHeadModel
+
+    config = GPTConfig() if on_gpu else GPTConfig(vocab_size=97, n_positions=64, n_embd=64, n_layer=2, n_head=4)
+    B, T = args.batch, args.seq
+    n_params = config.num_params
+    ids = jax.random.randint(jax.random.key(0), (B, T), 0, config.vocab_size, jnp.int32)
+    weights = tempfile.mkdtemp(prefix="jtgpt-bench-train-")
+    jtgpt.GPT(config).save_pretrained(weights)
+
+    with jax.default_matmul_precision("highest"):
+        hf32 = FlaxGPT2LMHeadModel.from_pretrained(weights, dtype=jnp.float32)
+        reference = float(jax.jit(lambda p, ids: _hf_loss(hf32, p, ids, None))(hf32.params, ids))
+    del hf32
+    _stage(f"HF Flax fp32 eval loss {reference:.5f}")
+
+    header = (f"GPT-2 {n_params / 1e6:.1f}M train step (fwd + bwd + AdamW), B={B} T={T}, fp32 "
+              f"params, bf16 compute, dropout 0.1; device: {jax.devices()[0].device_kind}")
+    rows = []
+
+    def record(name, seconds, peak, first, last, loss_err):
+        rows.append(dict(name=name, ms=seconds * 1e3, tokens=B * T / seconds, peak_gb=peak / 1e9,
+                         err=loss_err, first=first, last=last))
+        _stage(f"{name}: {seconds * 1e3:.2f} ms/step, {B * T / seconds / 1e3:.1f}k tokens/s, peak "
+               f"{peak / 1e9:.2f} GB, eval-loss rel err {loss_err:.1e}, loss {first:.4f} -> {last:.4f}")
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(_table(header, rows, n_params) + "\n")
+
+    # HF Flax: its own model in training mode, the same optimizer, the same shifted-label loss.
+    hf = FlaxGPT2LMHeadModel.from_pretrained(weights, dtype=jnp.bfloat16)
+    optimizer = train.adamw(LEARNING_RATE)
+
+    def hf_step(state, ids, key):
+        params, opt_state = state
+        loss, grads = jax.value_and_grad(lambda p: _hf_loss(hf, p, ids, key))(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), {"loss": loss}
+
+    hf_state = (hf.params, optimizer.init(hf.params))
+    hf_eval = float(jax.jit(lambda p, ids: _hf_loss(hf, p, ids, None))(hf.params, ids))
+    record("HF Flax (bf16 compute)", *_time_steps(jax.jit(hf_step, donate_argnums=0), hf_state, ids, args),
+           abs(hf_eval - reference) / abs(reference))
+    del hf, hf_state
+
+    model = jtgpt.GPT.from_pretrained(weights, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    jt_eval = float(jax.jit(lambda m, ids: m.loss(ids))(model, ids))
+    state, step = train.init(model, optimizer)
+    record("jtgpt (bf16 compute)", *_time_steps(step, state, {"input_ids": ids}, args),
+           abs(jt_eval - reference) / abs(reference))
+    del model, state
+
+    if not args.no_torch:
+        for row in _torch_rows(weights, np.asarray(ids), reference, args):
+            record(*row)
+    print("\n" + _table(header, rows, n_params))
+
+
+def _hf_loss(hf, params, ids, key):
+    """Mean next-token cross-entropy of FlaxGPT2LMHeadModel; dropout when `key` is given."""
+    logits = hf(ids, params=params, dropout_rng=key, train=key is not None).logits
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits[:, :-1].astype(jnp.float32), ids[:, 1:]).mean()
+
+
+def _time_steps(step, state, batch, args):
+    """(median seconds per step, peak bytes, first loss, last loss) of chained steps."""
+    key = jax.random.key(1)
+    compiled = step.lower(state, batch, key).compile()
+    m = compiled.memory_analysis()
+    peak = 0 if m is None else (m.argument_size_in_bytes + m.output_size_in_bytes
+                                + m.temp_size_in_bytes - m.alias_size_in_bytes)
+    state, metrics = compiled(state, batch, key)  # warm-up
+    first = float(metrics["loss"])
+    times = []
+    for r in range(args.repeats):
+        t0 = time.perf_counter()
+        for i in range(args.steps):
+            state, metrics = compiled(state, batch, jax.random.fold_in(key, r * args.steps + i))
+        jax.block_until_ready(metrics)
+        times.append((time.perf_counter() - t0) / args.steps)
+    return statistics.median(times), peak, first, float(metrics["loss"])
+
+
+def _torch_rows(weights, ids, reference, args):
+    """HF PyTorch GPT2LMHeadModel (SDPA), bf16 autocast over fp32 weights, fused torch AdamW with
+    the same clipping and decay, eager and torch.compile, where CUDA torch is installed."""
+    try:
+        import torch
+        from transformers import GPT2LMHeadModel
+    except ImportError:
+        return
+    if not torch.cuda.is_available():
+        return
+    # jax_triton blanks TRITON_CACHE_DIR on import, which leaves torch.compile without a cache.
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="jtgpt-torch-triton-")
+    ids_t = torch.from_numpy(np.array(ids)).cuda()
+    for name, compile_it in (("HF PyTorch (bf16 autocast, SDPA)", False),
+                             ("HF PyTorch + torch.compile", True)):
+        model = GPT2LMHeadModel.from_pretrained(weights, attn_implementation="sdpa").cuda()
+        decay = [p for p in model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                                 {"params": no_decay, "weight_decay": 0.0}],
+                                lr=LEARNING_RATE, betas=(0.9, 0.95), eps=1e-8, fused=True)
+        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+            model.eval()
+            err = abs(float(model(ids_t, labels=ids_t).loss) - reference) / abs(reference)
+            model.train()
+        forward = torch.compile(model) if compile_it else model
+
+        def step():
+            with torch.autocast("cuda", torch.bfloat16):
+                loss = forward(ids_t, labels=ids_t).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+
+        first = float(step())  # warm-up (and compilation)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                loss = step()
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) / args.steps)
+        yield name, statistics.median(times), torch.cuda.max_memory_allocated(), first, float(loss), err
+        del model, opt, forward
+
+
+def _table(header, rows, n_params) -> str:
+    hf = next((r for r in rows if r["name"].startswith("HF Flax")), None)
+    lines = [header, "",
+             "| implementation | ms/step | tokens/s | MFU (6N) | peak GB | vs HF Flax tokens/s | "
+             "eval-loss rel err vs HF fp32 | loss first -> last step |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        mfu = 6 * n_params * r["tokens"] / 1e12 / H100_BF16_DENSE_TFLOPS
+        speedup = f"{r['tokens'] / hf['tokens']:.2f}x" if hf and r is not hf else ""
+        lines.append(f"| {r['name']} | {r['ms']:.2f} | {r['tokens'] / 1e3:.1f}k | {100 * mfu:.1f}% | "
+                     f"{r['peak_gb']:.2f} | {speedup} | {r['err']:.1e} | {r['first']:.4f} -> {r['last']:.4f} |")
+    return "\n".join(lines)
+
+
+def _stage(message):
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
