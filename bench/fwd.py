@@ -183,9 +183,6 @@ def _torch_rows(weights, ids, reference, check, args):
         return
     if not torch.cuda.is_available():
         return
-    # jax_triton blanks TRITON_CACHE_DIR when imported (jax_triton/triton_lib.py), which leaves
-    # torch.compile's Triton with no cache directory: "Could not create or locate cache dir".
-    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="jtgpt-torch-triton-")
     model = GPT2Model.from_pretrained(weights, torch_dtype=torch.bfloat16, attn_implementation="sdpa")
     model = model.cuda().eval()
     ids_t = torch.from_numpy(np.array(ids)).cuda()

@@ -1,4 +1,5 @@
-"""Each jtgpt kernel alone at GPT-2 124M's shapes (B*T = 512*300 tokens), against XLA.
+"""Each jtgpt kernel alone at GPT-2 124M's shapes (B*T = 512*300 tokens; the LM head at the
+training batch, 16*1024), against XLA.
 
     python bench/kernels.py            # the kernels with their chosen configs, vs XLA
     python bench/kernels.py --sweep    # also try other GEMM tile configs
@@ -17,6 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from common import compile_and_time, relative_error  # noqa: E402
 from jtgpt import reference  # noqa: E402
 from jtgpt.kernels import matmul  # noqa: E402
+from jtgpt.kernels.cross_entropy import linear_cross_entropy  # noqa: E402
 from jtgpt.kernels.layernorm import layer_norm  # noqa: E402
 from jtgpt.kernels.matmul import linear  # noqa: E402
 
@@ -98,10 +100,32 @@ def bench_layernorm(dtype):
         _row(name, ms, nbytes / ms / 1e6, "GB/s", f"err {err:.1e}" if "jtgpt" in name else "")
 
 
+def bench_lm_head(dtype, tokens=16 * 1024, vocab=50257, width=768):
+    """The LM head fused with the loss, forward + backward, at GPT-2's training shape (B*T = 16 x
+    1024 tokens): jtgpt's linear_cross_entropy against XLA's logits GEMM + optax's CE."""
+    import optax
+    h = jax.random.normal(jax.random.key(6), (tokens, width), dtype)
+    w = (0.02 * jax.random.normal(jax.random.key(7), (vocab, width))).astype(dtype)
+    t = jax.random.randint(jax.random.key(8), (tokens,), 0, vocab)
+
+    def xla_loss(h, w):
+        logits = (h @ w.T).astype(jnp.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, t).mean()
+
+    ours = jax.value_and_grad(lambda h, w: linear_cross_entropy(h, w, t), argnums=(0, 1))
+    xla = jax.value_and_grad(xla_loss, argnums=(0, 1))
+    err = max(relative_error(a, b) for a, b in zip(jax.tree.leaves(jax.jit(ours)(h, w)),
+                                                    jax.tree.leaves(jax.jit(xla)(h, w))))
+    flops = 6 * tokens * vocab * width  # logits, dh, dw
+    for name, f in (("XLA LM head + CE, fwd+bwd", xla), ("jtgpt linear_cross_entropy, fwd+bwd", ours)):
+        ms = bench(f, h, w, calls=5)
+        _row(name, ms, flops / ms / 1e9, "TFLOP/s", f"err {err:.1e}" if "jtgpt" in name else "")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--sweep", action="store_true")
-    p.add_argument("--only", default="gemm,layernorm")
+    p.add_argument("--only", default="gemm,layernorm,lm_head")
     args = p.parse_args()
     dtype = jnp.bfloat16
     print(f"{jax.devices()[0].device_kind}, bf16, M = {M} tokens")
@@ -110,6 +134,8 @@ def main():
         bench_gemms(dtype, args.sweep)
     if "layernorm" in args.only:
         bench_layernorm(dtype)
+    if "lm_head" in args.only:
+        bench_lm_head(dtype)
 
 
 if __name__ == "__main__":

@@ -139,9 +139,7 @@ def _torch_rows(weights, ids, reference, args):
         return
     if not torch.cuda.is_available():
         return
-    # jax_triton blanks TRITON_CACHE_DIR on import, which leaves torch.compile without a cache.
-    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="jtgpt-torch-triton-")
-    ids_t = torch.from_numpy(np.array(ids)).cuda()
+    ids_t = torch.from_numpy(np.array(ids)).long().cuda()  # torch's loss takes int64 labels
     for name, compile_it in (("HF PyTorch (bf16 autocast, SDPA)", False),
                              ("HF PyTorch + torch.compile", True)):
         model = GPT2LMHeadModel.from_pretrained(weights, attn_implementation="sdpa").cuda()

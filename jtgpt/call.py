@@ -64,20 +64,31 @@ def triton_call(*args: Any, kernel, out_shape: ShapeDtype | Sequence[ShapeDtype]
 # ----------------------------------------------------------------------------------------- GPU
 
 def _gpu_call(args, kernel, out_shapes, grid, num_warps, num_stages, constexprs):
-    import jax_triton
-
+    jax_triton = _jax_triton()
     # jax-triton 0.4 renamed `out_shape` to `out_type`; 0.3.1 is the one that works with the
     # triton 3.6 of the GPU image (DESIGN.md section 4), so both are supported.
-    out_kw = "out_type" if "out_type" in _jax_triton_params() else "out_shape"
+    params = inspect.signature(jax_triton.triton_call).parameters
+    out_kw = "out_type" if "out_type" in params else "out_shape"
     outs = jax_triton.triton_call(*args, kernel=kernel, grid=grid, num_warps=num_warps,
                                   num_stages=num_stages, **{out_kw: list(out_shapes)}, **constexprs)
     return tuple(outs)
 
 
 @functools.cache
-def _jax_triton_params() -> frozenset[str]:
+def _jax_triton():
+    """jax_triton, imported without its side effect on the rest of the process.
+
+    jax-triton 0.3.1 sets TRITON_CACHE_DIR="" when imported, after which every other Triton
+    compile in the process (compile_only, torch.compile) fails with "Could not create or locate
+    cache dir". The variable is put back as it was.
+    """
+    saved = os.environ.get("TRITON_CACHE_DIR")
     import jax_triton
-    return frozenset(inspect.signature(jax_triton.triton_call).parameters)
+    if saved is None:
+        os.environ.pop("TRITON_CACHE_DIR", None)
+    else:
+        os.environ["TRITON_CACHE_DIR"] = saved
+    return jax_triton
 
 
 # ------------------------------------------------------------------------------- compile only
