@@ -15,7 +15,6 @@ outputs + temporaries - aliased); for torch, torch.cuda.max_memory_allocated.
 """
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # run from a checkout too
 import jtgpt  # noqa: E402
-from common import compile_and_time, relative_error  # noqa: E402
+from common import compile_and_time, relative_error, time_torch  # noqa: E402
 from jtgpt.models.gpt2 import GPTConfig  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0  # datasheet, SXM; MFU is against this
@@ -189,18 +188,10 @@ def _torch_rows(weights, ids, reference, check, args):
     for name, fn in (("HF PyTorch bf16 (SDPA)", model),
                      ("HF PyTorch bf16 + torch.compile", torch.compile(model))):
         with torch.no_grad():
-            out = fn(ids_t).last_hidden_state
+            out = fn(ids_t).last_hidden_state  # also the warm-up
             err = relative_error(out[check].float().cpu().numpy(), reference)
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            times = []
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                for _ in range(args.calls):
-                    out = fn(ids_t)
-                torch.cuda.synchronize()
-                times.append((time.perf_counter() - t0) / args.calls)
-        yield name, statistics.median(times), torch.cuda.max_memory_allocated(), err
+            seconds, peak, _ = time_torch(lambda: fn(ids_t), calls=args.calls, repeats=args.repeats)
+        yield name, seconds, peak, err
 
 
 if __name__ == "__main__":

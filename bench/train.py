@@ -28,7 +28,7 @@ import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # run from a checkout too
 import jtgpt  # noqa: E402
-from common import relative_error  # noqa: E402
+from common import time_torch  # noqa: E402
 from jtgpt import train  # noqa: E402
 from jtgpt.models.gpt2 import GPTConfig  # noqa: E402
 
@@ -164,16 +164,8 @@ def _torch_rows(weights, ids, reference, args):
             return loss
 
         first = float(step())  # warm-up (and compilation)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                loss = step()
-            torch.cuda.synchronize()
-            times.append((time.perf_counter() - t0) / args.steps)
-        yield name, statistics.median(times), torch.cuda.max_memory_allocated(), first, float(loss), err
+        seconds, peak, loss = time_torch(step, calls=args.steps, repeats=args.repeats)
+        yield name, seconds, peak, first, float(loss), err
         del model, opt, forward
 
 

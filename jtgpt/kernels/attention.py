@@ -157,6 +157,21 @@ def _attn_fwd_block_loop(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, seed, bh, 
 
 
 @triton.jit
+def _query_program(HQ: tl.constexpr, HKV: tl.constexpr, CAUSAL: tl.constexpr):
+    """(query block, batch * HQ + head, batch, query head, kv head) of a program on the grid
+    (query blocks, B * HQ) of the forward and dQ kernels. Causal work grows with the query block:
+    the longest blocks go first, so the short ones fill the end of the schedule instead of
+    leaving a tail of long ones."""
+    if CAUSAL:
+        start_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        start_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    h = pid_bh % HQ
+    return start_m, pid_bh, pid_bh // HQ, h, h // (HQ // HKV)
+
+
+@triton.jit
 def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, seed_ptr, out_ptr, lse_ptr,
                      T: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
                      QK_SCALE: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -170,17 +185,7 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, seed_ptr, out_ptr, lse_ptr,
     """
     ROW: tl.constexpr = (HQ + 2 * HKV) * HEAD_DIM  # stride of one token in qkv
     OUT_ROW: tl.constexpr = HQ * HEAD_DIM
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    if CAUSAL:
-        # Causal work grows with the query block: hand out the longest blocks first so the short
-        # ones fill the end of the schedule instead of leaving a tail of long ones.
-        start_m = tl.num_programs(0) - 1 - pid_m
-    else:
-        start_m = pid_m
-    b = pid_bh // HQ
-    h = pid_bh % HQ
-    g = h // (HQ // HKV)
+    start_m, pid_bh, b, h, g = _query_program(HQ, HKV, CAUSAL)
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -410,14 +415,7 @@ def _attn_bwd_dq_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, seed_ptr,
     dq_ptr: [B, T, HQ HEAD_DIM]. Causal needs BLOCK_M % BLOCK_N == 0."""
     ROW: tl.constexpr = (HQ + 2 * HKV) * HEAD_DIM
     OUT_ROW: tl.constexpr = HQ * HEAD_DIM
-    pid_bh = tl.program_id(1)
-    if CAUSAL:  # longest blocks first, as in the forward
-        start_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    else:
-        start_m = tl.program_id(0)
-    b = pid_bh // HQ
-    h = pid_bh % HQ
-    g = h // (HQ // HKV)
+    start_m, pid_bh, b, h, g = _query_program(HQ, HKV, CAUSAL)
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
