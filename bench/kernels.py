@@ -3,6 +3,7 @@ training batch, 16*1024), against XLA.
 
     python bench/kernels.py            # the kernels with their chosen configs, vs XLA
     python bench/kernels.py --sweep    # also try other GEMM tile configs
+    python bench/kernels.py --only train   # fwd+bwd of each op of the GPT-2 training step
 
 For tuning: prints TFLOP/s (GEMM) or GB/s (layernorm, embedding) per kernel, each output checked
 against its reference first. GPU only. Attention has its own script, bench/attention.py.
@@ -122,10 +123,62 @@ def bench_lm_head(dtype, tokens=16 * 1024, vocab=50257, width=768):
         _row(name, ms, flops / ms / 1e9, "TFLOP/s", f"err {err:.1e}" if "jtgpt" in name else "")
 
 
+def bench_train_parts(dtype, B=16, T=1024, D=768, H=12, V=50257, layers=12, p=0.1):
+    """Forward + backward of every op of GPT-2 124M's training step at B x T (dropout p), each
+    alone, times how many the step runs: where bench/train.py's step time goes. XLA's fwd+bwd of
+    the same GEMM (its own epilogue fusion, no dropout) beside each GEMM."""
+    from jtgpt.kernels.attention import flash_attention
+    from jtgpt.kernels.embedding import embedding
+    M, keys = B * T, iter(jax.random.split(jax.random.key(9), 32))
+    seed = jnp.int32(1)
+
+    def normal(shape, scale=1.0):
+        return (scale * jax.random.normal(next(keys), shape)).astype(dtype)
+
+    def fwd_bwd(f):
+        def step(*args):
+            out, vjp = jax.vjp(f, *args)
+            return vjp(jnp.ones_like(out))
+        return step
+
+    x, x4 = normal((M, D)), normal((M, 4 * D))
+    ids = jax.random.randint(next(keys), (B, T), 0, V)
+    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+    gemms = {  # name: (K, N, epilogue)
+        "c_attn": (D, 3 * D, {}), "attn.c_proj": (D, D, dict(residual=True, dropout_rate=p)),
+        "c_fc": (D, 4 * D, dict(activation="gelu_tanh")),
+        "mlp.c_proj": (4 * D, D, dict(residual=True, dropout_rate=p))}
+    parts = []  # (name, fn, args, times a step runs it)
+    for name, (K, N, epi) in gemms.items():
+        epi = dict(epi)
+        a, w, b = (x if K == D else x4), normal((K, N), K ** -0.5), normal((N,))
+        r = normal((M, N)) if epi.pop("residual", False) else None
+        parts.append((f"jtgpt {name}", lambda a, w, b, r=r, epi=epi: linear(a, w, b, residual=r, seed=seed, **epi),
+                      (a, w, b), layers))
+        xla_kw = dict(residual=r, activation=epi.get("activation"))
+        parts.append((f"XLA {name} (no dropout)", lambda a, w, b, kw=xla_kw: _xla_linear(a, w, b, **kw),
+                      (a, w, b), layers))
+    parts += [
+        ("jtgpt attention", lambda qkv: flash_attention(qkv, num_heads=H, dropout_rate=p, seed=seed),
+         (normal((B, T, 3 * D)),), layers),
+        ("jtgpt layer_norm", layer_norm, (x, normal((D,)), normal((D,))), 2 * layers + 1),
+        ("jtgpt embedding", lambda wte, wpe: embedding(ids, pos, wte, wpe, dropout_rate=p, seed=seed),
+         (normal((V, D), 0.02), normal((1024, D), 0.02)), 1),
+        ("jtgpt LM head + CE", lambda h, w: linear_cross_entropy(h, w, ids.reshape(-1)),
+         (x, normal((V, D), 0.02)), 1)]
+    total = 0.0
+    for name, f, args, count in parts:
+        ms = bench(fwd_bwd(f), *args, calls=5)
+        if name.startswith("jtgpt"):
+            total += ms * count
+        _row(f"{name} fwd+bwd, x{count} a step", ms, ms * count, "ms a step")
+    _row("sum of the jtgpt rows (no optimizer, no glue)", total, total, "ms a step")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--sweep", action="store_true")
-    p.add_argument("--only", default="gemm,layernorm,lm_head")
+    p.add_argument("--only", default="gemm,layernorm,lm_head,train")
     args = p.parse_args()
     dtype = jnp.bfloat16
     print(f"{jax.devices()[0].device_kind}, bf16, M = {M} tokens")
@@ -136,6 +189,8 @@ def main():
         bench_layernorm(dtype)
     if "lm_head" in args.only:
         bench_lm_head(dtype)
+    if "train" in args.only:
+        bench_train_parts(dtype)
 
 
 if __name__ == "__main__":
