@@ -69,3 +69,16 @@ def attention(q, k, v, attention_mask=None, causal=True, sm_scale=None):
     denom = p.sum(-1, keepdims=True)
     p = p / jnp.where(denom == 0, 1.0, denom)
     return jnp.einsum("bhts,bshd->bthd", p, v, precision=HIGHEST).astype(q.dtype)
+
+
+def cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
+    """logsumexp(logits_i) - logits_i[targets_i] per row in fp32; rows whose target is
+    ignore_index count 0 and are left out of the mean (a mean over no row is 0).
+    logits [..., V], targets [...]; reduction "mean", "sum" or "none" (per row)."""
+    logits = logits.astype(jnp.float32)
+    valid = targets != ignore_index
+    picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    rows = jnp.where(valid, jax.nn.logsumexp(logits, axis=-1) - picked, 0.0)
+    if reduction == "none":
+        return rows
+    return rows.sum() / (jnp.maximum(valid.sum(), 1) if reduction == "mean" else 1)
