@@ -30,7 +30,8 @@ in one go (two reads of the chunk's logits, one write), and two GEMMs give dh_c 
 dw += dx_c^T h_c (fp32 accumulation across chunks). The gradient is thus computed in the forward
 rule of the custom_vjp, with the cotangent g taken as 1 (as Liger Kernel does): the logits are made
 once per training step, and the backward rule only scales the saved (dh, dw) by g. The primal
-(no-grad) path runs only the logits GEMM and the loss.
+(no-grad) path runs only the logits GEMM and the loss. w is padded with zero rows to a multiple of
+VOCAB_ALIGN first, so that every logits row is aligned for the GEMMs that read it (_padded_vocab).
 """
 from __future__ import annotations
 
@@ -55,6 +56,9 @@ PRECISIONS = ("ieee", "tf32")
 CHUNK_BYTES = 256 * 2**20
 # Chunks are whole GEMM row tiles (BLOCK_M = 128) where the batch allows.
 CHUNK_ALIGN = 128
+# linear_cross_entropy pads the vocabulary to a multiple of this (50257 -> 50304 for GPT-2) so
+# every logits row is 128-byte aligned in bf16 (see _padded_vocab).
+VOCAB_ALIGN = 64
 
 
 # ------------------------------------------------------------------------------------- kernels
@@ -76,13 +80,15 @@ def _row_logsumexp(x_ptr, target, V: tl.constexpr, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def _row_grad(x_ptr, dx_ptr, target, valid, lse, scale, V: tl.constexpr, BLOCK_V: tl.constexpr):
-    """dx = (softmax(x) - onehot(target)) * scale over one row; zeros (nothing read) if not valid."""
-    for start in range(0, V, BLOCK_V):
+def _row_grad(x_ptr, dx_ptr, target, valid, lse, scale, V: tl.constexpr, ROW: tl.constexpr,
+              BLOCK_V: tl.constexpr):
+    """dx = (softmax(x) - onehot(target)) * scale over one row of V logits, and 0 in the padding
+    columns [V, ROW) of a padded row; zeros (nothing read) if not valid."""
+    for start in range(0, ROW, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        in_row = cols < V
-        # An ignored row loads -inf everywhere (no memory traffic): exp(-inf - lse) = 0.
-        x = tl.load(x_ptr + cols, mask=in_row & valid, other=float("-inf")).to(tl.float32)
+        in_row = cols < ROW
+        # An ignored row, and the padding, load -inf (no memory traffic): exp(-inf - lse) = 0.
+        x = tl.load(x_ptr + cols, mask=(cols < V) & valid, other=float("-inf")).to(tl.float32)
         onehot = tl.where((cols == target) & valid, 1.0, 0.0)
         dx = (tl.exp(x - lse) - onehot) * scale
         tl.store(dx_ptr + cols, dx.to(dx_ptr.dtype.element_ty), mask=in_row)
@@ -90,16 +96,17 @@ def _row_grad(x_ptr, dx_ptr, target, valid, lse, scale, V: tl.constexpr, BLOCK_V
 
 @triton.jit
 def _cross_entropy_fwd_kernel(logits_ptr, targets_ptr, scale_ptr, loss_ptr, lse_ptr, dlogits_ptr,
-                              V: tl.constexpr, IGNORE_INDEX: tl.constexpr,
+                              V: tl.constexpr, ROW: tl.constexpr, IGNORE_INDEX: tl.constexpr,
                               WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Row program: loss and lse (fp32 [N]); with WRITE_GRAD also dlogits [N, V] from scale [N].
+    """Row program: loss and lse (fp32 [N]); with WRITE_GRAD also dlogits [N, ROW] from scale [N].
 
-    An ignored row stores loss 0 and lse 0 (which the gradient pass never uses).
+    Rows hold V logits at a stride of ROW >= V elements (see _padded_vocab). An ignored row
+    stores loss 0 and lse 0 (which the gradient pass never uses).
     """
     row = tl.program_id(0).to(tl.int64)  # int64: N * V passes 2**31 (16k tokens x 128256)
     target = tl.load(targets_ptr + row)
     valid = target != IGNORE_INDEX
-    x_ptr = logits_ptr + row * V
+    x_ptr = logits_ptr + row * ROW
     lse = tl.zeros((), tl.float32)
     loss = tl.zeros((), tl.float32)
     if valid:
@@ -108,8 +115,8 @@ def _cross_entropy_fwd_kernel(logits_ptr, targets_ptr, scale_ptr, loss_ptr, lse_
     tl.store(loss_ptr + row, loss)
     tl.store(lse_ptr + row, lse)
     if WRITE_GRAD:
-        _row_grad(x_ptr, dlogits_ptr + row * V, target, valid, lse, tl.load(scale_ptr + row),
-                  V, BLOCK_V)
+        _row_grad(x_ptr, dlogits_ptr + row * ROW, target, valid, lse, tl.load(scale_ptr + row),
+                  V, ROW, BLOCK_V)
 
 
 @triton.jit
@@ -119,7 +126,7 @@ def _cross_entropy_bwd_kernel(logits_ptr, targets_ptr, lse_ptr, scale_ptr, dlogi
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(targets_ptr + row)
     _row_grad(logits_ptr + row * V, dlogits_ptr + row * V, target, target != IGNORE_INDEX,
-              tl.load(lse_ptr + row), tl.load(scale_ptr + row), V, BLOCK_V)
+              tl.load(lse_ptr + row), tl.load(scale_ptr + row), V, V, BLOCK_V)
 
 
 # ------------------------------------------------------------------------------------ launchers
@@ -136,19 +143,21 @@ def _block_config(v: int) -> tuple[int, int]:
     return block_v, max(1, min(8, block_v // 512))
 
 
-def _ce_forward(logits, targets, ignore_index: int, scale=None):
-    """Forward kernel on logits [N, V], targets int32 [N]: (loss, lse) fp32 [N], and dlogits
-    [N, V] in logits' dtype when `scale` (fp32 [N], the gradient's per-row factor) is given."""
-    n, v = logits.shape
+def _ce_forward(logits, targets, ignore_index: int, scale=None, vocab=None):
+    """Forward kernel on logits [N, ROW] whose first `vocab` (default ROW) columns are the
+    logits, targets int32 [N]: (loss, lse) fp32 [N], and dlogits [N, ROW] in logits' dtype (0 in
+    the padding) when `scale` (fp32 [N], the gradient's per-row factor) is given."""
+    n, row = logits.shape
+    v = row if vocab is None else vocab
     block_v, num_warps = _block_config(v)
     write_grad = scale is not None
     rows = jax.ShapeDtypeStruct((n,), jnp.float32)
     # Without the gradient a one-element stand-in takes the unused dlogits pointer (never written).
-    dlogits = jax.ShapeDtypeStruct((n, v) if write_grad else (1,), logits.dtype)
+    dlogits = jax.ShapeDtypeStruct((n, row) if write_grad else (1,), logits.dtype)
     loss, lse, dlogits = triton_call(
         logits, targets, scale if write_grad else jnp.zeros((1,), jnp.float32),
         kernel=_cross_entropy_fwd_kernel, out_shape=(rows, rows, dlogits), grid=(n,),
-        num_warps=num_warps, V=v, IGNORE_INDEX=ignore_index, WRITE_GRAD=write_grad,
+        num_warps=num_warps, V=v, ROW=row, IGNORE_INDEX=ignore_index, WRITE_GRAD=write_grad,
         BLOCK_V=block_v)
     return loss, lse, dlogits if write_grad else None
 
@@ -261,11 +270,26 @@ def _chunked(step, carry, arrays, chunk: int):
     return carry, out
 
 
+def _padded_vocab(w):
+    """w [V, D] with zero rows appended up to a multiple of VOCAB_ALIGN, and V.
+
+    Logits rows of V = 50257 (odd) start at odd element offsets, which no GEMM or row kernel can
+    load in aligned 16-byte vectors: the dlogits @ w and dlogits^T @ h GEMMs would read their A
+    operand element by element. With the padded w, the logits and dlogits rows are VOCAB_ALIGN
+    aligned; the padding columns are logits 0 that the CE kernel leaves out of the softmax, and
+    their dlogits are 0, so dh is exact and dw's extra rows are dropped.
+    """
+    v = w.shape[0]
+    return jnp.pad(w, ((0, -v % VOCAB_ALIGN), (0, 0))), v
+
+
 def _linear_ce_loss_sum(h, w, targets, ignore_index, chunk, precision):
     """Sum of the row losses of logits = h @ w^T, chunk by chunk (no gradient work)."""
+    w, v = _padded_vocab(w)
+
     def step(total, h_c, t_c):
         logits = linear(h_c, w, transpose_w=True, precision=precision)
-        loss_rows, _, _ = _ce_forward(logits, t_c, ignore_index)
+        loss_rows, _, _ = _ce_forward(logits, t_c, ignore_index, vocab=v)
         return total + jnp.sum(loss_rows), None
 
     total, _ = _chunked(step, jnp.zeros((), jnp.float32), (h, targets), chunk)
@@ -274,17 +298,19 @@ def _linear_ce_loss_sum(h, w, targets, ignore_index, chunk, precision):
 
 def _linear_ce_with_grads(h, w, targets, scale, ignore_index, chunk, precision):
     """(sum of row losses, dh in h's dtype, dw fp32) for per-row gradient factors `scale`."""
+    w, v = _padded_vocab(w)
+
     def step(carry, h_c, t_c, s_c):
         total, dw = carry
         logits = linear(h_c, w, transpose_w=True, precision=precision)
-        loss_rows, _, dlogits = _ce_forward(logits, t_c, ignore_index, s_c)
+        loss_rows, _, dlogits = _ce_forward(logits, t_c, ignore_index, s_c, vocab=v)
         dh = matmul(dlogits, w, precision=precision)
         dw = dw + matmul(dlogits, h_c, transpose_a=True, out_dtype=jnp.float32, precision=precision)
         return (total + jnp.sum(loss_rows), dw), dh
 
     init = (jnp.zeros((), jnp.float32), jnp.zeros(w.shape, jnp.float32))
     (total, dw), dh = _chunked(step, init, (h, targets, scale), chunk)
-    return total, dh, dw
+    return total, dh, dw[:v]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
