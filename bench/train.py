@@ -13,6 +13,9 @@ Throughput: tokens/s = B*T / step time. MFU counts 6 N FLOPs per token (N = all 
 embeddings included; attention's own FLOPs left out, as in the usual 6N rule) against the H100
 SXM's 989 dense bf16 TFLOP/s. Peak memory: XLA's buffer assignment of the compiled step
 (arguments + outputs + temporaries - donated aliases); for torch, max_memory_allocated.
+
+The attention kernel alone (fwd and fwd+bwd against cuDNN and Pallas) is bench/attention.py;
+where the step's time goes, op by op, is `python bench/kernels.py --only train`.
 """
 import argparse
 import os
