@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jtgpt.models.gpt2 import next_token_targets
+
 
 class TrainState(NamedTuple):
     params: nnx.State      # the model's nnx.Param leaves, in their param dtype
@@ -103,10 +105,9 @@ def global_norm(tree) -> jax.Array:
 
 
 def _labelled_tokens(micro: dict, ignore_index: int) -> jax.Array:
-    """Tokens that count in the loss: every position but the last of each row (it has no next
-    token), minus labels equal to ignore_index (GPT.loss shifts the labels the same way)."""
-    labels = micro.get("labels", micro["input_ids"])
-    return jnp.sum(labels[:, 1:] != ignore_index, dtype=jnp.int32)
+    """Tokens that count in GPT.loss: its targets that are not ignore_index."""
+    targets = next_token_targets(jnp.asarray(micro.get("labels", micro["input_ids"])), ignore_index)
+    return jnp.sum(targets != ignore_index, dtype=jnp.int32)
 
 
 def _split(name: str, value, accum_steps: int):

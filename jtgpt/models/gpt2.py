@@ -242,10 +242,7 @@ class GPT(nnx.Module):
         if labels.shape != h.shape[:2] or not jnp.issubdtype(labels.dtype, jnp.integer):
             raise ValueError(f"labels must be an integer array of input_ids' shape {h.shape[:2]}, "
                              f"got {labels.dtype}{list(labels.shape)}")
-        # Shift the labels, not the hidden states: the last position has no next token and is
-        # ignored, which spares a copy of h[:, :-1].
-        targets = jnp.concatenate(
-            [labels[:, 1:], jnp.full((labels.shape[0], 1), ignore_index, labels.dtype)], axis=1)
+        targets = next_token_targets(labels, ignore_index)
         return linear_cross_entropy(h, self.compute.cast(self.wte.weight), targets.astype(jnp.int32),
                                     ignore_index=ignore_index, reduction=reduction,
                                     precision=self.compute.precision)
@@ -295,6 +292,14 @@ class GPT(nnx.Module):
         """Write config.json and the weights in Hugging Face's GPT-2 layout."""
         checkpoint.save_state_dict(self.state_dict(), path, self.config.to_hf(), format=format,
                                    max_shard_size=max_shard_size)
+
+
+def next_token_targets(labels, ignore_index: int = -100):
+    """[B, T]: what the logits at each position are scored against, labels[:, t + 1], and
+    ignore_index at the last position (it has no next token). Shifting the labels rather than
+    the hidden states spares a copy of h[:, :-1]."""
+    return jnp.concatenate(
+        [labels[:, 1:], jnp.full((labels.shape[0], 1), ignore_index, labels.dtype)], axis=1)
 
 
 def _params(model: nnx.Module):
