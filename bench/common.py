@@ -5,17 +5,27 @@ import time
 import jax
 import numpy as np
 
+H100_BF16_DENSE_TFLOPS = 989.0  # datasheet, SXM; MFU is against this
+
+
+def stage(message):
+    """Print a timestamped progress line at once (a run cut short still shows how far it got)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def peak_bytes(compiled) -> int:
+    """XLA's buffer assignment for one call of a compiled program: arguments + outputs +
+    temporaries - aliased (donated) buffers; the same measure for every JAX competitor."""
+    m = compiled.memory_analysis()
+    return 0 if m is None else (m.argument_size_in_bytes + m.output_size_in_bytes
+                                + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
 
 def compile_and_time(fn, *args, calls: int, repeats: int) -> tuple[float, int, object]:
-    """(median seconds per call, peak bytes, output) of fn(*args), compiled once for both.
-
-    Peak bytes: XLA's buffer assignment for the call (arguments + outputs + temporaries -
-    aliased), the same measure for every JAX competitor.
-    """
+    """(median seconds per call, peak bytes (see peak_bytes), output) of fn(*args), compiled
+    once for both."""
     compiled = jax.jit(fn).lower(*args).compile()
-    m = compiled.memory_analysis()
-    peak = 0 if m is None else (m.argument_size_in_bytes + m.output_size_in_bytes
-                                + m.temp_size_in_bytes - m.alias_size_in_bytes)
+    peak = peak_bytes(compiled)
     out = jax.block_until_ready(compiled(*args))
     times = []
     for _ in range(repeats):

@@ -17,7 +17,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,10 +24,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # run from a checkout too
 import jtgpt  # noqa: E402
-from common import compile_and_time, relative_error, time_torch  # noqa: E402
+from common import (H100_BF16_DENSE_TFLOPS, compile_and_time, relative_error, stage,  # noqa: E402
+                    time_torch)
 from jtgpt.models.gpt2 import GPTConfig  # noqa: E402
 
-H100_BF16_DENSE_TFLOPS = 989.0  # datasheet, SXM; MFU is against this
 # Each jtgpt mode: (label, compute dtype, param dtype, fp32 dot precision, HF baseline it is
 # compared with, tolerance of its relative error against HF Flax fp32).
 MODES = {
@@ -80,7 +79,7 @@ def main():
     _randomize_norms(init)
     init.save_pretrained(weights)
     del init
-    _stage("weights written")
+    stage("weights written")
 
     hf32 = FlaxGPT2Model.from_pretrained(weights, dtype=jnp.float32)
     with jax.default_matmul_precision("highest"):
@@ -95,7 +94,7 @@ def main():
     logits_err = relative_error(jax.jit(lambda m, ids: m(ids))(ours, ids[:2, :64]), ref_logits)
     assert logits_err < 1e-4, f"jtgpt logits disagree with Hugging Face: relative error {logits_err:.2e}"
     del hf_lm, ours
-    _stage(f"jtgpt fp32 logits vs FlaxGPT2LMHeadModel: relative error {logits_err:.2e}")
+    stage(f"jtgpt fp32 logits vs FlaxGPT2LMHeadModel: relative error {logits_err:.2e}")
 
     ceiling = gemm_ceiling(args.calls, args.repeats) if on_gpu else float("nan")
     header = (f"GPT-2 {config.num_params / 1e6:.1f}M forward, no LM head, B={B} T={T}, "
@@ -107,7 +106,7 @@ def main():
         """Add a row; print it and rewrite the table, so a run cut short keeps what it measured."""
         rows.append(dict(name=name, ms=seconds * 1e3, tflops=total_flops / seconds / 1e12,
                          peak_gb=peak / 1e9, err=err, baseline=baseline))
-        _stage(f"{name}: {seconds * 1e3:.2f} ms, peak {peak / 1e9:.2f} GB, rel err vs HF fp32 {err:.2e}")
+        stage(f"{name}: {seconds * 1e3:.2f} ms, peak {peak / 1e9:.2f} GB, rel err vs HF fp32 {err:.2e}")
         if args.markdown:
             with open(args.markdown, "w") as f:
                 f.write(_table(header, rows, ceiling) + "\n")
@@ -142,10 +141,6 @@ def main():
         for name, seconds, peak, err in _torch_rows(weights, np.asarray(ids), reference, check, args):
             record(name, seconds, peak, err, "HF Flax bf16")
     print("\n" + _table(header, rows, ceiling))
-
-
-def _stage(message):
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def _table(header, rows, ceiling) -> str:

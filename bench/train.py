@@ -31,11 +31,10 @@ import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # run from a checkout too
 import jtgpt  # noqa: E402
-from common import time_torch  # noqa: E402
+from common import H100_BF16_DENSE_TFLOPS, peak_bytes, stage, time_torch  # noqa: E402
 from jtgpt import train  # noqa: E402
 from jtgpt.models.gpt2 import GPTConfig  # noqa: E402
 
-H100_BF16_DENSE_TFLOPS = 989.0
 LEARNING_RATE = 1e-4
 
 
@@ -62,7 +61,7 @@ def main():
         hf32 = FlaxGPT2LMHeadModel.from_pretrained(weights, dtype=jnp.float32)
         reference = float(jax.jit(lambda p, ids: _hf_loss(hf32, p, ids, None))(hf32.params, ids))
     del hf32
-    _stage(f"HF Flax fp32 eval loss {reference:.5f}")
+    stage(f"HF Flax fp32 eval loss {reference:.5f}")
 
     header = (f"GPT-2 {n_params / 1e6:.1f}M train step (fwd + bwd + AdamW), B={B} T={T}, fp32 "
               f"params, bf16 compute, dropout 0.1; device: {jax.devices()[0].device_kind}")
@@ -71,7 +70,7 @@ def main():
     def record(name, seconds, peak, first, last, loss_err):
         rows.append(dict(name=name, ms=seconds * 1e3, tokens=B * T / seconds, peak_gb=peak / 1e9,
                          err=loss_err, first=first, last=last))
-        _stage(f"{name}: {seconds * 1e3:.2f} ms/step, {B * T / seconds / 1e3:.1f}k tokens/s, peak "
+        stage(f"{name}: {seconds * 1e3:.2f} ms/step, {B * T / seconds / 1e3:.1f}k tokens/s, peak "
                f"{peak / 1e9:.2f} GB, eval-loss rel err {loss_err:.1e}, loss {first:.4f} -> {last:.4f}")
         if args.markdown:
             with open(args.markdown, "w") as f:
@@ -117,9 +116,7 @@ def _time_steps(step, state, batch, args):
     """(median seconds per step, peak bytes, first loss, last loss) of chained steps."""
     key = jax.random.key(1)
     compiled = step.lower(state, batch, key).compile()
-    m = compiled.memory_analysis()
-    peak = 0 if m is None else (m.argument_size_in_bytes + m.output_size_in_bytes
-                                + m.temp_size_in_bytes - m.alias_size_in_bytes)
+    peak = peak_bytes(compiled)
     state, metrics = compiled(state, batch, key)  # warm-up
     first = float(metrics["loss"])
     times = []
@@ -184,10 +181,6 @@ def _table(header, rows, n_params) -> str:
         lines.append(f"| {r['name']} | {r['ms']:.2f} | {r['tokens'] / 1e3:.1f}k | {100 * mfu:.1f}% | "
                      f"{r['peak_gb']:.2f} | {speedup} | {r['err']:.1e} | {r['first']:.4f} -> {r['last']:.4f} |")
     return "\n".join(lines)
-
-
-def _stage(message):
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 if __name__ == "__main__":

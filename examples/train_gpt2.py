@@ -10,6 +10,7 @@ download), 90% of it trains and 10% is held out. Every step draws `--batch` rand
 (the first print includes compilation); the held-out loss (no dropout) is printed at the end.
 """
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -24,7 +25,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # run from a 
 import jtgpt  # noqa: E402
 from jtgpt import train  # noqa: E402
 
-TINY = dict(n_positions=256, n_embd=64, n_layer=2, n_head=2)  # for a CPU (interpreter) run
+# The model shapes --config takes: GPT-2's sizes, and a tiny one for a CPU (interpreter) run.
+CONFIGS = {**jtgpt.PRESETS, "tiny": dataclasses.replace(jtgpt.PRESETS["gpt2"], n_positions=256,
+                                                       n_embd=64, n_layer=2, n_head=2)}
 
 
 def tokenize(text: str, tokenizer: str) -> tuple[np.ndarray, int]:
@@ -43,9 +46,7 @@ def make_model(args, vocab_size: int, dtype, param_dtype) -> jtgpt.GPT:
             raise SystemExit(f"--init {args.init} has {model.config.vocab_size} tokens, fewer than "
                              f"the tokenizer's {vocab_size}: use its tokenizer (--tokenizer gpt2)")
         return model
-    shape = TINY if args.config == "tiny" else {}
-    preset = jtgpt.PRESETS["gpt2" if args.config == "tiny" else args.config]
-    config = jtgpt.GPTConfig(**{**preset.__dict__, **shape, "vocab_size": vocab_size})
+    config = dataclasses.replace(CONFIGS[args.config], vocab_size=vocab_size)
     return jtgpt.GPT(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(args.seed))
 
 
@@ -59,7 +60,7 @@ def main(argv=None):
     p.add_argument("--text", required=True, help="a UTF-8 text file")
     p.add_argument("--tokenizer", default="bytes", help="'bytes', or a HF tokenizer name ('gpt2')")
     p.add_argument("--init", help="start from this HF checkpoint (name or directory)")
-    p.add_argument("--config", default="gpt2", choices=[*jtgpt.PRESETS, "tiny"],
+    p.add_argument("--config", default="gpt2", choices=list(CONFIGS),
                    help="model shape when training from scratch")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch", type=int, default=16)

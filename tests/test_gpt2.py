@@ -36,6 +36,12 @@ def _ids(hf, key, batch):
     return jax.random.randint(key, batch, 0, hf.config.vocab_size, jnp.int32)
 
 
+def _left_padding(B, T):
+    """[B, T] int32 attention mask: row 0 unpadded, up to a third of the last row padding."""
+    pads = jnp.arange(B) * (T // 3) // max(B - 1, 1)
+    return (jnp.arange(T)[None, :] >= pads[:, None]).astype(jnp.int32)
+
+
 def _hf_logits(hf, ids, attention_mask=None, position_ids=None):
     with jax.default_matmul_precision("highest"):
         return hf(ids, attention_mask=attention_mask, position_ids=position_ids).logits
@@ -58,9 +64,7 @@ def test_left_padded_batch_matches_hf_flax(hf_checkpoint, key, batch, explicit_p
     path, hf = hf_checkpoint
     model = jtgpt.GPT.from_pretrained(path)
     ids = _ids(hf, key, batch)
-    B, T = batch
-    pads = jnp.arange(B) * (T // 3) // max(B - 1, 1)  # row 0 unpadded, the last a third padding
-    mask = (jnp.arange(T)[None, :] >= pads[:, None]).astype(jnp.int32)
+    mask = _left_padding(*batch)
     positions = jnp.maximum(jnp.cumsum(mask, -1) - 1, 0) if explicit_positions else None
     logits = jax.jit(lambda m, ids, mask, pos: m(ids, mask, pos))(model, ids, mask, positions)
     expected = _hf_logits(hf, ids, mask, positions)
@@ -151,8 +155,7 @@ def test_gradients_match_hf_flax_fp32(hf_checkpoint, key, batch):
     path, hf = hf_checkpoint
     model = jtgpt.GPT.from_pretrained(path)
     ids = _ids(hf, key, batch)
-    B, T = batch
-    mask = (jnp.arange(T)[None, :] >= (jnp.arange(B) * (T // 3) // max(B - 1, 1))[:, None]).astype(jnp.int32)
+    mask = _left_padding(*batch)
     labels = _labels(ids, mask)
     loss, grads = _loss_and_grads(model, ids, labels, mask)
     with jax.default_matmul_precision("highest"):
