@@ -57,3 +57,37 @@ def time_torch(fn, *, calls: int, repeats: int) -> tuple[float, int, object]:
         torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) / calls)
     return statistics.median(times), torch.cuda.max_memory_allocated(), out
+
+
+def gpu_kernel_table(run, steps: int, top: int = 30) -> str:
+    """A markdown table of where the GPU's time goes in `run()` (called `steps` times under the
+    profiler): each kernel name with its launch grid, its ms per step and share of kernel time,
+    largest first. Kernel durations come from the trace's GPU stream lines."""
+    import collections
+    import glob
+    import re
+    import tempfile
+    trace_dir = tempfile.mkdtemp(prefix="jtgpt-trace-")
+    with jax.profiler.trace(trace_dir):
+        for _ in range(steps):
+            out = run()
+        jax.block_until_ready(out)
+    path = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0]
+    totals, counts = collections.Counter(), collections.Counter()
+    for plane in jax.profiler.ProfileData.from_file(path).planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if not line.name.startswith("Stream"):
+                continue
+            for event in line.events:
+                grid = re.search(r"grid:(\S+)", str(dict(event.stats).get("kernel_details", "")))
+                key = f"{event.name[:60]} {grid.group(1) if grid else ''}".strip()
+                totals[key] += event.duration_ns
+                counts[key] += 1
+    all_ns = sum(totals.values())
+    lines = [f"GPU kernel time {all_ns / steps / 1e6:.2f} ms/step over {steps} steps",
+             "| kernel (grid) | calls/step | ms/step | share |", "|---|---:|---:|---:|"]
+    for key, ns in totals.most_common(top):
+        lines.append(f"| {key} | {counts[key] / steps:g} | {ns / steps / 1e6:.3f} | {100 * ns / all_ns:.1f}% |")
+    return "\n".join(lines)

@@ -15,7 +15,8 @@ SXM's 989 dense bf16 TFLOP/s. Peak memory: XLA's buffer assignment of the compil
 (arguments + outputs + temporaries - donated aliases); for torch, max_memory_allocated.
 
 The attention kernel alone (fwd and fwd+bwd against cuDNN and Pallas) is bench/attention.py;
-where the step's time goes, op by op, is `python bench/kernels.py --only train`.
+where the step's time goes: `--profile` (kernel by kernel, from a trace) and `python bench/kernels.py
+--only train` (each op alone).
 """
 import argparse
 import os
@@ -31,7 +32,7 @@ import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # run from a checkout too
 import jtgpt  # noqa: E402
-from common import H100_BF16_DENSE_TFLOPS, peak_bytes, stage, time_torch  # noqa: E402
+from common import H100_BF16_DENSE_TFLOPS, gpu_kernel_table, peak_bytes, stage, time_torch  # noqa: E402
 from jtgpt import train  # noqa: E402
 from jtgpt.models.gpt2 import GPTConfig  # noqa: E402
 
@@ -47,6 +48,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3 if on_gpu else 1)
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch competitors")
     p.add_argument("--markdown", help="also write the table to this file")
+    p.add_argument("--profile", action="store_true", help="also print jtgpt's step kernel by kernel")
     args = p.parse_args()
     from transformers import FlaxGPT2LMHeadModel
 
@@ -97,6 +99,15 @@ def main():
     state, step = train.init(model, optimizer)
     record("jtgpt (bf16 compute)", *_time_steps(step, state, {"input_ids": ids}, args),
            abs(jt_eval - reference) / abs(reference))
+    if args.profile:
+        state, _ = train.init(model, optimizer)  # _time_steps donated the first state
+        box = [state]
+
+        def one_step():
+            box[0], metrics = step(box[0], {"input_ids": ids}, jax.random.key(2))
+            return metrics
+        one_step()
+        print(gpu_kernel_table(one_step, steps=3), flush=True)
     del model, state
 
     if not args.no_torch:
