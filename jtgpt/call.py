@@ -15,7 +15,9 @@ it (Triton ships ptxas: no GPU needed), so CI on a CPU machine catches what only
 rejects, and shows each kernel's registers, spills and shared memory.
 
 Calling convention (jax-triton's): the kernel takes the array and scalar `args` in order, then
-one pointer per output, then the `constexprs` as keyword arguments. Shapes and strides should go
+one pointer per output, then the `constexprs` as keyword arguments. An output aliased to an input
+(`input_output_aliases`) is that input's buffer: the kernel's pointers to both are one address,
+and whatever the kernel does not write keeps the input's values. Shapes and strides should go
 in as constexprs: jax-triton 0.3 does not specialise integer scalars, and a GEMM with runtime
 sizes ran 3.3x slower (DESIGN.md section 4). Values that change between calls of one compiled
 program (a decode position) go in as arrays instead.
@@ -43,34 +45,47 @@ def on_gpu() -> bool:
 
 
 def triton_call(*args: Any, kernel, out_shape: ShapeDtype | Sequence[ShapeDtype], grid: tuple[int, ...],
-                num_warps: int = 4, num_stages: int = 2, **constexprs: Any):
+                num_warps: int = 4, num_stages: int = 2,
+                input_output_aliases: dict[int, int] | None = None, **constexprs: Any):
     """Launch `kernel` over `grid` on `args`; returns one array per entry of `out_shape`.
 
     `out_shape` may be a single `jax.ShapeDtypeStruct` (one array back) or a sequence (a tuple
     back). `args` are JAX arrays or Python scalars (runtime kernel arguments).
+    `input_output_aliases` {index into args: index into the outputs}: that output is written in
+    place into that input's buffer (same shape and dtype), so a kernel can fill part of an array
+    another kernel made without a copy (XLA copies the input first only if it is still needed).
     """
     single = not isinstance(out_shape, (list, tuple))
     out_shapes = (out_shape,) if single else tuple(out_shape)
     grid = tuple(int(g) for g in grid)
+    aliases = dict(input_output_aliases or {})
+    for i, o in aliases.items():
+        if (tuple(args[i].shape), args[i].dtype) != (tuple(out_shapes[o].shape), out_shapes[o].dtype):
+            raise ValueError(f"input_output_aliases: argument {i} {args[i].shape} {args[i].dtype} "
+                             f"cannot be output {o} {out_shapes[o].shape} {out_shapes[o].dtype}")
     if _compile_log is not None:
         outs = _compile_call(args, kernel, out_shapes, num_warps, num_stages, constexprs)
     elif on_gpu():
-        outs = _gpu_call(args, kernel, out_shapes, grid, num_warps, num_stages, constexprs)
+        outs = _gpu_call(args, kernel, out_shapes, grid, num_warps, num_stages, aliases, constexprs)
     else:
-        outs = _cpu_call(args, kernel, out_shapes, grid, num_warps, num_stages, constexprs)
+        outs = _cpu_call(args, kernel, out_shapes, grid, num_warps, num_stages, aliases, constexprs)
     return outs[0] if single else tuple(outs)
 
 
 # ----------------------------------------------------------------------------------------- GPU
 
-def _gpu_call(args, kernel, out_shapes, grid, num_warps, num_stages, constexprs):
+def _gpu_call(args, kernel, out_shapes, grid, num_warps, num_stages, aliases, constexprs):
     jax_triton = _jax_triton()
+    # jax-triton numbers the aliased inputs among the array arguments only.
+    array_index = {i: sum(hasattr(a, "shape") for a in args[:i]) for i in aliases}
     # jax-triton 0.4 renamed `out_shape` to `out_type`; 0.3.1 is the one that works with the
     # triton 3.6 of the GPU image (DESIGN.md section 4), so both are supported.
     params = inspect.signature(jax_triton.triton_call).parameters
     out_kw = "out_type" if "out_type" in params else "out_shape"
     outs = jax_triton.triton_call(*args, kernel=kernel, grid=grid, num_warps=num_warps,
-                                  num_stages=num_stages, **{out_kw: list(out_shapes)}, **constexprs)
+                                  num_stages=num_stages, **{out_kw: list(out_shapes)},
+                                  input_output_aliases={array_index[i]: o for i, o in aliases.items()},
+                                  **constexprs)
     return tuple(outs)
 
 
@@ -177,7 +192,7 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------------------- CPU
 
-def _cpu_call(args, kernel, out_shapes, grid, num_warps, num_stages, constexprs):
+def _cpu_call(args, kernel, out_shapes, grid, num_warps, num_stages, aliases, constexprs):
     is_array = [hasattr(a, "shape") and hasattr(a, "dtype") for a in args]
     arrays = [a for a, arr in zip(args, is_array) if arr]
 
@@ -186,6 +201,8 @@ def _cpu_call(args, kernel, out_shapes, grid, num_warps, num_stages, constexprs)
         it = iter(host_arrays)
         kernel_args = [_to_torch(np.asarray(next(it))) if arr else a for a, arr in zip(args, is_array)]
         outs = [_poisoned(torch, s) for s in out_shapes]
+        for i, o in aliases.items():
+            outs[o] = kernel_args[i]  # in place: the kernel gets the input's buffer twice
         _interpreted(kernel)[grid](*kernel_args, *outs, num_warps=num_warps, num_stages=num_stages,
                                    **constexprs)
         return tuple(_to_numpy(o, s.dtype) for o, s in zip(outs, out_shapes))

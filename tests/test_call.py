@@ -50,6 +50,35 @@ def test_single_out_shape_returns_an_array(key):
     np.testing.assert_array_equal(out, x)
 
 
+def test_aliased_output_keeps_what_the_kernel_does_not_write(key):
+    """An output aliased to an input is that input's buffer: the kernel (given a scalar before
+    it, so jax-triton's array numbering differs from args') writes every other element, the rest
+    keeps the input's values; the input array itself is unchanged outside jit and inside."""
+
+    @triton.jit
+    def scale_even_kernel(scale, x_ptr, out_ptr, N: tl.constexpr, BLOCK: tl.constexpr):
+        offs = 2 * tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < N)
+        tl.store(out_ptr + offs, x * scale, mask=offs < N)
+
+    def scale_even(x):
+        return triton_call(3.0, x, kernel=scale_even_kernel, input_output_aliases={1: 0},
+                           out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), grid=(1,),
+                           N=x.size, BLOCK=32)
+
+    x = jax.random.normal(key, (37,))
+    want = np.asarray(x).copy()
+    want[::2] *= 3.0
+    for f in (scale_even, jax.jit(scale_even), jax.jit(lambda x: (scale_even(x), x + 0))):
+        out = f(x)
+        out = out[0] if isinstance(out, tuple) else out
+        np.testing.assert_allclose(out, want, rtol=1e-6)
+    np.testing.assert_array_equal(jax.jit(lambda x: (scale_even(x), x))(x)[1], x)
+    with pytest.raises(ValueError, match="input_output_aliases: argument 1"):
+        triton_call(3.0, x, kernel=scale_even_kernel, input_output_aliases={1: 0},
+                    out_shape=jax.ShapeDtypeStruct((36,), x.dtype), grid=(1,), N=36, BLOCK=32)
+
+
 def test_kernels_differentiate_inside_custom_vjp(key):
     """A custom_vjp whose forward and backward are both Triton kernels, under jit and grad."""
 
