@@ -4,6 +4,7 @@
     python bench/attention.py --shape 512,12,300,64  # GPT-2 124M's attention at B=512, T=300
     python bench/attention.py --markdown out.md      # also write the table to a file
     python bench/attention.py --shape 1,2,40,32      # CPU: an interpreted smoke test
+    python bench/attention.py --sweep --dropout 0.1  # jtgpt alone: time other block configs
 
 Competitors, all on the same random inputs: jtgpt.kernels.attention.flash_attention (packed qkv in,
 packed dqkv out), cuDNN through jax.nn.dot_product_attention(implementation="cudnn") and
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from common import compile_and_time, relative_error  # noqa: E402
 from jtgpt import reference  # noqa: E402
+from jtgpt.kernels import attention  # noqa: E402
 from jtgpt.kernels.attention import flash_attention  # noqa: E402
 
 TOLERANCE = {"bfloat16": 2e-2, "float16": 4e-3, "float32": 1e-3}  # fp32: competitors may use tf32
@@ -80,6 +82,58 @@ def check(fn, layout, q, k, v, dout, causal, slices):
     return max(errors)
 
 
+# ------------------------------------------------------------------------------------ sweep
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) to try for 16-bit inputs, beside the chosen ones.
+# Forward and dQ need BLOCK_M % BLOCK_N == 0, dK/dV BLOCK_N % BLOCK_M == 0 (the causal diagonal).
+SWEEP = {
+    "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 64, 8, 4),
+            (128, 32, 8, 4), (64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 4), (64, 32, 4, 4),
+            (64, 32, 4, 3), (256, 64, 8, 2)],
+    "dkdv": [(32, 128, 8, 3), (32, 128, 8, 4), (64, 128, 8, 2), (64, 128, 8, 3), (64, 128, 8, 4),
+             (32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 8, 3), (16, 64, 4, 4)],
+    "dq": [(128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3),
+           (64, 32, 4, 3), (64, 32, 4, 4), (128, 128, 8, 2), (64, 64, 4, 4), (128, 32, 8, 4)],
+}
+
+
+def sweep(qkv, dout, H, D, causal, dropout_rate, calls, repeats, row, parts_to_sweep):
+    """Time jtgpt's forward under each SWEEP["fwd"] config, and its whole backward (dQ, then
+    dK/dV) under each dK/dV config with the chosen dQ one and vice versa; each output is
+    checked against the chosen configs' output first."""
+    seed = jnp.int32(7)
+    _, _, seed, cfg = attention._checked(qkv, H, None, None, causal, None, "ieee", dropout_rate,
+                                         seed)
+    out, lse = jax.jit(lambda qkv: attention._forward(qkv, None, seed, cfg))(qkv)
+    parts = {  # part -> (a fresh jit each call: it traces under the config patched in now, args)
+        "fwd": (lambda: jax.jit(lambda qkv: attention._forward(qkv, None, seed, cfg)[0]), (qkv,)),
+        "dkdv": (lambda: jax.jit(lambda *a: attention._backward(*a, cfg)),
+                 (qkv, None, seed, out, lse, dout))}
+    parts["dq"] = parts["dkdv"]
+    chosen = {"fwd": attention._block_config(D, qkv.dtype, "ieee")}
+    chosen["dkdv"], chosen["dq"] = attention._bwd_block_config(D, qkv.dtype, "ieee")
+    saved = attention._block_config, attention._bwd_block_config
+    for part in parts_to_sweep:
+        configs, (make, args) = SWEEP[part], parts[part]
+        want = make()(*args)
+        for config in [chosen[part]] + [c for c in configs if c != chosen[part]]:
+            if part == "fwd":
+                attention._block_config = lambda *_, c=config: c
+            else:
+                pair = (config, chosen["dq"]) if part == "dkdv" else (chosen["dkdv"], config)
+                attention._bwd_block_config = lambda *_, pair=pair: pair
+            try:
+                fn = make()
+                err = relative_error(fn(*args), want)
+                seconds, _, _ = compile_and_time(fn, *args, calls=calls, repeats=repeats)
+                row(f"{part} {config}{' (chosen)' if config == chosen[part] else ''}",
+                    f"{seconds * 1e3:.3f}", f"{err:.1e}")
+            except Exception as e:  # noqa: BLE001 - a config that does not fit shared memory
+                row(f"{part} {config}", "-", f"{type(e).__name__}: {str(e).splitlines()[0][:80]}")
+            finally:
+                attention._block_config, attention._bwd_block_config = saved
+
+
 # ------------------------------------------------------------------------------------- main
 
 def main():
@@ -91,6 +145,9 @@ def main():
     p.add_argument("--calls", type=int, help="back-to-back calls per timing (GPU 10, CPU 1)")
     p.add_argument("--repeats", type=int, help="timings to take the median of (GPU 5, CPU 1)")
     p.add_argument("--markdown", metavar="FILE", help="also write the table to FILE")
+    p.add_argument("--sweep", action="store_true", help="jtgpt only: time the SWEEP block configs")
+    p.add_argument("--dropout", type=float, default=0.0, help="attention dropout (--sweep only)")
+    p.add_argument("--parts", default="fwd,dkdv,dq", help="kernels to sweep (default %(default)s)")
     args = p.parse_args()
     B, H, T, D = (int(x) for x in args.shape.split(","))
     dtype, causal = jnp.dtype(args.dtype), not args.full
@@ -106,16 +163,27 @@ def main():
     fwd_flops = 4 * B * H * T * T * D / (2 if causal else 1)
 
     lines = [f"{jax.devices()[0].device_kind}, {dtype.name}, {'causal' if causal else 'full'}, "
-             f"(B, H, T, D) = ({B}, {H}, {T}, {D}), {calls} calls x {repeats} repeats", "",
-             "| kernel | pass | ms | TFLOP/s | check: max rel. error of out, dq, dk, dv |",
-             "|---|---|---:|---:|---|"]
+             f"(B, H, T, D) = ({B}, {H}, {T}, {D}), {calls} calls x {repeats} repeats", ""]
+    if args.sweep:
+        lines += [f"jtgpt's block configs, dropout {args.dropout}", "",
+                  "| kernel (BLOCK_M, BLOCK_N, warps, stages) | ms | rel. error vs the chosen |",
+                  "|---|---:|---|"]
+    else:
+        lines += ["| kernel | pass | ms | TFLOP/s | check: max rel. error of out, dq, dk, dv |",
+                  "|---|---|---:|---:|---|"]
     print("\n".join(lines), flush=True)
 
     def row(*cells):  # printed as soon as measured: a run cut short still shows what it got
         lines.append("| " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
 
-    for name, entry in competitors(H, D, causal).items():
+    if args.sweep:
+        sweep(inputs["qkv"][0][0], inputs["qkv"][1], H, D, causal, args.dropout, calls, repeats, row,
+              args.parts.split(","))
+        competitors_to_run = {}
+    else:
+        competitors_to_run = competitors(H, D, causal)
+    for name, entry in competitors_to_run.items():
         if isinstance(entry, Exception):
             row(name, "-", "-", "-", f"unavailable: {type(entry).__name__}: {entry}"[:120])
             continue
