@@ -164,9 +164,11 @@ def test_flash_attention_returns_out(key):
     ((2731, 1, 3 * 24 * 16), jnp.float32, {"num_heads": 24}, "batch \\* num_heads"),
 ])
 def test_invalid_arguments(shape, dtype, kwargs, match):
+    """Each is refused while tracing (eval_shape: nothing runs, nothing is allocated)."""
     kwargs = {"num_heads": 2, **kwargs}
     with pytest.raises(ValueError, match=match):
-        attention.flash_attention(jnp.zeros(shape, dtype), **kwargs)
+        jax.eval_shape(lambda qkv: attention.flash_attention(qkv, **kwargs),
+                       jax.ShapeDtypeStruct(shape, dtype))
 
 
 # ------------------------------------------------------------------------------------ gradient
@@ -207,7 +209,7 @@ GRAD_TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("B,T,H,D", shapes(
-    [(2, 37, 2, 64), (1, 40, 1, 32)],
+    [(2, 37, 2, 64), (1, 40, 1, 32), (1, 64, 2, 32)],  # T = 64: whole blocks, the unmasked loads
     [(2, 1000, 12, 64), (1, 1023, 4, 128), (1, 515, 2, 256)]))
 def test_gradient_matches_reference(key, blocks, dtype, causal, B, T, H, D):
     qkv = packed_qkv(key, B, T, H, H, D, dtype)
@@ -256,7 +258,7 @@ def test_gradient_has_no_xla_dot(key):
     assert "pure_callback" in jaxpr or "triton" in jaxpr  # the kernels are in it
 
 
-BWD_KERNELS = {"_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"}
+BWD_KERNELS = {"_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"}
 
 
 @pytest.mark.parametrize("dtype,precision,D", [
@@ -264,8 +266,9 @@ BWD_KERNELS = {"_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_
     (jnp.float32, "tf32", 64), (jnp.float32, "ieee", 128)], ids=str)
 def test_backward_builds_for_hopper(dtype, precision, D, monkeypatch, tmp_path):
     """The backward kernels of causal (GPT-2), padded + dropout, and non-causal attention build
-    for sm_90: registers and shared memory fit an H100 SM; bf16 does not spill, and no wgmma is
-    serialized (ptxas warning C7515, read from its log on a cold Triton cache)."""
+    for sm_90: registers and shared memory fit an H100 SM; bf16 dQ does not spill and dK/dV only
+    a little (its tiles won the GPU timing, bench/attention.py --sweep, spills and all), and no
+    wgmma is serialized (ptxas warning C7515, read from its log on a cold Triton cache)."""
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("TRITON_DUMP_PTXAS_LOG", "1")
     B, T, H = 4, 1024, 4
@@ -280,11 +283,11 @@ def test_backward_builds_for_hopper(dtype, precision, D, monkeypatch, tmp_path):
                 dropout_rate=rate, seed=jnp.int32(1) if rate else None).astype(jnp.float32).sum()
             jax.eval_shape(jax.grad(loss), qkv, m)
     backward = [k for k in built if k.name in BWD_KERNELS]
-    assert {k.name for k in backward} == BWD_KERNELS and len(backward) == 1 + 2 * len(variants)
+    assert {k.name for k in backward} == BWD_KERNELS and len(backward) == 2 * len(variants)
     for k in backward:
         assert 0 < k.registers <= 255 and k.shared_bytes <= 227 * 1024, k
         if dtype == jnp.bfloat16:
-            assert k.spill_bytes == 0, k
+            assert k.spill_bytes <= (256 if k.name == "_attn_bwd_dkdv_kernel" else 0), k
     assert "registers" in log.getvalue()  # ptxas -v wrote its log
     assert "C7515" not in log.getvalue()
 

@@ -51,4 +51,6 @@ def test_gpt2_gradient_builds_for_hopper(dtype, param_dtype):
     for k in built:
         assert 0 < k.registers <= 255 and k.shared_bytes <= 227 * 1024, k
         if dtype == jnp.bfloat16:
-            assert k.spill_bytes == 0, k
+            # dK/dV's tiles were chosen by GPU timing (bench/attention.py --sweep): with dropout
+            # they spill a few bytes and still beat every tiling that does not.
+            assert k.spill_bytes <= (64 if k.name == "_attn_bwd_dkdv_kernel" else 0), k

@@ -22,23 +22,26 @@ base 2: log2(e) is folded into the scale, so m_i is in log2 units and each expon
 Backward, with dO the cotangent of out (FlashAttention-2: p is recomputed from q, k and the saved
 lse, one exp2 per element, and never stored):
 
-    delta_i = dO_i . out_i  (= sum_j p_ij dp_ij)     _attn_bwd_delta_kernel, fp32 [B, Hq, T]
-    dp_ij   = keep_ij / (1 - rate) * dO_i . v_j
-    ds_ij   = p_ij (dp_ij - delta_i)
+    delta_i = dO_i . out_i  (= sum_j p_ij dp_ij)     fp32 [B, Hq, T]      } _attn_bwd_dq_kernel,
+    dp_ij   = keep_ij / (1 - rate) * dO_i . v_j                            } launched first
+    ds_ij   = p_ij (dp_ij - delta_i)                                       }
+    dq_i    = sm_scale * sum_j ds_ij k_j                                   }
     dv_j    = sum_i z_ij dO_i,   dk_j = sm_scale * sum_i ds_ij q_i     _attn_bwd_dkdv_kernel
-    dq_i    = sm_scale * sum_j ds_ij k_j                                _attn_bwd_dq_kernel
 
 dk and dv of kv head g sum over the Hq / Hkv query heads of its group: one dK/dV program owns a key
 block of one (batch, kv head) and loops over those heads and over the query blocks that see its
 keys, so every element is written once by one program (deterministic, no atomics). One dQ program
-owns a query block of one (batch, query head), as in the forward. Causal: both visit only the
-blocks on or below the diagonal, and only blocks on it pay for the elementwise mask.
+owns a query block of one (batch, query head), as in the forward, and computes its rows' delta
+on the way (it loads their dO anyway) for the dK/dV kernel. Causal: both visit only the blocks on
+or below the diagonal, and only blocks on it pay for the elementwise mask. The price of no
+atomics: q k^T and dO v^T are computed twice, once per kernel (7 block products, not 5).
 
 Layout: qkv is the [B, T, (Hq + 2 Hkv) D] output of the c_attn GEMM, each row [q heads | k heads |
 v heads] with each head D contiguous values. The kernels read every head's [T, D] slice in place
 through strides; out is [B, T, Hq D], the input of the output-projection GEMM, and the gradient
-dqkv comes back packed exactly like qkv, for the c_attn GEMM's backward. (triton_call cannot alias
-one output buffer between the dQ and dK/dV launches, so dqkv is concat(dq, dkv): one copy.)
+dqkv comes back packed exactly like qkv, for the c_attn GEMM's backward: the dQ kernel writes its
+q heads, and the dK/dV kernel writes the k and v heads into the same buffer (its output aliases
+that input), so no concatenation copies it.
 
 lse [B, Hq, T] (natural log, fp32) is saved for the backward. A query row that sees no key at all
 (every key it may see is padding) gets out = 0, as in `jtgpt.reference.attention`, and
@@ -159,9 +162,10 @@ def _attn_fwd_block_loop(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, seed, bh, 
 @triton.jit
 def _query_program(HQ: tl.constexpr, HKV: tl.constexpr, CAUSAL: tl.constexpr):
     """(query block, batch * HQ + head, batch, query head, kv head) of a program on the grid
-    (query blocks, B * HQ) of the forward and dQ kernels. Causal work grows with the query block:
-    the longest blocks go first, so the short ones fill the end of the schedule instead of
-    leaving a tail of long ones."""
+    (query blocks, B * HQ) of the forward and dQ kernels. The GPU starts programs in grid order,
+    axis 0 fastest, so the programs running at once share a few heads' K and V in L2 (a grid
+    ordered heads-first, tried, ran the forward at T = 4096, D = 128 1.9x slower). Causal work
+    grows with the query block: within a head the longest blocks go first."""
     if CAUSAL:
         start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     else:
@@ -248,23 +252,6 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, seed_ptr, out_ptr, lse_ptr,
 
 
 @triton.jit
-def _attn_bwd_delta_kernel(out_ptr, do_ptr, delta_ptr, T: tl.constexpr, HQ: tl.constexpr,
-                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta [B, HQ, T] fp32 = rowsum(dO * out) of BLOCK_M rows of one (batch, query head); out
-    and dO are [B, T, HQ HEAD_DIM]. Grid (cdiv(T, BLOCK_M), B * HQ)."""
-    OUT_ROW: tl.constexpr = HQ * HEAD_DIM
-    pid_bh = tl.program_id(1)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    offsets = ((pid_bh // HQ).to(tl.int64) * (T * OUT_ROW) + (pid_bh % HQ) * HEAD_DIM
-               + offs_m[:, None] * OUT_ROW + offs_d[None, :])
-    row_ok = offs_m < T
-    out = tl.load(out_ptr + offsets, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(do_ptr + offsets, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    tl.store(delta_ptr + pid_bh * T + offs_m, tl.sum(out * do, 1), mask=row_ok)
-
-
-@triton.jit
 def _attn_bwd_dkdv_loop(dk, dv, k, v, qt_ptrs, do_ptrs, lse_ptrs, delta_ptrs, seed, bh, start_n,
                         lo, hi, T: tl.constexpr, ROW: tl.constexpr, OUT_ROW: tl.constexpr,
                         QK_SCALE: tl.constexpr, DIAGONAL: tl.constexpr, DROPOUT_P: tl.constexpr,
@@ -279,11 +266,17 @@ def _attn_bwd_dkdv_loop(dk, dv, k, v, qt_ptrs, do_ptrs, lse_ptrs, delta_ptrs, se
     offs_n = start_n + tl.arange(0, BLOCK_N)
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
-        row_ok = rows < T
-        qt = tl.load(qt_ptrs + start_m * ROW, mask=row_ok[None, :], other=0.0)  # [HEAD_DIM, M]
-        do = tl.load(do_ptrs + start_m * OUT_ROW, mask=row_ok[:, None], other=0.0)
-        lse2 = tl.load(lse_ptrs + rows, mask=row_ok, other=float("inf")) * LOG2E
-        delta = tl.load(delta_ptrs + rows, mask=row_ok, other=0.0)
+        if T % BLOCK_M == 0:  # no partial block: no predicates, no selects
+            qt = tl.load(qt_ptrs + start_m * ROW)  # [HEAD_DIM, M]
+            do = tl.load(do_ptrs + start_m * OUT_ROW)
+            lse2 = tl.load(lse_ptrs + rows) * LOG2E
+            delta = tl.load(delta_ptrs + rows)
+        else:
+            row_ok = rows < T
+            qt = tl.load(qt_ptrs + start_m * ROW, mask=row_ok[None, :], other=0.0)
+            do = tl.load(do_ptrs + start_m * OUT_ROW, mask=row_ok[:, None], other=0.0)
+            lse2 = tl.load(lse_ptrs + rows, mask=row_ok, other=float("inf")) * LOG2E
+            delta = tl.load(delta_ptrs + rows, mask=row_ok, other=0.0)
 
         pt = tl.math.exp2(tl.dot(k, qt, input_precision=PRECISION) * QK_SCALE - lse2[None, :])
         if DIAGONAL:
@@ -302,8 +295,8 @@ def _attn_bwd_dkdv_loop(dk, dv, k, v, qt_ptrs, do_ptrs, lse_ptrs, delta_ptrs, se
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, seed_ptr, dkv_ptr,
-                          T: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr,
+def _attn_bwd_dkdv_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, seed_ptr, dq_ptr,
+                          dqkv_ptr, T: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr,
                           HEAD_DIM: tl.constexpr, QK_SCALE: tl.constexpr, SM_SCALE: tl.constexpr,
                           CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT_P: tl.constexpr,
                           PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -311,13 +304,13 @@ def _attn_bwd_dkdv_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, seed_pt
     of its group. Grid (cdiv(T, BLOCK_N), B * HKV).
 
     qkv_ptr: [B, T, (HQ + 2 HKV) HEAD_DIM]; do_ptr: dO [B, T, HQ HEAD_DIM]; lse_ptr, delta_ptr:
-    fp32 [B, HQ, T]; mask_ptr, seed_ptr as in the forward; dkv_ptr: [B, T, 2 HKV HEAD_DIM] packed
-    [k heads | v heads]. Causal needs BLOCK_N % BLOCK_M == 0 (the diagonal is BLOCK_N // BLOCK_M
+    fp32 [B, HQ, T]; mask_ptr, seed_ptr as in the forward; dq_ptr and dqkv_ptr: one buffer packed
+    like qkv (the output aliases the input), whose q heads the dQ kernel has written; this kernel
+    writes its k and v heads. Causal needs BLOCK_N % BLOCK_M == 0 (the diagonal is BLOCK_N // BLOCK_M
     query blocks). Heaviest first needs nothing: key block 0 sees the most queries.
     """
     ROW: tl.constexpr = (HQ + 2 * HKV) * HEAD_DIM
     OUT_ROW: tl.constexpr = HQ * HEAD_DIM
-    DKV_ROW: tl.constexpr = 2 * HKV * HEAD_DIM
     GROUP: tl.constexpr = HQ // HKV
     start_n = tl.program_id(0) * BLOCK_N
     b = tl.program_id(1) // HKV
@@ -364,10 +357,10 @@ def _attn_bwd_dkdv_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, seed_pt
         key_ok = tl.load(mask_ptr + b * T + offs_n, mask=in_seq, other=0) != 0
         dk = tl.where(key_ok[:, None], dk, 0.0)
         dv = tl.where(key_ok[:, None], dv, 0.0)
-    dkv_ptrs = (dkv_ptr + b.to(tl.int64) * (T * DKV_ROW) + g * HEAD_DIM
-                + offs_n[:, None] * DKV_ROW + offs_d[None, :])
-    tl.store(dkv_ptrs, (dk * SM_SCALE).to(dkv_ptr.dtype.element_ty), mask=in_seq[:, None])
-    tl.store(dkv_ptrs + HKV * HEAD_DIM, dv.to(dkv_ptr.dtype.element_ty), mask=in_seq[:, None])
+    dk_ptrs = (dqkv_ptr + b.to(tl.int64) * (T * ROW) + (HQ + g) * HEAD_DIM
+               + offs_n[:, None] * ROW + offs_d[None, :])
+    tl.store(dk_ptrs, (dk * SM_SCALE).to(dqkv_ptr.dtype.element_ty), mask=in_seq[:, None])
+    tl.store(dk_ptrs + HKV * HEAD_DIM, dv.to(dqkv_ptr.dtype.element_ty), mask=in_seq[:, None])
 
 
 @triton.jit
@@ -405,14 +398,16 @@ def _attn_bwd_dq_loop(dq, q, do, lse2, delta, k_ptrs, v_ptrs, mask_ptrs, seed, b
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, seed_ptr, dq_ptr,
-                        T: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr,
+def _attn_bwd_dq_kernel(qkv_ptr, out_ptr, do_ptr, lse_ptr, mask_ptr, seed_ptr, dqkv_ptr,
+                        delta_ptr, T: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr,
                         HEAD_DIM: tl.constexpr, QK_SCALE: tl.constexpr, SM_SCALE: tl.constexpr,
                         CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT_P: tl.constexpr,
                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program: dQ of BLOCK_M query rows of one (batch, query head), over the key blocks they
-    see, as the forward. Grid (cdiv(T, BLOCK_M), B * HQ). Arguments as _attn_bwd_dkdv_kernel's;
-    dq_ptr: [B, T, HQ HEAD_DIM]. Causal needs BLOCK_M % BLOCK_N == 0."""
+    """One program: delta and dQ of BLOCK_M query rows of one (batch, query head), over the key
+    blocks they see, as the forward. Grid (cdiv(T, BLOCK_M), B * HQ). Arguments as
+    _attn_bwd_dkdv_kernel's, plus out_ptr: out [B, T, HQ HEAD_DIM]; it writes the q heads of
+    dqkv_ptr (packed like qkv; the dK/dV kernel fills the rest) and delta_ptr, fp32 [B, HQ, T],
+    for the dK/dV kernel. Causal needs BLOCK_M % BLOCK_N == 0."""
     ROW: tl.constexpr = (HQ + 2 * HKV) * HEAD_DIM
     OUT_ROW: tl.constexpr = HQ * HEAD_DIM
     start_m, pid_bh, b, h, g = _query_program(HQ, HKV, CAUSAL)
@@ -421,15 +416,18 @@ def _attn_bwd_dq_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, seed_ptr,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < T
-    qkv_b = qkv_ptr + b.to(tl.int64) * (T * ROW)
+    batch = b.to(tl.int64) * (T * ROW)
+    qkv_b = qkv_ptr + batch
     q = tl.load(qkv_b + h * HEAD_DIM + offs_m[:, None] * ROW + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
     out_offsets = (b.to(tl.int64) * (T * OUT_ROW) + h * HEAD_DIM + offs_m[:, None] * OUT_ROW
                    + offs_d[None, :])
     do = tl.load(do_ptr + out_offsets, mask=row_ok[:, None], other=0.0)
+    out = tl.load(out_ptr + out_offsets, mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(do.to(tl.float32) * out.to(tl.float32), 1)
+    tl.store(delta_ptr + pid_bh * T + offs_m, delta, mask=row_ok)
     # Rows with no visible key have lse = +inf: p = exp2(-inf) = 0, so dq = 0 there.
     lse2 = tl.load(lse_ptr + pid_bh * T + offs_m, mask=row_ok, other=float("inf")) * LOG2E
-    delta = tl.load(delta_ptr + pid_bh * T + offs_m, mask=row_ok, other=0.0)
     k_ptrs = qkv_b + (HQ + g) * HEAD_DIM + offs_n[:, None] * ROW + offs_d[None, :]
     v_ptrs = qkv_b + (HQ + HKV + g) * HEAD_DIM + offs_n[:, None] * ROW + offs_d[None, :]
     mask_ptrs = mask_ptr + b * T
@@ -460,25 +458,31 @@ def _attn_bwd_dq_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, seed_ptr,
                 dq, q, do, lse2, delta, k_ptrs, v_ptrs, mask_ptrs, seed, pid_bh, offs_m, offs_n,
                 FULL, T, T, ROW, QK_SCALE, HAS_MASK, DIAGONAL=False, KEY_TAIL=True,
                 DROPOUT_P=DROPOUT_P, PRECISION=PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
-    tl.store(dq_ptr + out_offsets, (dq * SM_SCALE).to(dq_ptr.dtype.element_ty),
-             mask=row_ok[:, None])
+    dq_ptrs = dqkv_ptr + batch + h * HEAD_DIM + offs_m[:, None] * ROW + offs_d[None, :]
+    tl.store(dq_ptrs, (dq * SM_SCALE).to(dqkv_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 # ----------------------------------------------------------------------------------- launchers
 
-def _block_config(head_dim: int, dtype, precision: str) -> tuple[int, int, int, int]:
-    """Forward (BLOCK_M, BLOCK_N, num_warps, num_stages) for an H100; not yet timed there.
+def _block_config(head_dim: int, dtype, precision: str,
+                  masked_dropout: bool = False) -> tuple[int, int, int, int]:
+    """Forward (BLOCK_M, BLOCK_N, num_warps, num_stages) for an H100.
 
-    Chosen by compiling every variant for sm_90a on CPU: the largest tiles for which ptxas
-    reports no register spills and no serialized wgmma (C7515: with 128 x 128 tiles the causal
-    masked variant hits it at D = 64). BLOCK_M must be a multiple of BLOCK_N (the causal diagonal
-    is BLOCK_M // BLOCK_N key blocks). Each pipeline stage holds one K and one V tile in shared
-    memory, 2 * BLOCK_N * head_dim * itemsize bytes.
+    16-bit, D <= 128: timed on an H100 (`bench/attention.py --sweep`, 2026-11-25): one warpgroup
+    of 64 query rows per program, two or more programs per SM, beat 128-row programs of two
+    warpgroups at every shape tried: 0.43 vs 0.58 ms at GPT-2 inference (B=512, T=300, D=64),
+    0.24 vs 0.29 ms in GPT-2 training (B=16, T=1024, dropout 0.1), 1.15 vs 1.19 ms at (4, 32,
+    4096, 128). The rest were chosen by compiling every variant for sm_90a on CPU: the largest
+    tiles for which ptxas reports no register spills and no serialized wgmma (C7515: with
+    128 x 128 tiles the causal masked variant hits it at D = 64). BLOCK_M must be a multiple of
+    BLOCK_N (the causal diagonal is BLOCK_M // BLOCK_N key blocks). Each pipeline stage holds one
+    K and one V tile in shared memory, 2 * BLOCK_N * head_dim * itemsize bytes.
+    masked_dropout (a padding mask and dropout, both): with 64-row programs ptxas serializes that
+    variant's wgmma (C7515), so it keeps two warpgroups of 64 rows.
     """
     if jnp.dtype(dtype).itemsize == 2:
-        # 8 warps: two warpgroups of 64 query rows each, sharing every K and V tile.
         if head_dim <= 128:
-            return 128, 64, 8, 3
+            return (128, 64, 8, 3) if masked_dropout else (64, 64, 4, 3)
         return 128, 32, 8, 2
     if precision == "tf32":
         # tf32 tensor cores too, with fp32 K and V tiles twice the bytes of 16-bit ones.
@@ -496,22 +500,26 @@ def _block_config(head_dim: int, dtype, precision: str) -> tuple[int, int, int, 
 
 def _bwd_block_config(head_dim: int, dtype, precision: str) -> tuple[tuple[int, ...], ...]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV kernel, then of the dQ kernel, for
-    an H100; not yet timed there.
+    an H100.
 
     dK/dV holds two fp32 [BLOCK_N, head_dim] accumulators and streams BLOCK_M query rows; dQ one
     [BLOCK_M, head_dim] accumulator and streams BLOCK_N keys. The held block is every product's
     row operand: with 8 warps, 64 rows per warpgroup. dK/dV needs BLOCK_N % BLOCK_M == 0, dQ
-    BLOCK_M % BLOCK_N == 0 (the causal diagonal). Chosen by compiling for sm_90a on CPU (causal,
-    padded, dropout variants): the largest tiles without spills or serialized wgmma (C7515). At
-    D = 128 dK/dV spills with 64 query rows, so it streams 32; at D = 256 (16-bit) only the
-    dropout variant of dK/dV spills (64 bytes); fp32 at D >= 128 spills a little in every tiling
-    tried.
+    BLOCK_M % BLOCK_N == 0 (the causal diagonal).
+    16-bit, D = 64 and 128: timed on an H100 (`bench/attention.py --sweep`, 2026-11-25, causal;
+    D = 64 at GPT-2 training's shape with dropout, D = 128 at (4, 32, 4096)). The winning dK/dV
+    tiles spill a little (8 bytes at D = 64 with dropout, up to 168 at D = 128) and still beat
+    every tiling that does not: 3.40 ms for the backward at D = 128 against 3.69 with 32 query
+    rows, which does not spill. The rest were chosen by compiling for sm_90a on CPU (causal,
+    padded, dropout variants): the largest tiles without spills or serialized wgmma (C7515); at
+    D = 256 (16-bit) the dropout variant of dK/dV spills 64 bytes; fp32 at D >= 128 spills a
+    little in every tiling tried.
     """
     if jnp.dtype(dtype).itemsize == 2:
         if head_dim <= 64:
-            return (64, 128, 8, 2), (128, 64, 8, 2)
+            return (64, 64, 4, 3), (64, 32, 4, 3)
         if head_dim == 128:
-            return (32, 128, 8, 3), (128, 64, 8, 3)
+            return (64, 128, 8, 3), (128, 64, 8, 3)
         return (16, 64, 8, 2), (64, 32, 8, 2)
     if precision == "tf32":
         if head_dim <= 64:
@@ -544,7 +552,8 @@ class _Config(NamedTuple):
 
 def _forward(qkv, mask, seed, cfg: _Config):
     B, T, _ = qkv.shape
-    block_m, block_n, num_warps, num_stages = _block_config(cfg.head_dim, qkv.dtype, cfg.precision)
+    block_m, block_n, num_warps, num_stages = _block_config(
+        cfg.head_dim, qkv.dtype, cfg.precision, mask is not None and cfg.dropout_rate > 0)
     out_shapes = (jax.ShapeDtypeStruct((B, T, cfg.num_heads * cfg.head_dim), qkv.dtype),
                   jax.ShapeDtypeStruct((B, cfg.num_heads, T), jnp.float32))
     # Without a mask, qkv stands in for the mask pointer (HAS_MASK off: never read), so no
@@ -558,32 +567,26 @@ def _forward(qkv, mask, seed, cfg: _Config):
 
 
 def _backward(qkv, mask, seed, out, lse, dout, cfg: _Config):
-    """dqkv [B, T, (Hq + 2 Hkv) D] in qkv.dtype: the three kernels of the module docstring."""
+    """dqkv [B, T, (Hq + 2 Hkv) D] in qkv.dtype: the dQ kernel (which also makes delta) writes its
+    q heads, then the dK/dV kernel its k and v heads, in place (module docstring)."""
     B, T, _ = qkv.shape
     Hq, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    block_t = max(16, 8192 // D)  # 8192 elements of out and of dO per program
-    delta = triton_call(
-        out, dout, kernel=_attn_bwd_delta_kernel,
-        out_shape=jax.ShapeDtypeStruct((B, Hq, T), jnp.float32),
-        grid=(triton.cdiv(T, block_t), B * Hq), num_warps=4,
-        T=T, HQ=Hq, HEAD_DIM=D, BLOCK_M=block_t)
-
     dkdv_cfg, dq_cfg = _bwd_block_config(D, qkv.dtype, cfg.precision)
-    args = (qkv, dout, lse, delta, qkv if mask is None else mask, seed)
-    constexprs = cfg.constexprs(T, mask is not None)
-    block_m, block_n, num_warps, num_stages = dkdv_cfg
-    dkv = triton_call(
-        *args, kernel=_attn_bwd_dkdv_kernel,
-        out_shape=jax.ShapeDtypeStruct((B, T, 2 * Hkv * D), qkv.dtype),
-        grid=(triton.cdiv(T, block_n), B * Hkv), num_warps=num_warps, num_stages=num_stages,
-        SM_SCALE=cfg.sm_scale, **constexprs, BLOCK_M=block_m, BLOCK_N=block_n)
+    constexprs = dict(cfg.constexprs(T, mask is not None), SM_SCALE=cfg.sm_scale)
+    mask = qkv if mask is None else mask  # without a mask qkv stands in (HAS_MASK off: unread)
     block_m, block_n, num_warps, num_stages = dq_cfg
-    dq = triton_call(
-        *args, kernel=_attn_bwd_dq_kernel,
-        out_shape=jax.ShapeDtypeStruct((B, T, Hq * D), qkv.dtype),
+    dq, delta = triton_call(
+        qkv, out, dout, lse, mask, seed, kernel=_attn_bwd_dq_kernel,
+        out_shape=(jax.ShapeDtypeStruct(qkv.shape, qkv.dtype),
+                   jax.ShapeDtypeStruct((B, Hq, T), jnp.float32)),
         grid=(triton.cdiv(T, block_m), B * Hq), num_warps=num_warps, num_stages=num_stages,
-        SM_SCALE=cfg.sm_scale, **constexprs, BLOCK_M=block_m, BLOCK_N=block_n)
-    return jnp.concatenate([dq, dkv], axis=-1)
+        **constexprs, BLOCK_M=block_m, BLOCK_N=block_n)
+    block_m, block_n, num_warps, num_stages = dkdv_cfg
+    return triton_call(
+        qkv, dout, lse, delta, mask, seed, dq, kernel=_attn_bwd_dkdv_kernel,
+        out_shape=jax.ShapeDtypeStruct(qkv.shape, qkv.dtype), input_output_aliases={6: 0},
+        grid=(triton.cdiv(T, block_n), B * Hkv), num_warps=num_warps, num_stages=num_stages,
+        **constexprs, BLOCK_M=block_m, BLOCK_N=block_n)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
