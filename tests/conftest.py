@@ -30,6 +30,12 @@ def shapes(small, large):
 TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
 
 
+def relative_error(actual, expected) -> float:
+    """||actual - expected|| / ||expected||, in float64."""
+    a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-30))
+
+
 def assert_close(actual, expected, dtype=None, rtol=None, what=""):
     """Relative error ||actual - expected|| / ||expected|| under the dtype's tolerance, no NaN.
     `what` names the compared value in the failure message."""
@@ -40,7 +46,7 @@ def assert_close(actual, expected, dtype=None, rtol=None, what=""):
     what = f"{what}: " if what else ""
     assert a.shape == e.shape, f"{what}shape {a.shape} != {e.shape}"
     assert np.isfinite(a).all(), f"{what}{(~np.isfinite(a)).sum()} non-finite values (unwritten outputs?)"
-    err = np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-30)
+    err = relative_error(a, e)
     assert err <= rtol, f"{what}relative error {err:.3g} > {rtol:g} ({dtype})"
 
 
