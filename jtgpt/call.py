@@ -60,9 +60,10 @@ def triton_call(*args: Any, kernel, out_shape: ShapeDtype | Sequence[ShapeDtype]
     grid = tuple(int(g) for g in grid)
     aliases = dict(input_output_aliases or {})
     for i, o in aliases.items():
-        if (tuple(args[i].shape), args[i].dtype) != (tuple(out_shapes[o].shape), out_shapes[o].dtype):
-            raise ValueError(f"input_output_aliases: argument {i} {args[i].shape} {args[i].dtype} "
-                             f"cannot be output {o} {out_shapes[o].shape} {out_shapes[o].dtype}")
+        arg, out = args[i], out_shapes[o]
+        if (tuple(arg.shape), arg.dtype) != (tuple(out.shape), out.dtype):
+            raise ValueError(f"input_output_aliases: argument {i} {arg.shape} {arg.dtype} "
+                             f"cannot be output {o} {out.shape} {out.dtype}")
     if _compile_log is not None:
         outs = _compile_call(args, kernel, out_shapes, num_warps, num_stages, constexprs)
     elif on_gpu():
@@ -77,15 +78,14 @@ def triton_call(*args: Any, kernel, out_shape: ShapeDtype | Sequence[ShapeDtype]
 def _gpu_call(args, kernel, out_shapes, grid, num_warps, num_stages, aliases, constexprs):
     jax_triton = _jax_triton()
     # jax-triton numbers the aliased inputs among the array arguments only.
-    array_index = {i: sum(hasattr(a, "shape") for a in args[:i]) for i in aliases}
+    array_aliases = {sum(hasattr(a, "shape") for a in args[:i]): o for i, o in aliases.items()}
     # jax-triton 0.4 renamed `out_shape` to `out_type`; 0.3.1 is the one that works with the
     # triton 3.6 of the GPU image (DESIGN.md section 4), so both are supported.
     params = inspect.signature(jax_triton.triton_call).parameters
     out_kw = "out_type" if "out_type" in params else "out_shape"
     outs = jax_triton.triton_call(*args, kernel=kernel, grid=grid, num_warps=num_warps,
                                   num_stages=num_stages, **{out_kw: list(out_shapes)},
-                                  input_output_aliases={array_index[i]: o for i, o in aliases.items()},
-                                  **constexprs)
+                                  input_output_aliases=array_aliases, **constexprs)
     return tuple(outs)
 
 

@@ -306,8 +306,8 @@ def _attn_bwd_dkdv_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, seed_pt
     qkv_ptr: [B, T, (HQ + 2 HKV) HEAD_DIM]; do_ptr: dO [B, T, HQ HEAD_DIM]; lse_ptr, delta_ptr:
     fp32 [B, HQ, T]; mask_ptr, seed_ptr as in the forward; dq_ptr and dqkv_ptr: one buffer packed
     like qkv (the output aliases the input), whose q heads the dQ kernel has written; this kernel
-    writes its k and v heads. Causal needs BLOCK_N % BLOCK_M == 0 (the diagonal is BLOCK_N // BLOCK_M
-    query blocks). Heaviest first needs nothing: key block 0 sees the most queries.
+    writes its k and v heads. Causal needs BLOCK_N % BLOCK_M == 0 (the diagonal is
+    BLOCK_N // BLOCK_M query blocks). Heaviest first needs nothing: key block 0 sees the most queries.
     """
     ROW: tl.constexpr = (HQ + 2 * HKV) * HEAD_DIM
     OUT_ROW: tl.constexpr = HQ * HEAD_DIM
