@@ -34,7 +34,11 @@ keys, so every element is written once by one program (deterministic, no atomics
 owns a query block of one (batch, query head), as in the forward, and computes its rows' delta
 on the way (it loads their dO anyway) for the dK/dV kernel. Causal: both visit only the blocks on
 or below the diagonal, and only blocks on it pay for the elementwise mask. The price of no
-atomics: q k^T and dO v^T are computed twice, once per kernel (7 block products, not 5).
+atomics: q k^T and dO v^T are computed twice, once per kernel (7 block products, not 5). Still,
+on an H100 this beat FlashAttention-2's 5-product loop, dQ added by fp32 atomics inside the dK/dV
+kernel (4.94 against 5.16 ms at (4, 32, 4096, 128)): that fused loop hits the 255-register limit
+and spills, and was as slow with its atomics replaced by plain stores (bench/RESULTS.md,
+2026-11-26).
 
 Layout: qkv is the [B, T, (Hq + 2 Hkv) D] output of the c_attn GEMM, each row [q heads | k heads |
 v heads] with each head D contiguous values. The kernels read every head's [T, D] slice in place
