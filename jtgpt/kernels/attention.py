@@ -17,7 +17,10 @@ sum_j exp(s_ij - m_i) keep_ij v_j; when a key block raises the max, l_i and acc_
 exp(m_old - m_new) (online softmax), and acc_i / (l_i (1 - rate)) is taken once at the end. l_i
 sums the undropped probabilities: lse is dropout's. Scores never reach memory. Everything runs in
 base 2: log2(e) is folded into the scale, so m_i is in log2 units and each exponential is one exp2
-(a single MUFU instruction on the GPU).
+(a single MUFU instruction on the GPU). Triton 3.6 waits for every wgmma right after issuing it, so
+within a program the softmax never overlaps the tensor cores; the two programs per SM overlap each
+other instead. Both tried and slower on an H100 (bench/RESULTS.md, 2026-11-26, session 5):
+rescaling only when a row's max grows by more than 2^8, and q fed to wgmma from registers.
 
 Backward, with dO the cotangent of out (FlashAttention-2: p is recomputed from q, k and the saved
 lse, one exp2 per element, and never stored):
