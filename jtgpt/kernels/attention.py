@@ -20,7 +20,9 @@ base 2: log2(e) is folded into the scale, so m_i is in log2 units and each expon
 (a single MUFU instruction on the GPU). Triton 3.6 waits for every wgmma right after issuing it, so
 within a program the softmax never overlaps the tensor cores; the two programs per SM overlap each
 other instead. Both tried and slower on an H100 (bench/RESULTS.md, 2026-11-26, session 5):
-rescaling only when a row's max grows by more than 2^8, and q fed to wgmma from registers.
+rescaling only when a row's max grows by more than 2^8, and q fed to wgmma from registers. A Gluon
+forward with explicit async wgmma and warp-specialized ping-pong warpgroups ran 1.24x faster
+(bench/attention_gluon.py), but jax-triton cannot call Gluon kernels yet.
 
 Backward, with dO the cotangent of out (FlashAttention-2: p is recomputed from q, k and the saved
 lse, one exp2 per element, and never stored):
