@@ -44,6 +44,16 @@ def on_gpu() -> bool:
     return _compile_log is not None or jax.default_backend() == "gpu"
 
 
+def gpu_capability() -> int | None:
+    """The compute capability kernels are built for (90 for an H100), None in the interpreter."""
+    if _compile_log is not None:
+        return _compile_capability
+    if jax.default_backend() != "gpu":
+        return None
+    major, minor = jax.devices()[0].compute_capability.split(".")
+    return 10 * int(major) + int(minor)
+
+
 def triton_call(*args: Any, kernel, out_shape: ShapeDtype | Sequence[ShapeDtype], grid: tuple[int, ...],
                 num_warps: int = 4, num_stages: int = 2,
                 input_output_aliases: dict[int, int] | None = None, **constexprs: Any):
@@ -68,6 +78,9 @@ def triton_call(*args: Any, kernel, out_shape: ShapeDtype | Sequence[ShapeDtype]
         outs = _compile_call(args, kernel, out_shapes, num_warps, num_stages, constexprs)
     elif on_gpu():
         outs = _gpu_call(args, kernel, out_shapes, grid, num_warps, num_stages, aliases, constexprs)
+    elif kernel.is_gluon():
+        raise NotImplementedError(f"{kernel.fn.__name__} is a Gluon kernel: it runs on the GPU "
+                                  f"only (Triton's interpreter cannot run Gluon)")
     else:
         outs = _cpu_call(args, kernel, out_shapes, grid, num_warps, num_stages, aliases, constexprs)
     return outs[0] if single else tuple(outs)
@@ -103,7 +116,66 @@ def _jax_triton():
         os.environ.pop("TRITON_CACHE_DIR", None)
     else:
         os.environ["TRITON_CACHE_DIR"] = saved
+    lib = jax_triton.triton_lib
+    lib.get_or_create_triton_kernel = _building_gluon(lib.get_or_create_triton_kernel,
+                                                      lib.triton_kernel_call_lib)
     return jax_triton
+
+
+def _building_gluon(get_or_create_triton_kernel, kernel_call_lib):
+    """jax-triton's kernel builder, extended to Gluon kernels (`triton.experimental.gluon.jit`).
+
+    jax-triton 0.3.1 compiles every kernel from Triton IR (make_ttir, then make_ttgir); a Gluon
+    kernel is written at the next level down and needs Triton's own pipeline for it. Here it is
+    built by `triton.compile` and handed to jaxlib as the same kernel object (PTX, name, warps,
+    shared memory), so jax-triton's custom call runs it like any other. The warp count is the
+    compiled one: warp_specialize adds warps beyond the `num_warps` of the call.
+    """
+    built = {}
+
+    @functools.wraps(get_or_create_triton_kernel)
+    def build(backend_init_func, platform, fn, arg_dtypes, scalar_args, *, num_warps, num_stages,
+              num_ctas, compute_capability, enable_fp_fusion, metaparams, dump):
+        if not fn.is_gluon():
+            return get_or_create_triton_kernel(
+                backend_init_func, platform, fn, arg_dtypes, scalar_args, num_warps=num_warps,
+                num_stages=num_stages, num_ctas=num_ctas, compute_capability=compute_capability,
+                enable_fp_fusion=enable_fp_fusion, metaparams=metaparams, dump=dump)
+        if scalar_args:
+            raise ValueError(f"{fn.__name__}: jtgpt passes Gluon kernels arrays and constexprs "
+                             f"only, got scalar arguments {scalar_args}")
+        if compute_capability is None:  # jax-triton's default: device 0's
+            compute_capability = kernel_call_lib.get_compute_capability(0)
+        signature = dict(zip(fn.arg_names, arg_dtypes))
+        key = (fn, tuple(signature.items()), tuple(metaparams.items()), num_warps, num_ctas,
+               compute_capability)
+        if key not in built:
+            compiled, attrs = _compile_gluon(fn, signature, dict(metaparams), num_warps,
+                                             compute_capability, num_ctas=num_ctas)
+            meta = compiled.metadata
+            built[key] = kernel_call_lib.TritonKernel(
+                meta.name, meta.num_warps, num_ctas, meta.shared, compiled.asm["ptx"], "",
+                compute_capability), attrs
+        return built[key]
+
+    return build
+
+
+def _compile_gluon(fn, signature, constexprs, num_warps, capability, **options):
+    """(Triton's CompiledKernel, the argument attributes) of a Gluon kernel for an NVIDIA GPU of
+    compute capability `capability`; array arguments are taken to be 16-byte aligned, as
+    jax-triton takes them."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    attrs = {(i,): [["tt.divisibility", 16]] for i, ty in enumerate(signature.values())
+             if ty.startswith("*")}
+    signature = {**signature, **{name: "constexpr" for name in constexprs}}
+    compiled = triton.compile(GluonASTSource(fn, signature, constexprs, attrs),
+                              target=GPUTarget("cuda", capability, 32),
+                              options=dict(num_warps=num_warps, **options))
+    return compiled, attrs
 
 
 # ------------------------------------------------------------------------------- compile only
@@ -168,12 +240,16 @@ def _build(kernel, signature, constexprs, attrs, num_warps, num_stages) -> Compi
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
-                              target=GPUTarget("cuda", _compile_capability, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    if kernel.is_gluon():
+        arrays = {name: ty for name, ty in signature.items() if ty != "constexpr"}
+        compiled, _ = _compile_gluon(kernel, arrays, constexprs, num_warps, _compile_capability)
+    else:
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
+                                  target=GPUTarget("cuda", _compile_capability, 32),
+                                  options=dict(num_warps=num_warps, num_stages=num_stages))
     registers, stack = _resource_usage(compiled.asm["cubin"])
-    return CompiledKernel(kernel.fn.__name__, dict(constexprs), num_warps, num_stages, registers,
-                          stack, compiled.metadata.shared)
+    return CompiledKernel(kernel.fn.__name__, dict(constexprs), compiled.metadata.num_warps,
+                          num_stages, registers, stack, compiled.metadata.shared)
 
 
 def _resource_usage(cubin: bytes) -> tuple[int, int]:

@@ -21,8 +21,8 @@ import pytest
 
 from conftest import assert_close, shapes
 from jtgpt import reference
-from jtgpt.call import compile_only
-from jtgpt.kernels import attention
+from jtgpt.call import compile_only, gpu_capability
+from jtgpt.kernels import attention, attention_hopper
 
 DTYPES = [jnp.float32, jnp.float16, jnp.bfloat16]
 
@@ -290,6 +290,64 @@ def test_backward_builds_for_hopper(dtype, precision, D, monkeypatch, tmp_path):
             assert k.spill_bytes <= (256 if k.name == "_attn_bwd_dkdv_kernel" else 0), k
     assert "registers" in log.getvalue()  # ptxas -v wrote its log
     assert "C7515" not in log.getvalue()
+
+
+# ---------------------------------------------------------------------- Hopper forward (Gluon)
+
+ON_HOPPER = gpu_capability() is not None and gpu_capability() // 10 == 9
+needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="Gluon kernels run on Hopper GPUs only; "
+                                  "test_hopper_forward_builds checks the build on CPU")
+HOPPER_SHAPES = [(2, 128, 2, 2), (1, 384, 4, 2), (2, 256, 4, 1)]  # one and several blocks, GQA
+
+
+@needs_hopper
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("B,T,Hq,Hkv", HOPPER_SHAPES)
+def test_hopper_forward_matches_reference(key, dtype, causal, B, T, Hq, Hkv, monkeypatch):
+    """Its out against the reference, its lse against the Triton kernel's (checked elsewhere)."""
+    qkv = packed_qkv(key, B, T, Hq, Hkv, 128, dtype)
+    _, _, _, cfg = attention._checked(qkv, Hq, Hkv, None, causal, None, "ieee", 0.0, None)
+    assert attention_hopper.supported(qkv, None, cfg)
+    out, lse, ref = run(qkv, num_heads=Hq, num_kv_heads=Hkv, causal=causal)
+    assert_close(out, ref, dtype)
+    monkeypatch.setattr(attention_hopper, "supported", lambda *args: False)
+    _, triton_lse, _ = run(qkv, num_heads=Hq, num_kv_heads=Hkv, causal=causal)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(triton_lse), rtol=1e-5, atol=1e-5)
+
+
+@needs_hopper
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("B,T,Hq,Hkv", HOPPER_SHAPES)
+def test_hopper_forward_gradient(key, causal, B, T, Hq, Hkv):
+    """The Triton backward on the Gluon forward's out and lse."""
+    qkv = packed_qkv(key, B, T, Hq, Hkv, 128, jnp.bfloat16)
+    dqkv, expected = grads(jax.random.fold_in(key, 1), qkv, num_heads=Hq, num_kv_heads=Hkv,
+                           causal=causal)
+    assert_grads_close(dqkv, expected, Hq, Hkv, jnp.bfloat16, GRAD_TOLERANCE[jnp.bfloat16])
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=lambda d: jnp.dtype(d).name)
+def test_hopper_forward_builds(dtype):
+    """On an H100 the supported cases (causal or not, grouped-query heads) run the Gluon kernel:
+    it builds for sm_90 into 12 warps (two consumer warpgroups and the producer) within the SM's
+    shared memory; other cases (a mask, T % 128 != 0, head_dim 64) keep the Triton kernel."""
+    cases = [((2, 256, 4, 4, 128), False, True, "_attn_fwd_hopper_kernel"),
+             ((2, 256, 4, 2, 128), False, False, "_attn_fwd_hopper_kernel"),
+             ((2, 256, 4, 4, 128), True, True, "_attn_fwd_kernel"),
+             ((2, 200, 4, 4, 128), False, True, "_attn_fwd_kernel"),
+             ((2, 256, 4, 4, 64), False, True, "_attn_fwd_kernel")]
+    for (B, T, Hq, Hkv, D), masked, causal, name in cases:
+        qkv = jax.ShapeDtypeStruct((B, T, (Hq + 2 * Hkv) * D), dtype)
+        mask = jax.ShapeDtypeStruct((B, T), jnp.int32) if masked else None
+        forward = functools.partial(attention.attention_forward, num_heads=Hq, num_kv_heads=Hkv,
+                                    causal=causal)
+        with compile_only(capability=90) as built:
+            jax.eval_shape(lambda x, m: forward(x, attention_mask=m), qkv, mask)  # noqa: B023
+        (kernel,) = built
+        assert kernel.name == name, (B, T, Hq, Hkv, D, masked, causal)
+        if name == "_attn_fwd_hopper_kernel":
+            assert kernel.num_warps == 12 and kernel.shared_bytes <= 227 * 1024, kernel
 
 
 # ------------------------------------------------------------------------------------- dropout

@@ -20,9 +20,10 @@ base 2: log2(e) is folded into the scale, so m_i is in log2 units and each expon
 (a single MUFU instruction on the GPU). Triton 3.6 waits for every wgmma right after issuing it, so
 within a program the softmax never overlaps the tensor cores; the two programs per SM overlap each
 other instead. Both tried and slower on an H100 (bench/RESULTS.md, 2026-11-26, session 5):
-rescaling only when a row's max grows by more than 2^8, and q fed to wgmma from registers. A Gluon
-forward with explicit async wgmma and warp-specialized ping-pong warpgroups ran 1.24x faster
-(bench/attention_gluon.py), but jax-triton cannot call Gluon kernels yet.
+rescaling only when a row's max grows by more than 2^8, and q fed to wgmma from registers. On
+Hopper GPUs the common case (16-bit, head_dim 128, T % 128 == 0, no mask, no dropout) runs
+instead in `jtgpt.kernels.attention_hopper`, a Gluon kernel that does overlap them
+(FlashAttention-3's schedule), with the same outputs.
 
 Backward, with dO the cotangent of out (FlashAttention-2: p is recomputed from q, k and the saved
 lse, one exp2 per element, and never stored):
@@ -77,7 +78,7 @@ import triton
 import triton.language as tl
 
 from jtgpt.call import triton_call
-from jtgpt.kernels import check_float_dtype, dropout_seed
+from jtgpt.kernels import attention_hopper, check_float_dtype, dropout_seed
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
 PRECISIONS = ("ieee", "tf32")
@@ -560,6 +561,8 @@ class _Config(NamedTuple):
 
 
 def _forward(qkv, mask, seed, cfg: _Config):
+    if attention_hopper.supported(qkv, mask, cfg):
+        return attention_hopper.forward(qkv, cfg)
     B, T, _ = qkv.shape
     block_m, block_n, num_warps, num_stages = _block_config(
         cfg.head_dim, qkv.dtype, cfg.precision, mask is not None and cfg.dropout_rate > 0)
