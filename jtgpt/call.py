@@ -45,12 +45,14 @@ def on_gpu() -> bool:
 
 
 def gpu_capability() -> int | None:
-    """The compute capability kernels are built for (90 for an H100), None in the interpreter."""
+    """The NVIDIA compute capability kernels are built for (90 for an H100); None in the
+    interpreter and on GPUs that have none (AMD)."""
     if _compile_log is not None:
         return _compile_capability
-    if jax.default_backend() != "gpu":
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    if jax.default_backend() != "gpu" or capability is None:
         return None
-    major, minor = jax.devices()[0].compute_capability.split(".")
+    major, minor = capability.split(".")
     return 10 * int(major) + int(minor)
 
 
