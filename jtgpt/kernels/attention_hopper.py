@@ -31,8 +31,6 @@ first row are masked elementwise. The longest query blocks of a head start first
 """
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import triton
@@ -267,9 +265,11 @@ def forward(qkv, cfg):
     B, T, _ = qkv.shape
     out_shapes = (jax.ShapeDtypeStruct((B, T, cfg.num_heads * cfg.head_dim), qkv.dtype),
                   jax.ShapeDtypeStruct((B, cfg.num_heads, T), jnp.float32))
+    # The shapes and scale exactly as the Triton kernels get them: the Triton backward
+    # recomputes p from this kernel's lse.
+    shared = cfg.constexprs(T, has_mask=False)
     # num_warps is the first consumer's: warp_specialize adds the other partitions' warps.
     return triton_call(
         qkv, kernel=_attn_fwd_hopper_kernel, out_shape=out_shapes,
         grid=(triton.cdiv(T, BLOCK_M.value), B * cfg.num_heads), num_warps=4,
-        T=T, HQ=cfg.num_heads, HKV=cfg.num_kv_heads, HEAD_DIM=cfg.head_dim,
-        QK_SCALE=cfg.sm_scale * math.log2(math.e), CAUSAL=cfg.causal)
+        **{name: shared[name] for name in ("T", "HQ", "HKV", "HEAD_DIM", "QK_SCALE", "CAUSAL")})
