@@ -268,7 +268,10 @@ def test_backward_builds_for_hopper(dtype, precision, D, monkeypatch, tmp_path):
     """The backward kernels of causal (GPT-2), padded + dropout, and non-causal attention build
     for sm_90: registers and shared memory fit an H100 SM; bf16 dQ does not spill and dK/dV only
     a little (its tiles won the GPU timing, bench/attention.py --sweep, spills and all), and no
-    wgmma is serialized (ptxas warning C7515, read from its log on a cold Triton cache)."""
+    wgmma is serialized (ptxas warning C7515, read from its log on a cold Triton cache). The
+    Gluon dQ kernel that replaces _attn_bwd_dq_kernel for some of these cases on Hopper is held
+    off here: test_hopper_kernels_build checks it."""
+    monkeypatch.setattr(attention_hopper, "supported", lambda *args: False)
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("TRITON_DUMP_PTXAS_LOG", "1")
     B, T, H = 4, 1024, 4
@@ -292,11 +295,11 @@ def test_backward_builds_for_hopper(dtype, precision, D, monkeypatch, tmp_path):
     assert "C7515" not in log.getvalue()
 
 
-# ---------------------------------------------------------------------- Hopper forward (Gluon)
+# ----------------------------------------------------------------- Hopper forward and dQ (Gluon)
 
 ON_HOPPER = gpu_capability() is not None and gpu_capability() // 10 == 9
 needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="Gluon kernels run on Hopper GPUs only; "
-                                  "test_hopper_forward_builds checks the build on CPU")
+                                  "test_hopper_kernels_build checks the build on CPU")
 HOPPER_SHAPES = [(2, 128, 2, 2), (1, 384, 4, 2), (2, 256, 4, 1)]  # one and several blocks, GQA
 
 
@@ -317,10 +320,38 @@ def test_hopper_forward_matches_reference(key, dtype, causal, B, T, Hq, Hkv, mon
 
 
 @needs_hopper
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("B,T,Hq,Hkv", HOPPER_SHAPES)
-def test_hopper_forward_gradient(key, causal, B, T, Hq, Hkv):
-    """The Triton backward on the Gluon forward's out and lse."""
+def test_hopper_dq_matches_triton(key, dtype, causal, B, T, Hq, Hkv, monkeypatch):
+    """The Gluon dQ kernel's dq and delta against the Triton dQ kernel's, on the same out, lse and
+    random dO (the Triton kernel is checked against the reference elsewhere). Both sum the same
+    fp32 block products in the same order, so they agree to fp32 rounding."""
+    qkv = packed_qkv(key, B, T, Hq, Hkv, 128, dtype)
+    dout = jax.random.normal(jax.random.fold_in(key, 1), (B, T, Hq * 128)).astype(dtype)
+    qkv, _, seed, cfg = attention._checked(qkv, Hq, Hkv, None, causal, None, "ieee", 0.0, None)
+    out, lse = attention._forward(qkv, None, seed, cfg)
+
+    def dq_and_delta():
+        dq, delta = jax.jit(lambda *a: attention._dq_and_delta(*a, cfg))(
+            qkv, None, seed, out, lse, dout)
+        return np.asarray(dq[..., :Hq * 128], np.float32), np.asarray(delta)
+
+    assert attention_hopper.supported(qkv, None, cfg)
+    dq, delta = dq_and_delta()
+    monkeypatch.setattr(attention_hopper, "supported", lambda *args: False)
+    triton_dq, triton_delta = dq_and_delta()
+    np.testing.assert_allclose(delta, triton_delta, rtol=1e-5, atol=1e-5)
+    tolerance = np.finfo(dtype).eps * np.abs(triton_dq).max()  # one rounding of the largest dq
+    np.testing.assert_allclose(dq, triton_dq, rtol=np.finfo(dtype).eps, atol=tolerance)
+
+
+@needs_hopper
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("B,T,Hq,Hkv", HOPPER_SHAPES)
+def test_hopper_gradient(key, causal, B, T, Hq, Hkv):
+    """The whole gradient through the Gluon forward and dQ kernels (and the Triton dK/dV
+    kernel) against the reference's."""
     qkv = packed_qkv(key, B, T, Hq, Hkv, 128, jnp.bfloat16)
     dqkv, expected = grads(jax.random.fold_in(key, 1), qkv, num_heads=Hq, num_kv_heads=Hkv,
                            causal=causal)
@@ -328,26 +359,30 @@ def test_hopper_forward_gradient(key, causal, B, T, Hq, Hkv):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=lambda d: jnp.dtype(d).name)
-def test_hopper_forward_builds(dtype):
-    """On an H100 the supported cases (causal or not, grouped-query heads) run the Gluon kernel:
-    it builds for sm_90 into 12 warps (two consumer warpgroups and the producer) within the SM's
-    shared memory; other cases (a mask, T % 128 != 0, head_dim 64) keep the Triton kernel."""
-    cases = [((2, 256, 4, 4, 128), False, True, "_attn_fwd_hopper_kernel"),
-             ((2, 256, 4, 2, 128), False, False, "_attn_fwd_hopper_kernel"),
-             ((2, 256, 4, 4, 128), True, True, "_attn_fwd_kernel"),
-             ((2, 200, 4, 4, 128), False, True, "_attn_fwd_kernel"),
-             ((2, 256, 4, 4, 64), False, True, "_attn_fwd_kernel")]
-    for (B, T, Hq, Hkv, D), masked, causal, name in cases:
+def test_hopper_kernels_build(dtype):
+    """On an H100 the supported cases (causal or not, grouped-query heads) run the Gluon forward
+    and dQ kernels: they build for sm_90 into 12 warps (two consumer warpgroups and the producer)
+    within the SM's shared memory; other cases (a mask, T % 128 != 0, head_dim 64) keep the
+    Triton kernels. dK/dV is the Triton kernel in every case."""
+    gluon = {"_attn_fwd_hopper_kernel", "_attn_bwd_dq_hopper_kernel", "_attn_bwd_dkdv_kernel"}
+    triton = {"_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"}
+    cases = [((2, 256, 4, 4, 128), False, True, gluon),
+             ((2, 256, 4, 2, 128), False, False, gluon),
+             ((2, 256, 4, 4, 128), True, True, triton),
+             ((2, 200, 4, 4, 128), False, True, triton),
+             ((2, 256, 4, 4, 64), False, True, triton)]
+    for (B, T, Hq, Hkv, D), masked, causal, names in cases:
         qkv = jax.ShapeDtypeStruct((B, T, (Hq + 2 * Hkv) * D), dtype)
         mask = jax.ShapeDtypeStruct((B, T), jnp.int32) if masked else None
-        forward = functools.partial(attention.attention_forward, num_heads=Hq, num_kv_heads=Hkv,
-                                    causal=causal)
+        loss = lambda x, m, Hq=Hq, Hkv=Hkv, causal=causal: attention.flash_attention(  # noqa: E731
+            x, num_heads=Hq, num_kv_heads=Hkv, attention_mask=m, causal=causal).sum(
+                dtype=jnp.float32)
         with compile_only(capability=90) as built:
-            jax.eval_shape(lambda x, m: forward(x, attention_mask=m), qkv, mask)  # noqa: B023
-        (kernel,) = built
-        assert kernel.name == name, (B, T, Hq, Hkv, D, masked, causal)
-        if name == "_attn_fwd_hopper_kernel":
-            assert kernel.num_warps == 12 and kernel.shared_bytes <= 227 * 1024, kernel
+            jax.eval_shape(jax.grad(loss), qkv, mask)
+        assert {k.name for k in built} == names, (B, T, Hq, Hkv, D, masked, causal)
+        for k in built:
+            if "hopper" in k.name:
+                assert k.num_warps == 12 and k.shared_bytes <= 227 * 1024, k
 
 
 # ------------------------------------------------------------------------------------- dropout

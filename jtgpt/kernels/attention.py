@@ -23,7 +23,7 @@ other instead. Both tried and slower on an H100 (bench/RESULTS.md, 2026-11-26, s
 rescaling only when a row's max grows by more than 2^8, and q fed to wgmma from registers. On
 Hopper GPUs the common case (16-bit, head_dim 128, T % 128 == 0, no mask, no dropout) runs
 instead in `jtgpt.kernels.attention_hopper`, a Gluon kernel that does overlap them
-(FlashAttention-3's schedule), with the same outputs.
+(FlashAttention-3's schedule), with the same outputs; so does the dQ kernel below.
 
 Backward, with dO the cotangent of out (FlashAttention-2: p is recomputed from q, k and the saved
 lse, one exp2 per element, and never stored):
@@ -578,27 +578,37 @@ def _forward(qkv, mask, seed, cfg: _Config):
         BLOCK_M=block_m, BLOCK_N=block_n)
 
 
+def _dq_and_delta(qkv, mask, seed, out, lse, dout, cfg: _Config):
+    """(dqkv with its q heads written, delta [B, Hq, T] fp32) for the dK/dV kernel to complete:
+    `attention_hopper.backward_dq` where it applies, _attn_bwd_dq_kernel otherwise."""
+    if attention_hopper.supported(qkv, mask, cfg):
+        return attention_hopper.backward_dq(qkv, out, dout, lse, cfg)
+    B, T, _ = qkv.shape
+    block_m, block_n, num_warps, num_stages = _bwd_block_config(cfg.head_dim, qkv.dtype,
+                                                                cfg.precision)[1]
+    # Without a mask qkv stands in for it (HAS_MASK off: unread).
+    return triton_call(
+        qkv, out, dout, lse, qkv if mask is None else mask, seed, kernel=_attn_bwd_dq_kernel,
+        out_shape=(jax.ShapeDtypeStruct(qkv.shape, qkv.dtype),
+                   jax.ShapeDtypeStruct((B, cfg.num_heads, T), jnp.float32)),
+        grid=(triton.cdiv(T, block_m), B * cfg.num_heads), num_warps=num_warps,
+        num_stages=num_stages, **cfg.constexprs(T, mask is not None), SM_SCALE=cfg.sm_scale,
+        BLOCK_M=block_m, BLOCK_N=block_n)
+
+
 def _backward(qkv, mask, seed, out, lse, dout, cfg: _Config):
     """dqkv [B, T, (Hq + 2 Hkv) D] in qkv.dtype: the dQ kernel (which also makes delta) writes its
     q heads, then the dK/dV kernel its k and v heads, in place (module docstring)."""
     B, T, _ = qkv.shape
-    Hq, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    dkdv_cfg, dq_cfg = _bwd_block_config(D, qkv.dtype, cfg.precision)
-    constexprs = dict(cfg.constexprs(T, mask is not None), SM_SCALE=cfg.sm_scale)
-    mask = qkv if mask is None else mask  # without a mask qkv stands in (HAS_MASK off: unread)
-    block_m, block_n, num_warps, num_stages = dq_cfg
-    dq, delta = triton_call(
-        qkv, out, dout, lse, mask, seed, kernel=_attn_bwd_dq_kernel,
-        out_shape=(jax.ShapeDtypeStruct(qkv.shape, qkv.dtype),
-                   jax.ShapeDtypeStruct((B, Hq, T), jnp.float32)),
-        grid=(triton.cdiv(T, block_m), B * Hq), num_warps=num_warps, num_stages=num_stages,
-        **constexprs, BLOCK_M=block_m, BLOCK_N=block_n)
-    block_m, block_n, num_warps, num_stages = dkdv_cfg
+    dq, delta = _dq_and_delta(qkv, mask, seed, out, lse, dout, cfg)
+    block_m, block_n, num_warps, num_stages = _bwd_block_config(cfg.head_dim, qkv.dtype,
+                                                                cfg.precision)[0]
     return triton_call(
-        qkv, dout, lse, delta, mask, seed, dq, kernel=_attn_bwd_dkdv_kernel,
-        out_shape=jax.ShapeDtypeStruct(qkv.shape, qkv.dtype), input_output_aliases={6: 0},
-        grid=(triton.cdiv(T, block_n), B * Hkv), num_warps=num_warps, num_stages=num_stages,
-        **constexprs, BLOCK_M=block_m, BLOCK_N=block_n)
+        qkv, dout, lse, delta, qkv if mask is None else mask, seed, dq,
+        kernel=_attn_bwd_dkdv_kernel, out_shape=jax.ShapeDtypeStruct(qkv.shape, qkv.dtype),
+        input_output_aliases={6: 0}, grid=(triton.cdiv(T, block_n), B * cfg.num_kv_heads),
+        num_warps=num_warps, num_stages=num_stages, **cfg.constexprs(T, mask is not None),
+        SM_SCALE=cfg.sm_scale, BLOCK_M=block_m, BLOCK_N=block_n)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
