@@ -217,6 +217,21 @@ def test_gradient_matches_reference(key, blocks, dtype, causal, B, T, H, D):
     assert_grads_close(dqkv, expected, H, H, dtype, GRAD_TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("head_group", [4, 5])
+def test_head_groups_cover_every_program(key, blocks, head_group, monkeypatch):
+    """Causal programs start in groups of HEAD_GROUP heads (_program_in_group). With B * H = 6 the
+    last group is partial, and with Hkv = 1 the dK/dV grid's B * Hkv = 2 heads are one partial
+    group: every block of every head is still computed exactly once, forward and gradient."""
+    monkeypatch.setattr(attention, "HEAD_GROUP", head_group)
+    qkv = packed_qkv(key, 2, 40, 3, 3, 32, jnp.float32)
+    out, _, ref = run(qkv, num_heads=3)
+    assert_close(out, ref)
+    for Hkv in (3, 1):
+        qkv = packed_qkv(key, 2, 40, 3, Hkv, 32, jnp.float32)
+        dqkv, expected = grads(jax.random.fold_in(key, 1), qkv, num_heads=3, num_kv_heads=Hkv)
+        assert_grads_close(dqkv, expected, 3, Hkv, jnp.float32, GRAD_TOLERANCE[jnp.float32])
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("B,T,Hq,Hkv,D", shapes(
     [(1, 37, 4, 2, 32), (2, 21, 4, 1, 16)],

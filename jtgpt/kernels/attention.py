@@ -85,6 +85,7 @@ PRECISIONS = ("ieee", "tf32")
 MAX_GRID_Y = 65535
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+HEAD_GROUP = 4  # causal programs start in groups of this many heads (_program_in_group)
 
 
 # ------------------------------------------------------------------------------------- kernels
@@ -170,17 +171,34 @@ def _attn_fwd_block_loop(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, seed, bh, 
 
 
 @triton.jit
-def _query_program(HQ: tl.constexpr, HKV: tl.constexpr, CAUSAL: tl.constexpr):
+def _program_in_group(HEAD_GROUP: tl.constexpr):
+    """(rank, head) of a program on a grid (blocks, heads), for causal kernels whose programs do
+    unequal work. The GPU starts programs in grid order, axis 0 fastest; taken in that order,
+    programs go through the heads in groups of HEAD_GROUP, and within a group rank r of every
+    head starts before rank r + 1 of any. The kernel maps rank 0 to its longest block. Programs
+    running at once then share a few heads' K and V (q and dO) in L2 (a grid ordered heads-first
+    across all heads, tried, ran the forward at T = 4096, D = 128 1.9x slower), and the kernel
+    ends on short programs of several heads rather than on one head's longest."""
+    n = tl.num_programs(0)
+    pid = tl.program_id(1) * n + tl.program_id(0)
+    first = pid // (HEAD_GROUP * n) * HEAD_GROUP
+    size = tl.minimum(tl.num_programs(1) - first, HEAD_GROUP)
+    within = pid - first * n
+    return within // size, first + within % size
+
+
+@triton.jit
+def _query_program(HQ: tl.constexpr, HKV: tl.constexpr, CAUSAL: tl.constexpr,
+                   HEAD_GROUP: tl.constexpr):
     """(query block, batch * HQ + head, batch, query head, kv head) of a program on the grid
-    (query blocks, B * HQ) of the forward and dQ kernels. The GPU starts programs in grid order,
-    axis 0 fastest, so the programs running at once share a few heads' K and V in L2 (a grid
-    ordered heads-first, tried, ran the forward at T = 4096, D = 128 1.9x slower). Causal work
-    grows with the query block: within a head the longest blocks go first."""
+    (query blocks, B * HQ) of the forward and dQ kernels. Causal work grows with the query
+    block: the longest start first (_program_in_group)."""
     if CAUSAL:
-        start_m = tl.num_programs(0) - 1 - tl.program_id(0)
+        rank, pid_bh = _program_in_group(HEAD_GROUP)
+        start_m = tl.num_programs(0) - 1 - rank
     else:
         start_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+        pid_bh = tl.program_id(1)
     h = pid_bh % HQ
     return start_m, pid_bh, pid_bh // HQ, h, h // (HQ // HKV)
 
@@ -189,8 +207,8 @@ def _query_program(HQ: tl.constexpr, HKV: tl.constexpr, CAUSAL: tl.constexpr):
 def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, seed_ptr, out_ptr, lse_ptr,
                      T: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
                      QK_SCALE: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                     DROPOUT_P: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr):
+                     DROPOUT_P: tl.constexpr, PRECISION: tl.constexpr, HEAD_GROUP: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: BLOCK_M query rows of one (batch, query head). Grid (cdiv(T, BLOCK_M), B * HQ).
 
     q_ptr, k_ptr and v_ptr all point at the packed qkv [B, T, (HQ + 2 HKV) HEAD_DIM]; mask_ptr at
@@ -199,7 +217,7 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, seed_ptr, out_ptr, lse_ptr,
     """
     ROW: tl.constexpr = (HQ + 2 * HKV) * HEAD_DIM  # stride of one token in qkv
     OUT_ROW: tl.constexpr = HQ * HEAD_DIM
-    start_m, pid_bh, b, h, g = _query_program(HQ, HKV, CAUSAL)
+    start_m, pid_bh, b, h, g = _query_program(HQ, HKV, CAUSAL, HEAD_GROUP)
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -309,7 +327,8 @@ def _attn_bwd_dkdv_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, seed_pt
                           dqkv_ptr, T: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr,
                           HEAD_DIM: tl.constexpr, QK_SCALE: tl.constexpr, SM_SCALE: tl.constexpr,
                           CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT_P: tl.constexpr,
-                          PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          PRECISION: tl.constexpr, HEAD_GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
     """One program: dK, dV of BLOCK_N keys of one (batch, kv head), summed over the query heads
     of its group. Grid (cdiv(T, BLOCK_N), B * HKV).
 
@@ -317,14 +336,18 @@ def _attn_bwd_dkdv_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, seed_pt
     fp32 [B, HQ, T]; mask_ptr, seed_ptr as in the forward; dq_ptr and dqkv_ptr: one buffer packed
     like qkv (the output aliases the input), whose q heads the dQ kernel has written; this kernel
     writes its k and v heads. Causal needs BLOCK_N % BLOCK_M == 0 (the diagonal is
-    BLOCK_N // BLOCK_M query blocks). Heaviest first needs nothing: key block 0 sees the most queries.
+    BLOCK_N // BLOCK_M query blocks).
     """
     ROW: tl.constexpr = (HQ + 2 * HKV) * HEAD_DIM
     OUT_ROW: tl.constexpr = HQ * HEAD_DIM
     GROUP: tl.constexpr = HQ // HKV
-    start_n = tl.program_id(0) * BLOCK_N
-    b = tl.program_id(1) // HKV
-    g = tl.program_id(1) % HKV
+    if CAUSAL:
+        rank, bg = _program_in_group(HEAD_GROUP)  # key block 0 sees the most queries
+    else:
+        rank, bg = tl.program_id(0), tl.program_id(1)
+    start_n = rank * BLOCK_N
+    b = bg // HKV
+    g = bg % HKV
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -412,7 +435,8 @@ def _attn_bwd_dq_kernel(qkv_ptr, out_ptr, do_ptr, lse_ptr, mask_ptr, seed_ptr, d
                         delta_ptr, T: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr,
                         HEAD_DIM: tl.constexpr, QK_SCALE: tl.constexpr, SM_SCALE: tl.constexpr,
                         CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT_P: tl.constexpr,
-                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        PRECISION: tl.constexpr, HEAD_GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
     """One program: delta and dQ of BLOCK_M query rows of one (batch, query head), over the key
     blocks they see, as the forward. Grid (cdiv(T, BLOCK_M), B * HQ). Arguments as
     _attn_bwd_dkdv_kernel's, plus out_ptr: out [B, T, HQ HEAD_DIM]; it writes the q heads of
@@ -420,7 +444,7 @@ def _attn_bwd_dq_kernel(qkv_ptr, out_ptr, do_ptr, lse_ptr, mask_ptr, seed_ptr, d
     for the dK/dV kernel. Causal needs BLOCK_M % BLOCK_N == 0."""
     ROW: tl.constexpr = (HQ + 2 * HKV) * HEAD_DIM
     OUT_ROW: tl.constexpr = HQ * HEAD_DIM
-    start_m, pid_bh, b, h, g = _query_program(HQ, HKV, CAUSAL)
+    start_m, pid_bh, b, h, g = _query_program(HQ, HKV, CAUSAL, HEAD_GROUP)
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -557,7 +581,8 @@ class _Config(NamedTuple):
         """The constexprs the forward and backward kernels share."""
         return dict(T=T, HQ=self.num_heads, HKV=self.num_kv_heads, HEAD_DIM=self.head_dim,
                     QK_SCALE=self.sm_scale * math.log2(math.e), CAUSAL=self.causal,
-                    HAS_MASK=has_mask, DROPOUT_P=self.dropout_rate, PRECISION=self.precision)
+                    HAS_MASK=has_mask, DROPOUT_P=self.dropout_rate, PRECISION=self.precision,
+                    HEAD_GROUP=HEAD_GROUP)
 
 
 def _forward(qkv, mask, seed, cfg: _Config):

@@ -217,17 +217,23 @@ def _consumer_1(args, ROW: gl.constexpr, OUT_ROW: gl.constexpr, HEAD_DIM: gl.con
 
 @gluon.jit
 def _query_block(T: gl.constexpr, HQ: gl.constexpr, HKV: gl.constexpr, CAUSAL: gl.constexpr,
-                 BLOCK_N: gl.constexpr):
+                 BLOCK_N: gl.constexpr, HEAD_GROUP: gl.constexpr):
     """(first_row, n_blocks, b, h, g) of a program on the grid (T / BLOCK_M, B * HQ): its first
     query row, the number of key blocks its rows see, its batch, query head and kv head. Causal:
-    the longest query blocks of a head start first."""
+    programs start in the order of attention._program_in_group, the longest query blocks first."""
     if CAUSAL:
-        start_m = gl.num_programs(0) - 1 - gl.program_id(0)
+        n_m = gl.num_programs(0)
+        pid = gl.program_id(1) * n_m + gl.program_id(0)
+        first_bh = pid // (HEAD_GROUP * n_m) * HEAD_GROUP
+        size = gl.minimum(gl.num_programs(1) - first_bh, HEAD_GROUP)
+        within = pid - first_bh * n_m
+        start_m = n_m - 1 - within // size
+        bh = first_bh + within % size
         n_blocks = gl.cdiv((start_m + 1) * BLOCK_M, BLOCK_N)   # keys up to the last row
     else:
         start_m = gl.program_id(0)
+        bh = gl.program_id(1)
         n_blocks = T // BLOCK_N
-    bh = gl.program_id(1)
     h = bh % HQ
     return start_m * BLOCK_M, n_blocks, bh // HQ, h, h // (HQ // HKV)
 
@@ -257,13 +263,13 @@ def _kv_ring(dtype: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
 @gluon.jit
 def _attn_fwd_hopper_kernel(qkv_ptr, out_ptr, lse_ptr, T: gl.constexpr, HQ: gl.constexpr,
                             HKV: gl.constexpr, HEAD_DIM: gl.constexpr, QK_SCALE: gl.constexpr,
-                            CAUSAL: gl.constexpr):
+                            CAUSAL: gl.constexpr, HEAD_GROUP: gl.constexpr):
     """Grid (T / BLOCK_M, B * HQ). qkv_ptr: [B, T, (HQ + 2 HKV) HEAD_DIM]; out_ptr: [B, T, HQ
     HEAD_DIM]; lse_ptr: fp32 [B, HQ, T] (the layouts of attention._attn_fwd_kernel)."""
     ROW: gl.constexpr = (HQ + 2 * HKV) * HEAD_DIM
     OUT_ROW: gl.constexpr = HQ * HEAD_DIM
     dtype: gl.constexpr = qkv_ptr.dtype.element_ty
-    first_row, n_blocks, b, h, g = _query_block(T, HQ, HKV, CAUSAL, BLOCK_N)
+    first_row, n_blocks, b, h, g = _query_block(T, HQ, HKV, CAUSAL, BLOCK_N, HEAD_GROUP)
     qkv_b = qkv_ptr + b.to(gl.int64) * (T * ROW)
     q_ptr = qkv_b + first_row * ROW + h * HEAD_DIM
     out_ptr += b.to(gl.int64) * (T * OUT_ROW) + first_row * OUT_ROW + h * HEAD_DIM
@@ -285,19 +291,24 @@ def _attn_fwd_hopper_kernel(qkv_ptr, out_ptr, lse_ptr, T: gl.constexpr, HQ: gl.c
     ], [4, PRODUCER_WARPS], [240, 24])
 
 
+def _constexprs(cfg, T):
+    """The shapes, scale and program order exactly as the Triton kernels get them: each backward
+    kernel recomputes p from the forward's lse, so the two must not drift."""
+    shared = cfg.constexprs(T, has_mask=False)
+    return {name: shared[name]
+            for name in ("T", "HQ", "HKV", "HEAD_DIM", "QK_SCALE", "CAUSAL", "HEAD_GROUP")}
+
+
 def forward(qkv, cfg):
     """(out [B, T, Hq D], lse [B, Hq, T] fp32) for `supported` inputs (attention._forward)."""
     B, T, _ = qkv.shape
     out_shapes = (jax.ShapeDtypeStruct((B, T, cfg.num_heads * cfg.head_dim), qkv.dtype),
                   jax.ShapeDtypeStruct((B, cfg.num_heads, T), jnp.float32))
-    # The shapes and scale exactly as the Triton kernels get them: the Triton backward
-    # recomputes p from this kernel's lse.
-    shared = cfg.constexprs(T, has_mask=False)
     # num_warps is the first consumer's: warp_specialize adds the other partitions' warps.
     return triton_call(
         qkv, kernel=_attn_fwd_hopper_kernel, out_shape=out_shapes,
         grid=(triton.cdiv(T, BLOCK_M.value), B * cfg.num_heads), num_warps=4,
-        **{name: shared[name] for name in ("T", "HQ", "HKV", "HEAD_DIM", "QK_SCALE", "CAUSAL")})
+        **_constexprs(cfg, T))
 
 
 # ------------------------------------------------------------------------------------- dQ
@@ -429,14 +440,15 @@ def _attn_bwd_dq_hopper_kernel(qkv_ptr, out_ptr, do_ptr, lse_ptr, dq_ptr, delta_
                                T: gl.constexpr, HQ: gl.constexpr, HKV: gl.constexpr,
                                HEAD_DIM: gl.constexpr, QK_SCALE: gl.constexpr,
                                SM_SCALE: gl.constexpr, CAUSAL: gl.constexpr,
-                               BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                               BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                               HEAD_GROUP: gl.constexpr):
     """Grid (T / BLOCK_M, B * HQ): delta and dq of BLOCK_M query rows of one (batch, query head).
     Arguments as attention._attn_bwd_dq_kernel's (dq_ptr: its dqkv_ptr, packed like qkv, of which
     this kernel writes the q heads)."""
     ROW: gl.constexpr = (HQ + 2 * HKV) * HEAD_DIM
     OUT_ROW: gl.constexpr = HQ * HEAD_DIM
     dtype: gl.constexpr = qkv_ptr.dtype.element_ty
-    first_row, n_blocks, b, h, g = _query_block(T, HQ, HKV, CAUSAL, BLOCK_N)
+    first_row, n_blocks, b, h, g = _query_block(T, HQ, HKV, CAUSAL, BLOCK_N, HEAD_GROUP)
     qkv_b = b.to(gl.int64) * (T * ROW)
     q_offset = qkv_b + first_row * ROW + h * HEAD_DIM
     out_offset = b.to(gl.int64) * (T * OUT_ROW) + first_row * OUT_ROW + h * HEAD_DIM
@@ -461,11 +473,9 @@ def backward_dq(qkv, out, dout, lse, cfg):
     """(dqkv with its q heads written, delta [B, Hq, T] fp32) for `supported` inputs: what
     attention._attn_bwd_dq_kernel returns, for its dK/dV kernel to complete."""
     B, T, _ = qkv.shape
-    shared = cfg.constexprs(T, has_mask=False)
     return triton_call(
         qkv, out, dout, lse, kernel=_attn_bwd_dq_hopper_kernel,
         out_shape=(jax.ShapeDtypeStruct(qkv.shape, qkv.dtype),
                    jax.ShapeDtypeStruct((B, cfg.num_heads, T), jnp.float32)),
         grid=(triton.cdiv(T, BLOCK_M.value), B * cfg.num_heads), num_warps=4,
-        **{name: shared[name] for name in ("T", "HQ", "HKV", "HEAD_DIM", "QK_SCALE", "CAUSAL")},
-        SM_SCALE=cfg.sm_scale, BLOCK_N=DQ_BLOCK_N, STAGES=DQ_STAGES)
+        **_constexprs(cfg, T), SM_SCALE=cfg.sm_scale, BLOCK_N=DQ_BLOCK_N, STAGES=DQ_STAGES)
