@@ -14,8 +14,8 @@ Why Gluon: in Triton's `tl.dot` every wgmma is waited for as soon as it is issue
 never overlaps its elementwise work with the tensor cores. Gluon (Triton's lower-level language)
 makes the asynchronous wgmma, shared memory, mbarriers and warp specialization explicit. Measured
 on an H100 at (4, 32, 4096, 128) causal bf16 (bench/RESULTS.md, 2026-11-26): forward 0.998 ms
-against 1.153 for the Triton kernel and 1.040 for torch SDPA; the backward 3.40-3.54 ms with this
-dQ kernel against 3.59-3.63 with the Triton one.
+against 1.153 for the Triton kernel and 1.040 for torch SDPA; dQ 1.29-1.31 ms (kernel time), the
+backward 3.40-3.54 ms with it against 3.59-3.63 with the Triton dQ kernel.
 
 Both kernels stream the key and value blocks of one (batch, kv head) past BLOCK_M = 128 query
 rows of one (batch, query head), in three warp partitions:
