@@ -48,6 +48,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                 warpgroup_mma, warpgroup_mma_wait)
 
 from jtgpt.call import gpu_capability, triton_call
+# A circular import (attention dispatches to this module); its kernels' program order is read
+# from attention only when a kernel here is compiled.
+from jtgpt.kernels import attention
 
 BLOCK_M = gl.constexpr(128)  # query rows per program
 WG_ROWS = gl.constexpr(64)   # query rows per consumer warpgroup
@@ -219,23 +222,14 @@ def _consumer_1(args, ROW: gl.constexpr, OUT_ROW: gl.constexpr, HEAD_DIM: gl.con
 def _query_block(T: gl.constexpr, HQ: gl.constexpr, HKV: gl.constexpr, CAUSAL: gl.constexpr,
                  BLOCK_N: gl.constexpr, HEAD_GROUP: gl.constexpr):
     """(first_row, n_blocks, b, h, g) of a program on the grid (T / BLOCK_M, B * HQ): its first
-    query row, the number of key blocks its rows see, its batch, query head and kv head. Causal:
-    programs start in the order of attention._program_in_group, the longest query blocks first."""
+    query row, the number of key blocks its rows see, its batch, query head and kv head, in the
+    program order of the Triton kernels (attention._query_program)."""
+    start_m, _, b, h, g = attention._query_program(HQ, HKV, CAUSAL, HEAD_GROUP)
     if CAUSAL:
-        n_m = gl.num_programs(0)
-        pid = gl.program_id(1) * n_m + gl.program_id(0)
-        first_bh = pid // (HEAD_GROUP * n_m) * HEAD_GROUP
-        size = gl.minimum(gl.num_programs(1) - first_bh, HEAD_GROUP)
-        within = pid - first_bh * n_m
-        start_m = n_m - 1 - within // size
-        bh = first_bh + within % size
         n_blocks = gl.cdiv((start_m + 1) * BLOCK_M, BLOCK_N)   # keys up to the last row
     else:
-        start_m = gl.program_id(0)
-        bh = gl.program_id(1)
         n_blocks = T // BLOCK_N
-    h = bh % HQ
-    return start_m * BLOCK_M, n_blocks, bh // HQ, h, h // (HQ // HKV)
+    return start_m * BLOCK_M, n_blocks, b, h, g
 
 
 @gluon.jit
@@ -347,7 +341,8 @@ def _dq_ds(s, dp, lse2, delta, row0, col0, QK_SCALE: gl.constexpr, CAUSAL_MASK: 
 
 
 @gluon.jit
-def _dq_consumer(q_ptr, out_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, k_smem, v_smem, ready_k, ready_v, empty, turn, first_row, n_blocks, ROW: gl.constexpr,
+def _dq_consumer(q_ptr, out_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, k_smem, v_smem, ready_k,
+                 ready_v, empty, turn, first_row, n_blocks, ROW: gl.constexpr,
                  OUT_ROW: gl.constexpr, HEAD_DIM: gl.constexpr, QK_SCALE: gl.constexpr,
                  SM_SCALE: gl.constexpr, CAUSAL: gl.constexpr, WG: gl.constexpr):
     """delta and dq of rows first_row + [0, WG_ROWS) of one head: q_ptr, dq_ptr point at the
@@ -449,22 +444,24 @@ def _attn_bwd_dq_hopper_kernel(qkv_ptr, out_ptr, do_ptr, lse_ptr, dq_ptr, delta_
     OUT_ROW: gl.constexpr = HQ * HEAD_DIM
     dtype: gl.constexpr = qkv_ptr.dtype.element_ty
     first_row, n_blocks, b, h, g = _query_block(T, HQ, HKV, CAUSAL, BLOCK_N, HEAD_GROUP)
-    qkv_b = b.to(gl.int64) * (T * ROW)
-    q_offset = qkv_b + first_row * ROW + h * HEAD_DIM
+    batch_offset = b.to(gl.int64) * (T * ROW)
+    q_offset = batch_offset + first_row * ROW + h * HEAD_DIM
     out_offset = b.to(gl.int64) * (T * OUT_ROW) + first_row * OUT_ROW + h * HEAD_DIM
     stats_offset = (b * HQ + h) * T + first_row
 
     ring = _kv_ring(dtype, STAGES, BLOCK_N, HEAD_DIM)
     k_smem, v_smem, ready_k, ready_v, empty, turn = ring
     args_0 = (qkv_ptr + q_offset, out_ptr + out_offset, do_ptr + out_offset,
-              lse_ptr + stats_offset, delta_ptr + stats_offset, dq_ptr + q_offset) + ring + (first_row, n_blocks)
+              lse_ptr + stats_offset, delta_ptr + stats_offset, dq_ptr + q_offset) + ring + (
+        first_row, n_blocks)
     args_1 = (qkv_ptr + q_offset + WG_ROWS * ROW, out_ptr + out_offset + WG_ROWS * OUT_ROW,
               do_ptr + out_offset + WG_ROWS * OUT_ROW, lse_ptr + stats_offset + WG_ROWS,
-              delta_ptr + stats_offset + WG_ROWS, dq_ptr + q_offset + WG_ROWS * ROW) + ring + (first_row + WG_ROWS, n_blocks)
+              delta_ptr + stats_offset + WG_ROWS, dq_ptr + q_offset + WG_ROWS * ROW) + ring + (
+        first_row + WG_ROWS, n_blocks)
     gl.warp_specialize([
         (_dq_consumer_0, (args_0, ROW, OUT_ROW, HEAD_DIM, QK_SCALE, SM_SCALE, CAUSAL)),
         (_dq_consumer_1, (args_1, ROW, OUT_ROW, HEAD_DIM, QK_SCALE, SM_SCALE, CAUSAL)),
-        (_producer, (qkv_ptr + qkv_b + (HQ + g) * HEAD_DIM, k_smem, v_smem, ready_k, ready_v,
+        (_producer, (qkv_ptr + batch_offset + (HQ + g) * HEAD_DIM, k_smem, v_smem, ready_k, ready_v,
                      empty, n_blocks, ROW, HKV * HEAD_DIM, HEAD_DIM)),
     ], [4, PRODUCER_WARPS], [240, 24])
 
