@@ -28,7 +28,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from common import compile_and_time, relative_error  # noqa: E402
 from jtgpt import reference  # noqa: E402
-from jtgpt.kernels import attention  # noqa: E402
+from jtgpt.kernels.attention import flash  # noqa: E402
 from jtgpt.kernels.attention import flash_attention  # noqa: E402
 
 TOLERANCE = {"bfloat16": 2e-2, "float16": 4e-3, "float32": 1e-3}  # fp32: competitors may use tf32
@@ -102,26 +102,26 @@ def sweep(qkv, dout, H, D, causal, dropout_rate, calls, repeats, row, parts_to_s
     dK/dV) under each dK/dV config with the chosen dQ one and vice versa; each output is
     checked against the chosen configs' output first."""
     seed = jnp.int32(7)
-    _, _, seed, cfg = attention._checked(qkv, H, None, None, causal, None, "ieee", dropout_rate,
+    _, _, seed, cfg = flash._checked(qkv, H, None, None, causal, None, "ieee", dropout_rate,
                                          seed)
-    out, lse = jax.jit(lambda qkv: attention._forward(qkv, None, seed, cfg))(qkv)
+    out, lse = jax.jit(lambda qkv: flash._forward(qkv, None, seed, cfg))(qkv)
     parts = {  # part -> (a fresh jit each call: it traces under the config patched in now, args)
-        "fwd": (lambda: jax.jit(lambda qkv: attention._forward(qkv, None, seed, cfg)[0]), (qkv,)),
-        "dkdv": (lambda: jax.jit(lambda *a: attention._backward(*a, cfg)),
+        "fwd": (lambda: jax.jit(lambda qkv: flash._forward(qkv, None, seed, cfg)[0]), (qkv,)),
+        "dkdv": (lambda: jax.jit(lambda *a: flash._backward(*a, cfg)),
                  (qkv, None, seed, out, lse, dout))}
     parts["dq"] = parts["dkdv"]
-    chosen = {"fwd": attention._block_config(D, qkv.dtype, "ieee")}
-    chosen["dkdv"], chosen["dq"] = attention._bwd_block_config(D, qkv.dtype, "ieee")
-    saved = attention._block_config, attention._bwd_block_config
+    chosen = {"fwd": flash._block_config(D, qkv.dtype, "ieee")}
+    chosen["dkdv"], chosen["dq"] = flash._bwd_block_config(D, qkv.dtype, "ieee")
+    saved = flash._block_config, flash._bwd_block_config
     for part in parts_to_sweep:
         configs, (make, args) = SWEEP[part], parts[part]
         want = make()(*args)
         for config in [chosen[part]] + [c for c in configs if c != chosen[part]]:
             if part == "fwd":
-                attention._block_config = lambda *_, c=config: c
+                flash._block_config = lambda *_, c=config: c
             else:
                 pair = (config, chosen["dq"]) if part == "dkdv" else (chosen["dkdv"], config)
-                attention._bwd_block_config = lambda *_, pair=pair: pair
+                flash._bwd_block_config = lambda *_, pair=pair: pair
             try:
                 fn = make()
                 err = relative_error(fn(*args), want)
@@ -131,7 +131,7 @@ def sweep(qkv, dout, H, D, causal, dropout_rate, calls, repeats, row, parts_to_s
             except Exception as e:  # noqa: BLE001 - a config that does not fit shared memory
                 row(f"{part} {config}", "-", f"{type(e).__name__}: {str(e).splitlines()[0][:80]}")
             finally:
-                attention._block_config, attention._bwd_block_config = saved
+                flash._block_config, flash._bwd_block_config = saved
 
 
 # ------------------------------------------------------------------------------------- main

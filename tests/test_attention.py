@@ -22,7 +22,7 @@ import pytest
 from conftest import assert_close, shapes
 from jtgpt import reference
 from jtgpt.call import compile_only, gpu_capability
-from jtgpt.kernels import attention, attention_hopper
+from jtgpt.kernels.attention import common, flash, hopper
 
 DTYPES = [jnp.float32, jnp.float16, jnp.bfloat16]
 
@@ -30,8 +30,8 @@ DTYPES = [jnp.float32, jnp.float16, jnp.bfloat16]
 @pytest.fixture(params=["gpu_blocks", "small_blocks"])
 def blocks(request, monkeypatch):
     if request.param == "small_blocks":
-        monkeypatch.setattr(attention, "_block_config", lambda *args: (32, 16, 4, 1))
-        monkeypatch.setattr(attention, "_bwd_block_config",
+        monkeypatch.setattr(flash, "_block_config", lambda *args: (32, 16, 4, 1))
+        monkeypatch.setattr(flash, "_bwd_block_config",
                             lambda *args: ((16, 32, 4, 1), (32, 16, 4, 1)))
 
 
@@ -52,7 +52,7 @@ def split_heads(qkv, Hq, Hkv):
 def run(qkv, mask=None, **kwargs):
     """(out, lse) of attention_forward under jax.jit, and the reference output [B, T, Hq * D]."""
     Hq, Hkv = kwargs["num_heads"], kwargs.get("num_kv_heads") or kwargs["num_heads"]
-    fwd = jax.jit(lambda x, m: attention.attention_forward(x, attention_mask=m, **kwargs))
+    fwd = jax.jit(lambda x, m: flash.attention_forward(x, attention_mask=m, **kwargs))
     out, lse = fwd(qkv, mask)
     ref = reference.attention(*split_heads(qkv, Hq, Hkv), attention_mask=mask,
                               causal=kwargs.get("causal", True), sm_scale=kwargs.get("sm_scale"))
@@ -147,7 +147,7 @@ def test_tf32_precision(key):
 def test_flash_attention_returns_out(key):
     B, T, H, D = 1, 19, 2, 16
     qkv = packed_qkv(key, B, T, H, H, D, jnp.float16)
-    out = jax.jit(functools.partial(attention.flash_attention, num_heads=H))(qkv)
+    out = jax.jit(functools.partial(flash.flash_attention, num_heads=H))(qkv)
     assert_close(out, run(qkv, num_heads=H)[2])
 
 
@@ -167,7 +167,7 @@ def test_invalid_arguments(shape, dtype, kwargs, match):
     """Each is refused while tracing (eval_shape: nothing runs, nothing is allocated)."""
     kwargs = {"num_heads": 2, **kwargs}
     with pytest.raises(ValueError, match=match):
-        jax.eval_shape(lambda qkv: attention.flash_attention(qkv, **kwargs),
+        jax.eval_shape(lambda qkv: flash.flash_attention(qkv, **kwargs),
                        jax.ShapeDtypeStruct(shape, dtype))
 
 
@@ -183,7 +183,7 @@ def grads(key, qkv, mask=None, **kwargs):
     dout = jax.random.normal(key, (B, T, Hq * D), jnp.float32)
 
     def ours(x):
-        return attention.flash_attention(x, attention_mask=mask, **kwargs)
+        return flash.flash_attention(x, attention_mask=mask, **kwargs)
 
     def ref(x):
         out = reference.attention(*split_heads(x, Hq, Hkv), attention_mask=mask, causal=causal,
@@ -219,10 +219,10 @@ def test_gradient_matches_reference(key, blocks, dtype, causal, B, T, H, D):
 
 @pytest.mark.parametrize("head_group", [4, 5])
 def test_head_groups_cover_every_program(key, blocks, head_group, monkeypatch):
-    """Causal programs start in groups of HEAD_GROUP heads (_program_in_group). With B * H = 6 the
+    """Causal programs start in groups of HEAD_GROUP heads (common.program_in_group). With B * H = 6 the
     last group is partial, and with Hkv = 1 the dK/dV grid's B * Hkv = 2 heads are one partial
     group: every block of every head is still computed exactly once, forward and gradient."""
-    monkeypatch.setattr(attention, "HEAD_GROUP", head_group)
+    monkeypatch.setattr(common, "HEAD_GROUP", head_group)
     qkv = packed_qkv(key, 2, 40, 3, 3, 32, jnp.float32)
     out, _, ref = run(qkv, num_heads=3)
     assert_close(out, ref)
@@ -265,7 +265,7 @@ def test_gradient_has_no_xla_dot(key):
     """The backward is Triton only: no dot_general in the jaxpr of the gradient."""
     qkv = packed_qkv(key, 1, 19, 4, 2, 16, jnp.float32)
     mask = padding_mask(19, [15], left=True)
-    loss = lambda x: attention.flash_attention(  # noqa: E731
+    loss = lambda x: flash.flash_attention(  # noqa: E731
         x, num_heads=4, num_kv_heads=2, attention_mask=mask, dropout_rate=0.1,
         seed=jnp.int32(7)).sum()
     jaxpr = str(jax.make_jaxpr(jax.grad(loss))(qkv))
@@ -286,7 +286,7 @@ def test_backward_builds_for_hopper(dtype, precision, D, monkeypatch, tmp_path):
     wgmma is serialized (ptxas warning C7515, read from its log on a cold Triton cache). The
     Gluon dQ kernel that replaces _attn_bwd_dq_kernel for some of these cases on Hopper is held
     off here: test_hopper_kernels_build checks it."""
-    monkeypatch.setattr(attention_hopper, "supported", lambda *args: False)
+    monkeypatch.setattr(hopper, "supported", lambda *args: False)
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("TRITON_DUMP_PTXAS_LOG", "1")
     B, T, H = 4, 1024, 4
@@ -296,7 +296,7 @@ def test_backward_builds_for_hopper(dtype, precision, D, monkeypatch, tmp_path):
     log = io.StringIO()
     with contextlib.redirect_stdout(log), compile_only(capability=90) as built:
         for causal, m, rate in variants:
-            loss = lambda x, m, causal=causal, rate=rate: attention.flash_attention(  # noqa: E731
+            loss = lambda x, m, causal=causal, rate=rate: flash.flash_attention(  # noqa: E731
                 x, num_heads=H, attention_mask=m, causal=causal, precision=precision,
                 dropout_rate=rate, seed=jnp.int32(1) if rate else None).astype(jnp.float32).sum()
             jax.eval_shape(jax.grad(loss), qkv, m)
@@ -325,11 +325,11 @@ HOPPER_SHAPES = [(2, 128, 2, 2), (1, 384, 4, 2), (2, 256, 4, 1)]  # one and seve
 def test_hopper_forward_matches_reference(key, dtype, causal, B, T, Hq, Hkv, monkeypatch):
     """Its out against the reference, its lse against the Triton kernel's (checked elsewhere)."""
     qkv = packed_qkv(key, B, T, Hq, Hkv, 128, dtype)
-    _, _, _, cfg = attention._checked(qkv, Hq, Hkv, None, causal, None, "ieee", 0.0, None)
-    assert attention_hopper.supported(qkv, None, cfg)
+    _, _, _, cfg = flash._checked(qkv, Hq, Hkv, None, causal, None, "ieee", 0.0, None)
+    assert hopper.supported(qkv, None, cfg)
     out, lse, ref = run(qkv, num_heads=Hq, num_kv_heads=Hkv, causal=causal)
     assert_close(out, ref, dtype)
-    monkeypatch.setattr(attention_hopper, "supported", lambda *args: False)
+    monkeypatch.setattr(hopper, "supported", lambda *args: False)
     _, triton_lse, _ = run(qkv, num_heads=Hq, num_kv_heads=Hkv, causal=causal)
     np.testing.assert_allclose(np.asarray(lse), np.asarray(triton_lse), rtol=1e-5, atol=1e-5)
 
@@ -344,17 +344,17 @@ def test_hopper_dq_matches_triton(key, dtype, causal, B, T, Hq, Hkv, monkeypatch
     fp32 block products in the same order, so they agree to fp32 rounding."""
     qkv = packed_qkv(key, B, T, Hq, Hkv, 128, dtype)
     dout = jax.random.normal(jax.random.fold_in(key, 1), (B, T, Hq * 128)).astype(dtype)
-    qkv, _, seed, cfg = attention._checked(qkv, Hq, Hkv, None, causal, None, "ieee", 0.0, None)
-    out, lse = attention._forward(qkv, None, seed, cfg)
+    qkv, _, seed, cfg = flash._checked(qkv, Hq, Hkv, None, causal, None, "ieee", 0.0, None)
+    out, lse = flash._forward(qkv, None, seed, cfg)
 
     def dq_and_delta():
-        dq, delta = jax.jit(lambda *a: attention._dq_and_delta(*a, cfg))(
+        dq, delta = jax.jit(lambda *a: flash._dq_and_delta(*a, cfg))(
             qkv, None, seed, out, lse, dout)
         return np.asarray(dq[..., :Hq * 128], np.float32), np.asarray(delta)
 
-    assert attention_hopper.supported(qkv, None, cfg)
+    assert hopper.supported(qkv, None, cfg)
     dq, delta = dq_and_delta()
-    monkeypatch.setattr(attention_hopper, "supported", lambda *args: False)
+    monkeypatch.setattr(hopper, "supported", lambda *args: False)
     triton_dq, triton_delta = dq_and_delta()
     np.testing.assert_allclose(delta, triton_delta, rtol=1e-5, atol=1e-5)
     eps = float(jnp.finfo(dtype).eps)  # numpy's finfo does not know bfloat16
@@ -389,7 +389,7 @@ def test_hopper_kernels_build(dtype):
     for (B, T, Hq, Hkv, D), masked, causal, names in cases:
         qkv = jax.ShapeDtypeStruct((B, T, (Hq + 2 * Hkv) * D), dtype)
         mask = jax.ShapeDtypeStruct((B, T), jnp.int32) if masked else None
-        loss = lambda x, m, Hq=Hq, Hkv=Hkv, causal=causal: attention.flash_attention(  # noqa: E731
+        loss = lambda x, m, Hq=Hq, Hkv=Hkv, causal=causal: flash.flash_attention(  # noqa: E731
             x, num_heads=Hq, num_kv_heads=Hkv, attention_mask=m, causal=causal).sum(
                 dtype=jnp.float32)
         with compile_only(capability=90) as built:
@@ -424,7 +424,7 @@ def kept(B, T, Hq, Hkv, causal, rate, seed):
     k = jnp.ones((B, T, Hkv * D), jnp.float32)
     v = jnp.tile(jnp.eye(T, D, dtype=jnp.float32)[None, :, None, :], (B, 1, Hkv, 1))
     qkv = jnp.concatenate([q, k, v.reshape(B, T, Hkv * D)], axis=-1)
-    out = jax.jit(functools.partial(attention.flash_attention, num_heads=Hq, num_kv_heads=Hkv,
+    out = jax.jit(functools.partial(flash.flash_attention, num_heads=Hq, num_kv_heads=Hkv,
                                     causal=causal, dropout_rate=rate))(qkv, seed=seed)
     z = np.asarray(out).reshape(B, T, Hq, D)[..., :T].transpose(0, 2, 1, 3)
     allowed = np.tri(T, dtype=bool) if causal else np.ones((T, T), bool)
@@ -452,7 +452,7 @@ def test_dropout_matches_reference_given_its_mask(key, blocks, causal):
 
     qkv = packed_qkv(key, B, T, Hq, Hkv, D, jnp.float32)
     dout = jax.random.normal(jax.random.fold_in(key, 1), (B, T, Hq * D), jnp.float32)
-    ours = functools.partial(attention.flash_attention, num_heads=Hq, num_kv_heads=Hkv,
+    ours = functools.partial(flash.flash_attention, num_heads=Hq, num_kv_heads=Hkv,
                              causal=causal, dropout_rate=rate, seed=seed)
     out, dqkv = jax.jit(lambda x, g: (ours(x), jax.vjp(ours, x)[1](g)[0]))(qkv, dout)
     ref = lambda x: dropout_attention(x, z_mask, rate, Hq, Hkv, causal)  # noqa: E731
@@ -468,11 +468,11 @@ def test_dropout_seed(key):
 
     @functools.partial(jax.jit, static_argnums=1)
     def run(x, rate, seed):
-        f = functools.partial(attention.flash_attention, num_heads=H, dropout_rate=rate, seed=seed)
+        f = functools.partial(flash.flash_attention, num_heads=H, dropout_rate=rate, seed=seed)
         out, vjp = jax.vjp(f, x)
         return out, vjp(out)[0]
 
-    plain = jax.jit(lambda x: attention.flash_attention(x, num_heads=H))(qkv)
+    plain = jax.jit(lambda x: flash.flash_attention(x, num_heads=H))(qkv)
     np.testing.assert_array_equal(run(qkv, 0.0, jnp.int32(5))[0], plain)
     a, b, c = (run(qkv, 0.5, jnp.int32(s)) for s in (5, 5, 6))
     for x, y in zip(a, b):
@@ -488,4 +488,4 @@ def test_dropout_seed(key):
 ])
 def test_invalid_dropout(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        attention.flash_attention(jnp.ones((1, 8, 6 * 16), jnp.float32), num_heads=2, **kwargs)
+        flash.flash_attention(jnp.ones((1, 8, 6 * 16), jnp.float32), num_heads=2, **kwargs)

@@ -1,9 +1,9 @@
 """Flash attention forward and dQ for Hopper GPUs, in Gluon: FlashAttention-3's schedule.
 
-The same functions as two of `jtgpt.kernels.attention`'s kernels (see that module's docstring for
-the math) for their most common case: 16-bit qkv, head_dim 128, T a multiple of 128, no padding
-mask, no dropout, causal or not, grouped-query heads allowed. `attention.flash_attention` calls
-them for that case on an H100/H200 and its Triton kernels for everything else:
+The same functions as two of `jtgpt.kernels.attention.flash`'s kernels (see that module's
+docstring for the math) for their most common case: 16-bit qkv, head_dim 128, T a multiple of 128,
+no padding mask, no dropout, causal or not, grouped-query heads allowed. `flash.flash_attention`
+calls them for that case on an H100/H200 and its Triton kernels for everything else:
 
 - `forward`: out and the natural-log lse (online softmax in base 2), as _attn_fwd_kernel.
 - `backward_dq`: delta_i = dO_i . out_i and dq_i = sm_scale sum_j p_ij (dP_ij - delta_i) k_j, p
@@ -12,10 +12,8 @@ them for that case on an H100/H200 and its Triton kernels for everything else:
 
 Why Gluon: in Triton's `tl.dot` every wgmma is waited for as soon as it is issued, so a program
 never overlaps its elementwise work with the tensor cores. Gluon (Triton's lower-level language)
-makes the asynchronous wgmma, shared memory, mbarriers and warp specialization explicit. Measured
-on an H100 at (4, 32, 4096, 128) causal bf16 (bench/RESULTS.md, 2026-11-26): forward 0.998 ms
-against 1.153 for the Triton kernel and 1.040 for torch SDPA; dQ 1.29-1.31 ms (kernel time), the
-backward 3.40-3.54 ms with it against 3.59-3.63 with the Triton dQ kernel.
+makes the asynchronous wgmma, shared memory, mbarriers and warp specialization explicit; both
+kernels beat their Triton twins (bench/RESULTS.md has the measurements).
 
 Both kernels stream the key and value blocks of one (batch, kv head) past BLOCK_M = 128 query
 rows of one (batch, query head), in three warp partitions:
@@ -23,8 +21,8 @@ rows of one (batch, query head), in three warp partitions:
 - A producer warpgroup (4 warps, 24 registers each, by setmaxnreg) copies the key and value blocks
   of BLOCK_N rows with cp.async into a ring of STAGES shared-memory slots. `ready` barriers say a
   slot has landed; `empty` barriers (one arrival per consumer) say both consumers are done with it.
-  (TMA would be faster still, but its descriptors hold the buffer's address and jax-triton has no
-  way to pass or build them; bench/RESULTS.md, 2026-11-26, session 5.)
+  (Not TMA: its descriptors hold the buffer's address, and jax-triton has no way to pass or
+  build them.)
 - Two consumer warpgroups (240 registers each) own 64 query rows each. Forward: for key block j a
   consumer issues s_j = q k_j^T and o += p_{j-1} v_{j-1} as asynchronous wgmma, waits for s_j
   alone, runs the online softmax of block j while p v is still on the tensor cores, then waits
@@ -48,9 +46,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                 warpgroup_mma, warpgroup_mma_wait)
 
 from jtgpt.call import gpu_capability, triton_call
-# A circular import (attention dispatches to this module); its kernels' program order is read
-# from attention only when a kernel here is compiled.
-from jtgpt.kernels import attention
+from jtgpt.kernels.attention import common
 
 BLOCK_M = gl.constexpr(128)  # query rows per program
 WG_ROWS = gl.constexpr(64)   # query rows per consumer warpgroup
@@ -62,7 +58,7 @@ LOG2E = gl.constexpr(1.4426950408889634)
 
 
 def supported(qkv, mask, cfg) -> bool:
-    """Whether this kernel computes `attention._forward(qkv, mask, seed, cfg)`: a Hopper GPU (or a
+    """Whether this kernel computes `flash._forward(qkv, mask, seed, cfg)`: a Hopper GPU (or a
     compile_only build for one), 16-bit qkv, head_dim 128, T % 128 == 0, no mask, no dropout."""
     capability = gpu_capability()
     return (capability is not None and capability // 10 == 9
@@ -223,8 +219,8 @@ def _query_block(T: gl.constexpr, HQ: gl.constexpr, HKV: gl.constexpr, CAUSAL: g
                  BLOCK_N: gl.constexpr, HEAD_GROUP: gl.constexpr):
     """(first_row, n_blocks, b, h, g) of a program on the grid (T / BLOCK_M, B * HQ): its first
     query row, the number of key blocks its rows see, its batch, query head and kv head, in the
-    program order of the Triton kernels (attention._query_program)."""
-    start_m, _, b, h, g = attention._query_program(HQ, HKV, CAUSAL, HEAD_GROUP)
+    program order of the Triton kernels (common.query_program)."""
+    start_m, _, b, h, g = common.query_program(HQ, HKV, CAUSAL, HEAD_GROUP)
     if CAUSAL:
         n_blocks = gl.cdiv((start_m + 1) * BLOCK_M, BLOCK_N)   # keys up to the last row
     else:
@@ -259,7 +255,7 @@ def _attn_fwd_hopper_kernel(qkv_ptr, out_ptr, lse_ptr, T: gl.constexpr, HQ: gl.c
                             HKV: gl.constexpr, HEAD_DIM: gl.constexpr, QK_SCALE: gl.constexpr,
                             CAUSAL: gl.constexpr, HEAD_GROUP: gl.constexpr):
     """Grid (T / BLOCK_M, B * HQ). qkv_ptr: [B, T, (HQ + 2 HKV) HEAD_DIM]; out_ptr: [B, T, HQ
-    HEAD_DIM]; lse_ptr: fp32 [B, HQ, T] (the layouts of attention._attn_fwd_kernel)."""
+    HEAD_DIM]; lse_ptr: fp32 [B, HQ, T] (the layouts of flash._attn_fwd_kernel)."""
     ROW: gl.constexpr = (HQ + 2 * HKV) * HEAD_DIM
     OUT_ROW: gl.constexpr = HQ * HEAD_DIM
     dtype: gl.constexpr = qkv_ptr.dtype.element_ty
@@ -294,7 +290,7 @@ def _constexprs(cfg, T):
 
 
 def forward(qkv, cfg):
-    """(out [B, T, Hq D], lse [B, Hq, T] fp32) for `supported` inputs (attention._forward)."""
+    """(out [B, T, Hq D], lse [B, Hq, T] fp32) for `supported` inputs (flash._forward)."""
     B, T, _ = qkv.shape
     out_shapes = (jax.ShapeDtypeStruct((B, T, cfg.num_heads * cfg.head_dim), qkv.dtype),
                   jax.ShapeDtypeStruct((B, cfg.num_heads, T), jnp.float32))
@@ -438,7 +434,7 @@ def _attn_bwd_dq_hopper_kernel(qkv_ptr, out_ptr, do_ptr, lse_ptr, dq_ptr, delta_
                                BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                                HEAD_GROUP: gl.constexpr):
     """Grid (T / BLOCK_M, B * HQ): delta and dq of BLOCK_M query rows of one (batch, query head).
-    Arguments as attention._attn_bwd_dq_kernel's (dq_ptr: its dqkv_ptr, packed like qkv, of which
+    Arguments as flash._attn_bwd_dq_kernel's (dq_ptr: its dqkv_ptr, packed like qkv, of which
     this kernel writes the q heads)."""
     ROW: gl.constexpr = (HQ + 2 * HKV) * HEAD_DIM
     OUT_ROW: gl.constexpr = HQ * HEAD_DIM
@@ -468,7 +464,7 @@ def _attn_bwd_dq_hopper_kernel(qkv_ptr, out_ptr, do_ptr, lse_ptr, dq_ptr, delta_
 
 def backward_dq(qkv, out, dout, lse, cfg):
     """(dqkv with its q heads written, delta [B, Hq, T] fp32) for `supported` inputs: what
-    attention._attn_bwd_dq_kernel returns, for its dK/dV kernel to complete."""
+    flash._attn_bwd_dq_kernel returns, for its dK/dV kernel to complete."""
     B, T, _ = qkv.shape
     return triton_call(
         qkv, out, dout, lse, kernel=_attn_bwd_dq_hopper_kernel,

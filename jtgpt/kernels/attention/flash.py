@@ -19,10 +19,8 @@ sums the undropped probabilities: lse is dropout's. Scores never reach memory. E
 base 2: log2(e) is folded into the scale, so m_i is in log2 units and each exponential is one exp2
 (a single MUFU instruction on the GPU). Triton 3.6 waits for every wgmma right after issuing it, so
 within a program the softmax never overlaps the tensor cores; the two programs per SM overlap each
-other instead. Both tried and slower on an H100 (bench/RESULTS.md, 2026-11-26, session 5):
-rescaling only when a row's max grows by more than 2^8, and q fed to wgmma from registers. On
-Hopper GPUs the common case (16-bit, head_dim 128, T % 128 == 0, no mask, no dropout) runs
-instead in `jtgpt.kernels.attention_hopper`, a Gluon kernel that does overlap them
+other instead. On Hopper GPUs the common case (16-bit, head_dim 128, T % 128 == 0, no mask, no
+dropout) runs instead in `jtgpt.kernels.attention.hopper`, Gluon kernels that do overlap them
 (FlashAttention-3's schedule), with the same outputs; so does the dQ kernel below.
 
 Backward, with dO the cotangent of out (FlashAttention-2: p is recomputed from q, k and the saved
@@ -40,11 +38,9 @@ keys, so every element is written once by one program (deterministic, no atomics
 owns a query block of one (batch, query head), as in the forward, and computes its rows' delta
 on the way (it loads their dO anyway) for the dK/dV kernel. Causal: both visit only the blocks on
 or below the diagonal, and only blocks on it pay for the elementwise mask. The price of no
-atomics: q k^T and dO v^T are computed twice, once per kernel (7 block products, not 5). Still,
-on an H100 this beat FlashAttention-2's 5-product loop, dQ added by fp32 atomics inside the dK/dV
-kernel (4.94 against 5.16 ms at (4, 32, 4096, 128)): that fused loop hits the 255-register limit
-and spills, and was as slow with its atomics replaced by plain stores (bench/RESULTS.md,
-2026-11-26).
+atomics: q k^T and dO v^T are computed twice, once per kernel (7 block products, not 5). It is
+the cheaper price here: FlashAttention-2's 5-product loop, with dQ added by fp32 atomics inside
+the dK/dV kernel, hits the 255-register limit and spills, and measured slower (bench/RESULTS.md).
 
 Layout: qkv is the [B, T, (Hq + 2 Hkv) D] output of the c_attn GEMM, each row [q heads | k heads |
 v heads] with each head D contiguous values. The kernels read every head's [T, D] slice in place
@@ -68,8 +64,6 @@ mask from the same counters; it is never stored.
 from __future__ import annotations
 
 import functools
-import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -78,14 +72,15 @@ import triton
 import triton.language as tl
 
 from jtgpt.call import triton_call
-from jtgpt.kernels import attention_hopper, check_float_dtype, dropout_seed
+from jtgpt.kernels import check_float_dtype, dropout_seed
+from jtgpt.kernels.attention import hopper
+from jtgpt.kernels.attention.common import AttentionConfig, program_in_group, query_program
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
 PRECISIONS = ("ieee", "tf32")
 MAX_GRID_Y = 65535
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-HEAD_GROUP = 4  # causal programs start in groups of this many heads (_program_in_group)
 
 
 # ------------------------------------------------------------------------------------- kernels
@@ -171,39 +166,6 @@ def _attn_fwd_block_loop(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, seed, bh, 
 
 
 @triton.jit
-def _program_in_group(HEAD_GROUP: tl.constexpr):
-    """(rank, head) of a program on a grid (blocks, heads), for causal kernels whose programs do
-    unequal work. The GPU starts programs in grid order, axis 0 fastest; taken in that order,
-    programs go through the heads in groups of HEAD_GROUP, and within a group rank r of every
-    head starts before rank r + 1 of any. The kernel maps rank 0 to its longest block. Programs
-    running at once then share a few heads' K and V (q and dO) in L2 (a grid ordered heads-first
-    across all heads, tried, ran the forward at T = 4096, D = 128 1.9x slower), and the kernel
-    ends on short programs of several heads rather than on one head's longest."""
-    n = tl.num_programs(0)
-    pid = tl.program_id(1) * n + tl.program_id(0)
-    first = pid // (HEAD_GROUP * n) * HEAD_GROUP
-    size = tl.minimum(tl.num_programs(1) - first, HEAD_GROUP)
-    within = pid - first * n
-    return within // size, first + within % size
-
-
-@triton.jit
-def _query_program(HQ: tl.constexpr, HKV: tl.constexpr, CAUSAL: tl.constexpr,
-                   HEAD_GROUP: tl.constexpr):
-    """(query block, batch * HQ + head, batch, query head, kv head) of a program on the grid
-    (query blocks, B * HQ) of the forward and dQ kernels. Causal work grows with the query
-    block: the longest start first (_program_in_group)."""
-    if CAUSAL:
-        rank, pid_bh = _program_in_group(HEAD_GROUP)
-        start_m = tl.num_programs(0) - 1 - rank
-    else:
-        start_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-    h = pid_bh % HQ
-    return start_m, pid_bh, pid_bh // HQ, h, h // (HQ // HKV)
-
-
-@triton.jit
 def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, seed_ptr, out_ptr, lse_ptr,
                      T: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
                      QK_SCALE: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -217,7 +179,7 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, seed_ptr, out_ptr, lse_ptr,
     """
     ROW: tl.constexpr = (HQ + 2 * HKV) * HEAD_DIM  # stride of one token in qkv
     OUT_ROW: tl.constexpr = HQ * HEAD_DIM
-    start_m, pid_bh, b, h, g = _query_program(HQ, HKV, CAUSAL, HEAD_GROUP)
+    start_m, pid_bh, b, h, g = query_program(HQ, HKV, CAUSAL, HEAD_GROUP)
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -342,7 +304,7 @@ def _attn_bwd_dkdv_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, seed_pt
     OUT_ROW: tl.constexpr = HQ * HEAD_DIM
     GROUP: tl.constexpr = HQ // HKV
     if CAUSAL:
-        rank, bg = _program_in_group(HEAD_GROUP)  # key block 0 sees the most queries
+        rank, bg = program_in_group(HEAD_GROUP)  # key block 0 sees the most queries
     else:
         rank, bg = tl.program_id(0), tl.program_id(1)
     start_n = rank * BLOCK_N
@@ -444,7 +406,7 @@ def _attn_bwd_dq_kernel(qkv_ptr, out_ptr, do_ptr, lse_ptr, mask_ptr, seed_ptr, d
     for the dK/dV kernel. Causal needs BLOCK_M % BLOCK_N == 0."""
     ROW: tl.constexpr = (HQ + 2 * HKV) * HEAD_DIM
     OUT_ROW: tl.constexpr = HQ * HEAD_DIM
-    start_m, pid_bh, b, h, g = _query_program(HQ, HKV, CAUSAL, HEAD_GROUP)
+    start_m, pid_bh, b, h, g = query_program(HQ, HKV, CAUSAL, HEAD_GROUP)
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -502,11 +464,9 @@ def _block_config(head_dim: int, dtype, precision: str,
                   masked_dropout: bool = False) -> tuple[int, int, int, int]:
     """Forward (BLOCK_M, BLOCK_N, num_warps, num_stages) for an H100.
 
-    16-bit, D <= 128: timed on an H100 (`bench/attention.py --sweep`, 2026-11-25): one warpgroup
-    of 64 query rows per program, two or more programs per SM, beat 128-row programs of two
-    warpgroups at every shape tried: 0.43 vs 0.58 ms at GPT-2 inference (B=512, T=300, D=64),
-    0.24 vs 0.29 ms in GPT-2 training (B=16, T=1024, dropout 0.1), 1.15 vs 1.19 ms at (4, 32,
-    4096, 128). The rest were chosen by compiling every variant for sm_90a on CPU: the largest
+    16-bit, D <= 128: timed on an H100 (`bench/attention.py --sweep`; bench/RESULTS.md): one
+    warpgroup of 64 query rows per program, two or more programs per SM, beat 128-row programs of
+    two warpgroups at every shape tried (GPT-2 inference and training, (4, 32, 4096, 128)). The rest were chosen by compiling every variant for sm_90a on CPU: the largest
     tiles for which ptxas reports no register spills and no serialized wgmma (C7515: with
     128 x 128 tiles the causal masked variant hits it at D = 64). BLOCK_M must be a multiple of
     BLOCK_N (the causal diagonal is BLOCK_M // BLOCK_N key blocks). Each pipeline stage holds one
@@ -540,11 +500,10 @@ def _bwd_block_config(head_dim: int, dtype, precision: str) -> tuple[tuple[int, 
     [BLOCK_M, head_dim] accumulator and streams BLOCK_N keys. The held block is every product's
     row operand: with 8 warps, 64 rows per warpgroup. dK/dV needs BLOCK_N % BLOCK_M == 0, dQ
     BLOCK_M % BLOCK_N == 0 (the causal diagonal).
-    16-bit, D = 64 and 128: timed on an H100 (`bench/attention.py --sweep`, 2026-11-25, causal;
-    D = 64 at GPT-2 training's shape with dropout, D = 128 at (4, 32, 4096)). The winning dK/dV
-    tiles spill a little (8 bytes at D = 64 with dropout, up to 168 at D = 128) and still beat
-    every tiling that does not: 3.40 ms for the backward at D = 128 against 3.69 with 32 query
-    rows, which does not spill. The rest were chosen by compiling for sm_90a on CPU (causal,
+    16-bit, D = 64 and 128: timed on an H100 (`bench/attention.py --sweep`, causal; D = 64 at
+    GPT-2 training's shape with dropout, D = 128 at (4, 32, 4096); bench/RESULTS.md). The winning
+    dK/dV tiles spill a little (8 bytes at D = 64 with dropout, up to 168 at D = 128) and still
+    beat every tiling that does not. The rest were chosen by compiling for sm_90a on CPU (causal,
     padded, dropout variants): the largest tiles without spills or serialized wgmma (C7515); at
     D = 256 (16-bit) the dropout variant of dK/dV spills 64 bytes; fp32 at D >= 128 spills a
     little in every tiling tried.
@@ -567,27 +526,9 @@ def _bwd_block_config(head_dim: int, dtype, precision: str) -> tuple[tuple[int, 
     return (16, 16, 4, 1), (16, 16, 4, 1)
 
 
-class _Config(NamedTuple):
-    """The static arguments of one attention: hashable, so custom_vjp can take it as nondiff."""
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    causal: bool
-    sm_scale: float
-    precision: str
-    dropout_rate: float
-
-    def constexprs(self, T: int, has_mask: bool) -> dict:
-        """The constexprs the forward and backward kernels share."""
-        return dict(T=T, HQ=self.num_heads, HKV=self.num_kv_heads, HEAD_DIM=self.head_dim,
-                    QK_SCALE=self.sm_scale * math.log2(math.e), CAUSAL=self.causal,
-                    HAS_MASK=has_mask, DROPOUT_P=self.dropout_rate, PRECISION=self.precision,
-                    HEAD_GROUP=HEAD_GROUP)
-
-
-def _forward(qkv, mask, seed, cfg: _Config):
-    if attention_hopper.supported(qkv, mask, cfg):
-        return attention_hopper.forward(qkv, cfg)
+def _forward(qkv, mask, seed, cfg: AttentionConfig):
+    if hopper.supported(qkv, mask, cfg):
+        return hopper.forward(qkv, cfg)
     B, T, _ = qkv.shape
     block_m, block_n, num_warps, num_stages = _block_config(
         cfg.head_dim, qkv.dtype, cfg.precision, mask is not None and cfg.dropout_rate > 0)
@@ -603,11 +544,11 @@ def _forward(qkv, mask, seed, cfg: _Config):
         BLOCK_M=block_m, BLOCK_N=block_n)
 
 
-def _dq_and_delta(qkv, mask, seed, out, lse, dout, cfg: _Config):
+def _dq_and_delta(qkv, mask, seed, out, lse, dout, cfg: AttentionConfig):
     """(dqkv with its q heads written, delta [B, Hq, T] fp32) for the dK/dV kernel to complete:
-    `attention_hopper.backward_dq` where it applies, _attn_bwd_dq_kernel otherwise."""
-    if attention_hopper.supported(qkv, mask, cfg):
-        return attention_hopper.backward_dq(qkv, out, dout, lse, cfg)
+    `hopper.backward_dq` where it applies, _attn_bwd_dq_kernel otherwise."""
+    if hopper.supported(qkv, mask, cfg):
+        return hopper.backward_dq(qkv, out, dout, lse, cfg)
     B, T, _ = qkv.shape
     block_m, block_n, num_warps, num_stages = _bwd_block_config(cfg.head_dim, qkv.dtype,
                                                                 cfg.precision)[1]
@@ -621,7 +562,7 @@ def _dq_and_delta(qkv, mask, seed, out, lse, dout, cfg: _Config):
         BLOCK_M=block_m, BLOCK_N=block_n)
 
 
-def _backward(qkv, mask, seed, out, lse, dout, cfg: _Config):
+def _backward(qkv, mask, seed, out, lse, dout, cfg: AttentionConfig):
     """dqkv [B, T, (Hq + 2 Hkv) D] in qkv.dtype: the dQ kernel (which also makes delta) writes its
     q heads, then the dK/dV kernel its k and v heads, in place (module docstring)."""
     B, T, _ = qkv.shape
@@ -637,7 +578,7 @@ def _backward(qkv, mask, seed, out, lse, dout, cfg: _Config):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _flash_attention(qkv, mask, seed, cfg: _Config):
+def _flash_attention(qkv, mask, seed, cfg: AttentionConfig):
     return _forward(qkv, mask, seed, cfg)[0]
 
 
@@ -661,7 +602,7 @@ _flash_attention.defvjp(_flash_attention_fwd, _flash_attention_bwd)
 
 def _checked(qkv, num_heads, num_kv_heads, attention_mask, causal, sm_scale, precision,
              dropout_rate, seed):
-    """(qkv, int32 mask or None, int32 seed, _Config) after checking every argument."""
+    """(qkv, int32 mask or None, int32 seed, AttentionConfig) after checking every argument."""
     if getattr(qkv, "ndim", None) != 3:
         raise ValueError(f"qkv must be 3-D [B, T, (num_heads + 2 * num_kv_heads) * head_dim], "
                          f"got shape {getattr(qkv, 'shape', None)}")
@@ -699,7 +640,7 @@ def _checked(qkv, num_heads, num_kv_heads, attention_mask, causal, sm_scale, pre
                              f"got {mask_dtype.name}")
         attention_mask = attention_mask.astype(jnp.int32)
     seed = dropout_seed(dropout_rate, seed)
-    cfg = _Config(num_heads, num_kv_heads, head_dim, bool(causal), sm_scale, precision,
+    cfg = AttentionConfig(num_heads, num_kv_heads, head_dim, bool(causal), sm_scale, precision,
                   float(dropout_rate))
     return qkv, attention_mask, seed, cfg
 

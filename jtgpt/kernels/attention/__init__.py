@@ -1,0 +1,11 @@
+"""Attention kernels.
+
+- flash.py: flash attention over whole sequences (training, prompts): Triton kernels for every
+  case, forward and backward, and the entry points `flash_attention` / `attention_forward`;
+- hopper.py: Gluon kernels (FlashAttention-3's schedule) that flash.py uses for its most common
+  case on H100/H200;
+- common.py: what both share (the call's static configuration, the causal program order).
+"""
+from jtgpt.kernels.attention.flash import attention_forward, flash_attention
+
+__all__ = ["attention_forward", "flash_attention"]
