@@ -11,9 +11,19 @@ import jax.numpy as jnp
 HIGHEST = jax.lax.Precision.HIGHEST  # true fp32 dots on every backend (no tf32 or bf16 passes)
 
 
-def embedding(ids, positions, wte, wpe):
-    """wte[ids] + wpe[positions]; ids and positions [B, T] int, wte [V, D], wpe [P, D] -> [B, T, D]."""
-    out = wte[ids].astype(jnp.float32) + wpe[positions].astype(jnp.float32)
+def embedding(ids, wte, positions=None, wpe=None):
+    """wte[ids] (+ wpe[positions]); ids and positions [B, T] int, wte [V, D], wpe [P, D] -> [B, T, D].
+
+    A token whose id is outside [0, V), or whose position is outside [0, P), gets a row of NaN:
+    never another row's values (no wrapping of negative ids, no clamping).
+    """
+    def lookup(table, idx):
+        ok = (idx >= 0) & (idx < table.shape[0])
+        rows = table[jnp.where(ok, idx, 0)].astype(jnp.float32)
+        return jnp.where(ok[..., None], rows, jnp.nan)
+    out = lookup(wte, ids)
+    if wpe is not None:
+        out = out + lookup(wpe, positions)
     return out.astype(wte.dtype)
 
 
@@ -26,22 +36,61 @@ def layer_norm(x, weight, bias, eps=1e-5):
     return y.astype(x.dtype)
 
 
+def rms_norm(x, weight, eps=1e-6):
+    """Llama's RMSNorm over the last axis: weight * (x / sqrt(mean(x^2) + eps)).
+
+    The statistics are fp32; x / rms is rounded to x's dtype before the weight multiplies it, the
+    order of Hugging Face's LlamaRMSNorm, and the product is rounded to x's dtype again.
+    """
+    x32 = x.astype(jnp.float32)
+    normed = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps)).astype(x.dtype)
+    return (weight.astype(jnp.float32) * normed.astype(jnp.float32)).astype(x.dtype)
+
+
 def gelu_tanh(x):
     """GPT-2's `gelu_new`: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
     return 0.5 * x * (1.0 + jnp.tanh(0.7978845608028654 * (x + 0.044715 * x ** 3)))
 
 
+def silu(x):
+    """x * sigmoid(x), the gate of Llama's SwiGLU MLP."""
+    return x * jax.nn.sigmoid(x)
+
+
 def linear(x, w, bias=None, residual=None, activation=None, transpose_w=False):
-    """act(x @ w + bias) + residual; x [..., K], w [K, N] (or [N, K] with transpose_w) -> [..., N]."""
+    """act(x @ w + bias) + residual; x [..., K], w [K, N] (or [N, K] with transpose_w) -> [..., N].
+
+    activation "swiglu" splits the product into halves [gate | up] and gives silu(gate) * up, so
+    w [K, 2F] (gate columns, then up columns) makes [..., F].
+    """
     w32 = w.astype(jnp.float32)
     y = jnp.matmul(x.astype(jnp.float32), w32.T if transpose_w else w32, precision=HIGHEST)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     if activation == "gelu_tanh":
         y = gelu_tanh(y)
+    elif activation == "swiglu":
+        gate, up = jnp.split(y, 2, axis=-1)
+        y = silu(gate) * up
     if residual is not None:
         y = y + residual.astype(jnp.float32)
     return y.astype(x.dtype)
+
+
+def rope(x, positions, inv_freq):
+    """Rotary position embedding in Hugging Face's rotate-half layout.
+
+    For a head vector x of length D at position p, with x1 = x[:D/2], x2 = x[D/2:] and the angles
+    a_j = p * inv_freq_j (an fp32 product, as Hugging Face forms it):
+
+        out[:D/2] = x1 cos(a) - x2 sin(a),    out[D/2:] = x2 cos(a) + x1 sin(a)
+
+    x [B, T, H, D]; positions [B, T] int; inv_freq [D/2] fp32 -> x's dtype (computed in fp32).
+    """
+    angle = positions.astype(jnp.float32)[..., None] * inv_freq.astype(jnp.float32)  # [B, T, D/2]
+    cos, sin = jnp.cos(angle)[:, :, None, :], jnp.sin(angle)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 def attention(q, k, v, attention_mask=None, causal=True, sm_scale=None):
