@@ -162,7 +162,7 @@ def bench_train_parts(dtype, B=16, T=1024, D=768, H=12, V=50257, layers=12, p=0.
         ("jtgpt attention", lambda qkv: flash_attention(qkv, num_heads=H, dropout_rate=p, seed=seed),
          (normal((B, T, 3 * D)),), layers),
         ("jtgpt layer_norm", layer_norm, (x, normal((D,)), normal((D,))), 2 * layers + 1),
-        ("jtgpt embedding", lambda wte, wpe: embedding(ids, pos, wte, wpe, dropout_rate=p, seed=seed),
+        ("jtgpt embedding", lambda wte, wpe: embedding(ids, wte, pos, wpe, dropout_rate=p, seed=seed),
          (normal((V, D), 0.02), normal((1024, D), 0.02)), 1),
         ("jtgpt LM head + CE", lambda h, w: linear_cross_entropy(h, w, ids.reshape(-1)),
          (x, normal((V, D), 0.02)), 1)]

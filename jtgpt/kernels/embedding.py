@@ -1,17 +1,22 @@
-"""Token + position embedding with optional dropout, forward and backward: Triton kernels behind
-a jax.custom_vjp.
+"""Token embedding, plus an optional position embedding, with optional dropout, forward and
+backward: Triton kernels behind a jax.custom_vjp.
 
 For token n = b*T + t of the [B, T] batch and feature d:
 
-    h[n, d]   = wte[ids[n], d] + wpe[positions[n], d]                 (in fp32)
+    h[n, d]   = wte[ids[n], d] (+ wpe[positions[n], d])                 (in fp32)
     out[n, d] = h * keep / (1 - p),  keep = rand(seed, n*D + d) >= p    (p > 0 only)
 
-cast once to wte's dtype. Indices follow jnp's `wte[ids]`: a negative index counts from the end
-(i + V), then anything still outside [0, V) is clamped to the nearest row; the same for positions
-and wpe. So `jtgpt.reference.embedding` (plain jnp indexing) agrees on any input. The mapping to
-table rows is done once, in XLA (`_table_rows`), and both directions use its result: a clamped
-index's gradient goes to the row it read (jnp's own gradient of `wte[ids]` drops out-of-range
-indices instead).
+cast once to wte's dtype. Llama has no position table: without positions and wpe the kernel
+reads wte alone (a constexpr, so no loads of a second table).
+
+Indices outside a table: a token whose id is outside [0, V), or whose position is outside
+[0, P), gets a row of NaN (all of it: NaN is written after dropout), never another row's values;
+negative indices do not wrap and large ones are not clamped, as `jtgpt.reference.embedding`.
+In the backward such a token adds to no row of either table: its gradient is dropped. Concrete
+ids are checked with a clear error at the model level (jtgpt.layers.check_ids_in_range); this is
+what happens under jax.jit, where they are traced. The indices become table rows once, in XLA
+(`_token_rows`: an elementwise op over the [B, T] indices): a token with any index out of range
+gets the row counts V and P ("no row") in both tables, and both directions use that.
 
 Dropout draws tl.rand (Philox) keyed by the seed and the element's offset in the [B, T, D] output,
 so the mask depends on neither the block sizes nor the machine, and the backward kernel rebuilds
@@ -26,11 +31,12 @@ Backward, with g = dout * keep / (1 - p) (the same function of dout as of h abov
 
 One kernel computes either table's gradient. An XLA stable argsort of the tokens' rows lists each
 row's tokens together, in token order, and offsets[v] (the number of tokens with row < v, from a
-bincount) says where; one program per block of table rows sums each row's tokens BLOCK_T at a
-time, in fp32, and writes the row once in the table's dtype (zeros where no token reads it). So
-there are no atomics and the result is bit-for-bit deterministic, and the work is the table
-written once plus one read of dout per token. A row's tokens are summed serially by one program,
-BLOCK_T (32 at D >= 128) a step: 8192 padding tokens of one id take 256 dependent steps.
+bincount) says where; the out-of-range tokens (row V) sort last, past offsets[V], where no program
+reads. One program per block of table rows sums each row's tokens BLOCK_T at a time, in fp32, and
+writes the row once in the table's dtype (zeros where no token reads it). So there are no atomics
+and the result is bit-for-bit deterministic, and the work is the table written once plus one read
+of dout per token. A row's tokens are summed serially by one program, BLOCK_T (32 at D >= 128) a
+step: 8192 padding tokens of one id take 256 dependent steps.
 
 What the custom_vjp saves: the tokens' wte and wpe rows (int32, after the index mapping) and the
 seed; none of the tables' values.
@@ -67,24 +73,32 @@ def _dropout(h, seed_ptr, offs, DROPOUT_P: tl.constexpr):
 
 @triton.jit
 def _embedding_fwd_kernel(ids_ptr, pos_ptr, wte_ptr, wpe_ptr, seed_ptr, out_ptr,
-                          N_TOKENS: tl.constexpr, D: tl.constexpr, DROPOUT_P: tl.constexpr,
+                          N_TOKENS: tl.constexpr, D: tl.constexpr, V: tl.constexpr,
+                          POSITIONS: tl.constexpr, DROPOUT_P: tl.constexpr,
                           BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """ids, positions: the tokens' table rows, from _token_rows; ids == V for a token with no row
+    (a row of NaN). Without POSITIONS, pos_ptr and wpe_ptr are not read."""
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     tok_ok = tok < N_TOKENS
-    mask = tok_ok[:, None] & (cols < D)[None, :]
+    out_mask = tok_ok[:, None] & (cols < D)[None, :]
+    ids = tl.load(ids_ptr + tok, mask=tok_ok, other=0)
+    ok = ids < V
+    mask = out_mask & ok[:, None]  # what is read: no table row for a token without one
 
-    ids = tl.load(ids_ptr + tok, mask=tok_ok, other=0)  # table rows, already in range
-    pos = tl.load(pos_ptr + tok, mask=tok_ok, other=0)
     # int64: V * D and B * T * D can pass 2**31 (Llama-3: 128256 x 4096 = 2**29, x8 batch rows).
-    e = tl.load(wte_ptr + ids.to(tl.int64)[:, None] * D + cols[None, :], mask=mask, other=0.0)
-    p = tl.load(wpe_ptr + pos.to(tl.int64)[:, None] * D + cols[None, :], mask=mask, other=0.0)
-    h = e.to(tl.float32) + p.to(tl.float32)
+    h = tl.load(wte_ptr + ids.to(tl.int64)[:, None] * D + cols[None, :], mask=mask, other=0.0)
+    h = h.to(tl.float32)
+    if POSITIONS:
+        pos = tl.load(pos_ptr + tok, mask=tok_ok, other=0)
+        p = tl.load(wpe_ptr + pos.to(tl.int64)[:, None] * D + cols[None, :], mask=mask, other=0.0)
+        h += p.to(tl.float32)
 
     offs = tok.to(tl.int64)[:, None] * D + cols[None, :]
     if DROPOUT_P > 0.0:
         h = _dropout(h, seed_ptr, offs, DROPOUT_P)
-    tl.store(out_ptr + offs, h.to(out_ptr.dtype.element_ty), mask=mask)
+    h = tl.where(ok[:, None], h, float("nan"))
+    tl.store(out_ptr + offs, h.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -121,9 +135,10 @@ def _embedding_bwd_kernel(order_ptr, offsets_ptr, dout_ptr, seed_ptr, dtable_ptr
 def _launch_config(n_tokens: int, d: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_D, num_warps): a TILE-element block of whole rows where they fit.
 
-    Each token reads two D-rows (wte and wpe) and writes one: pure bandwidth, with 4096 elements
-    (8 KB of bf16 output, 24 KB moved) a program to keep loads in flight, ~16 values a thread.
-    Rows wider than MAX_BLOCK_D go over grid axis 1, so D has no upper limit.
+    Each token reads one D-row of each table (wte, and wpe if given) and writes one: pure
+    bandwidth, with 4096 elements (8 KB of bf16 output, 16 to 24 KB moved) a program to keep
+    loads in flight, ~16 values a thread. Rows wider than MAX_BLOCK_D go over grid axis 1, so D
+    has no upper limit.
     """
     block_d = min(triton.next_power_of_2(d), MAX_BLOCK_D)
     block_t = max(1, min(TILE // block_d, triton.next_power_of_2(n_tokens)))
@@ -144,64 +159,90 @@ def _backward_config(n_tokens: int, d: int) -> tuple[int, int, int]:
     return block_t, block_d, 4
 
 
-def embedding(ids, positions, wte, wpe, *, dropout_rate=0.0, seed=None):
-    """dropout(wte[ids] + wpe[positions]) -> [B, T, D] in wte's dtype.
+def embedding(ids, wte, positions=None, wpe=None, *, dropout_rate=0.0, seed=None):
+    """dropout(wte[ids] (+ wpe[positions])) -> [B, T, D] in wte's dtype.
 
-    ids, positions [B, T] integer (cast to int32); wte [V, D], wpe [P, D] fp32/fp16/bf16 (wpe may
-    differ from wte); out-of-range indices as jnp indexing (see the module docstring).
-    dropout_rate p in [0, 1): with p > 0, seed (an integer array of shape (), traced or not) is
-    required; the kept elements are scaled by 1/(1-p). Differentiable wrt wte and wpe (gradients
-    in each one's dtype); the backward saves the tokens' rows and the seed (module docstring).
+    ids [B, T] integer; wte [V, D] fp32/fp16/bf16. positions [B, T] integer and wpe [P, D] (any of
+    those dtypes, wpe's may differ from wte's) come together, or neither (no position table).
+    A token with an index outside its table gets a row of NaN, and no gradient (module
+    docstring). dropout_rate p in [0, 1): with p > 0, seed (an integer array of shape (), traced
+    or not) is required; the kept elements are scaled by 1/(1-p). Differentiable wrt wte and wpe
+    (gradients in each one's dtype); the backward saves the tokens' rows and the seed.
     """
+    if (positions is None) != (wpe is None):
+        raise ValueError("positions and wpe must be given together (or neither, for no position "
+                         f"table), got positions={'None' if positions is None else 'an array'} "
+                         f"and wpe={'None' if wpe is None else 'an array'}")
     if ids.ndim != 2:
         raise ValueError(f"ids must be [B, T], got shape {ids.shape}")
-    if positions.shape != ids.shape:
+    if positions is not None and positions.shape != ids.shape:
         raise ValueError(f"positions shape {positions.shape} must equal ids shape {ids.shape}")
     for name, a in (("ids", ids), ("positions", positions)):
-        if not jnp.issubdtype(a.dtype, jnp.integer):
+        if a is not None and not jnp.issubdtype(a.dtype, jnp.integer):
             raise ValueError(f"{name} must be integer, got {a.dtype}")
     for name, table in (("wte", wte), ("wpe", wpe)):
+        if table is None:
+            continue
         if table.ndim != 2 or table.shape[0] == 0:
             raise ValueError(f"{name} must be a [rows, D] table with rows >= 1, got shape {table.shape}")
         check_float_dtype(f"{name} dtype", table.dtype)
-    if wpe.shape[1] != wte.shape[1]:
+    if wpe is not None and wpe.shape[1] != wte.shape[1]:
         raise ValueError(f"wpe D={wpe.shape[1]} must equal wte D={wte.shape[1]}")
     seed = dropout_seed(dropout_rate, seed)
 
     cfg = _EmbeddingConfig(float(dropout_rate), wte.shape[0], jnp.dtype(wte.dtype),
-                           wpe.shape[0], jnp.dtype(wpe.dtype))
-    out = _embedding(_table_rows(ids, cfg.wte_rows), _table_rows(positions, cfg.wpe_rows),
-                     wte, wpe, seed, cfg)
+                           None if wpe is None else wpe.shape[0],
+                           None if wpe is None else jnp.dtype(wpe.dtype))
+    out = _embedding(*_token_rows(ids, positions, cfg), wte, wpe, seed, cfg)
     return out.reshape(*ids.shape, wte.shape[1])
 
 
-def _table_rows(indices, n_rows: int):
-    """The table row each index reads, as jnp indexing maps it: int32 [tokens]."""
-    i = indices.reshape(-1).astype(jnp.int32)
-    return jnp.clip(jnp.where(i < 0, i + n_rows, i), 0, n_rows - 1)
+def _token_rows(ids, positions, cfg: _EmbeddingConfig):
+    """(wte rows, wpe rows) the tokens read, int32 [tokens] each (None without positions): for a
+    token with an index outside its table, V and P, no row, in both.
+
+    Compared before the cast to int32, so that no int64 index wraps into range, and in at least
+    32 bits, so that V itself is representable (an int16 cannot hold 50257)."""
+    def in_range(indices, n_rows):
+        i = indices.reshape(-1)
+        if jnp.iinfo(i.dtype).bits < 32:
+            i = i.astype(jnp.int32)
+        return i, (i >= 0) & (i < n_rows)
+
+    i, ok = in_range(ids, cfg.wte_rows)
+    if positions is None:
+        return jnp.where(ok, i, cfg.wte_rows).astype(jnp.int32), None
+    q, q_ok = in_range(positions, cfg.wpe_rows)
+    ok &= q_ok
+    return (jnp.where(ok, i, cfg.wte_rows).astype(jnp.int32),
+            jnp.where(ok, q, cfg.wpe_rows).astype(jnp.int32))
 
 
 class _EmbeddingConfig(NamedTuple):
     dropout_rate: float
     wte_rows: int  # the tables' sizes and dtypes, for the gradients (no table is saved)
     wte_dtype: jnp.dtype
-    wpe_rows: int
-    wpe_dtype: jnp.dtype
+    wpe_rows: int | None  # None: no position table
+    wpe_dtype: jnp.dtype | None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _embedding(ids, positions, wte, wpe, seed, cfg: _EmbeddingConfig):
-    """[tokens, D] from the tokens' table rows ids, positions (int32 [tokens], in range)."""
+    """[tokens, D] from the tokens' table rows ids, positions (int32 [tokens], from _token_rows;
+    positions and wpe None without a position table)."""
     (n_tokens,), d = ids.shape, wte.shape[1]
     out_shape = jax.ShapeDtypeStruct((n_tokens, d), wte.dtype)
     if n_tokens == 0 or d == 0:  # a grid of zero programs is not a valid GPU launch
         return jnp.zeros(out_shape.shape, out_shape.dtype)
     block_t, block_d, num_warps = _launch_config(n_tokens, d)
+    has_positions = wpe is not None
     return triton_call(
-        ids, positions, wte, wpe, seed,
+        # Without a position table the kernel does not read its pointers: ids and wte stand in.
+        ids, positions if has_positions else ids, wte, wpe if has_positions else wte, seed,
         kernel=_embedding_fwd_kernel, out_shape=out_shape,
         grid=(triton.cdiv(n_tokens, block_t), triton.cdiv(d, block_d)), num_warps=num_warps,
-        N_TOKENS=n_tokens, D=d, DROPOUT_P=cfg.dropout_rate, BLOCK_T=block_t, BLOCK_D=block_d)
+        N_TOKENS=n_tokens, D=d, V=cfg.wte_rows, POSITIONS=has_positions,
+        DROPOUT_P=cfg.dropout_rate, BLOCK_T=block_t, BLOCK_D=block_d)
 
 
 def _embedding_fwd(ids, positions, wte, wpe, seed, cfg):
@@ -211,7 +252,8 @@ def _embedding_fwd(ids, positions, wte, wpe, seed, cfg):
 def _embedding_bwd(cfg, saved, dout):
     ids, positions, seed = saved
     d_wte = _table_grad(ids, dout, seed, cfg.wte_rows, cfg.wte_dtype, cfg.dropout_rate)
-    d_wpe = _table_grad(positions, dout, seed, cfg.wpe_rows, cfg.wpe_dtype, cfg.dropout_rate)
+    d_wpe = None if positions is None else _table_grad(positions, dout, seed, cfg.wpe_rows,
+                                                       cfg.wpe_dtype, cfg.dropout_rate)
     return None, None, d_wte, d_wpe, None  # ids, positions and seed are integers
 
 
@@ -219,12 +261,14 @@ _embedding.defvjp(_embedding_fwd, _embedding_bwd)
 
 
 def _table_grad(rows, dout, seed, n_rows: int, dtype, dropout_rate: float):
-    """[n_rows, D] in dtype: row r sums the (dropped-out) dout of the tokens with rows == r."""
+    """[n_rows, D] in dtype: row r sums the (dropped-out) dout of the tokens with rows == r;
+    the tokens with rows == n_rows (out of range) count in no row."""
     n_tokens, d = dout.shape
     if n_tokens == 0 or d == 0:
         return jnp.zeros((n_rows, d), dtype)
     order = jnp.argsort(rows, stable=True).astype(jnp.int32)  # stable: each row's tokens ascending
-    counts = jnp.bincount(rows, length=n_rows)  # integer adds: exact in any order
+    # Integer adds: exact in any order. The last count, row n_rows's, is no table row's.
+    counts = jnp.bincount(rows, length=n_rows + 1)[:n_rows]
     offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts, dtype=jnp.int32)])
     block_t, block_d, num_warps = _backward_config(n_tokens, d)
     return triton_call(
