@@ -1,5 +1,7 @@
 """The GEMM (matmul, and linear with its fused epilogue) and its gradients against the references:
 dtypes, odd shapes, transposed operands, every epilogue, split-K, and the sm_90 build."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,23 +49,48 @@ def test_linear_transposed_weight(key, dtype):
     assert_close(out, reference.linear(x, wte, transpose_w=True))
 
 
+# (leading dims, K, 2F, epilogue): F = 33 (2F = 66 crosses the interpreter's 64-column tile), then
+# F = 70 (two tiles of F) with bias, residual and Hugging Face's [2F, K] w (gate_proj's rows, then
+# up_proj's); K and the rows not multiples of the tiles either. Large: Llama-3.2-1B and 3.1-8B.
+ALL_TRANSPOSED = dict(bias=True, residual=True, transpose_w=True)
+SWIGLU_SHAPES = shapes([((2, 19), 45, 66, {}), ((37,), 48, 140, ALL_TRANSPOSED)],
+                       [((4, 1000), 2048, 16384, dict(transpose_w=True)),
+                        ((1000,), 4096, 28672, ALL_TRANSPOSED)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,K,N,epilogue", SWIGLU_SHAPES)
+def test_linear_swiglu_matches_reference(key, dtype, lead, K, N, epilogue):
+    """silu(x @ W_gate + b_gate) * (x @ W_up + b_up) + residual from the packed w."""
+    args, kwargs = _linear_case(key, lead, K, N, dtype, activation="swiglu", **epilogue)
+    out = jax.jit(lambda args: linear(**args, **kwargs))(args)
+    assert out.dtype == dtype and out.shape == (*lead, N // 2)
+    assert_close(out, reference.linear(**args, **kwargs))
+
+
 def test_linear_tf32_is_an_option(key):
     x, w, bias, _ = _inputs(key, (33,), 48, 40, jnp.float32)
     out = linear(x, w, bias, precision="tf32")
     assert_close(out, reference.linear(x, w, bias), rtol=2e-3)  # tf32: 10-bit mantissa
 
 
-def test_linear_dropout_statistics(key):
-    x, w, bias, residual = _inputs(key, (64,), 32, 96, jnp.float32)
+@pytest.mark.parametrize("activation", [None, "swiglu"])
+def test_linear_dropout_statistics(key, activation):
+    """With SwiGLU the mask is drawn over the [M, F] output (w [32, 192] -> 96 columns)."""
+    N = 96 if activation is None else 192
+    x, w, bias, residual = _inputs(key, (64,), 32, N, jnp.float32)
+    residual = residual[:, :96]
     p = 0.25
     seed = jnp.int32(1234)
-    out = linear(x, w, bias, residual=residual, dropout_rate=p, seed=seed)
-    again = linear(x, w, bias, residual=residual, dropout_rate=p, seed=seed)
-    other = linear(x, w, bias, residual=residual, dropout_rate=p, seed=jnp.int32(99))
+    drop = functools.partial(linear, bias=bias, residual=residual, activation=activation,
+                             dropout_rate=p)
+    out = drop(x, w, seed=seed)
+    again = drop(x, w, seed=seed)
+    other = drop(x, w, seed=jnp.int32(99))
     np.testing.assert_array_equal(out, again)
     assert not np.array_equal(out, other)
     branch = np.asarray(out - residual)
-    full = np.asarray(reference.linear(x, w, bias))
+    full = np.asarray(reference.linear(x, w, bias, activation=activation))
     dropped = np.abs(branch) < 1e-6
     n = dropped.size
     assert abs(dropped.mean() - p) < 5 * np.sqrt(p * (1 - p) / n)
@@ -81,6 +108,11 @@ def test_linear_dropout_statistics(key):
     (lambda x, w: linear(x, w, jnp.zeros((5,))), "bias must have shape"),
     (lambda x, w: linear(x, w, residual=jnp.zeros((3, 5))), "residual must have shape"),
     (lambda x, w: linear(x, w, activation="relu"), "activation"),
+    (lambda x, w: linear(x, w[:, :5], activation="swiglu"), r"w's N must be even .* N=5"),
+    (lambda x, w: linear(x, w, jnp.zeros((3,)), activation="swiglu"),
+     r"bias must have shape \(6,\)"),
+    (lambda x, w: linear(x, w, residual=jnp.zeros((3, 6)), activation="swiglu"),
+     r"residual must have shape \(3, 3\)"),
     (lambda x, w: linear(x, w, dropout_rate=1.0, seed=jnp.int32(0)), "dropout_rate"),
     (lambda x, w: linear(x, w, dropout_rate=0.1), "seed"),
     (lambda x, w: linear(x, w, precision="bf16"), "precision"),
@@ -207,7 +239,7 @@ def _linear_case(key, lead, K, N, dtype, bias=False, residual=False, transpose_w
     if bias:
         args["bias"] = b
     if residual:
-        args["residual"] = r
+        args["residual"] = r[..., :N // 2] if kwargs.get("activation") == "swiglu" else r
     return args, dict(transpose_w=transpose_w, **kwargs)
 
 
@@ -221,15 +253,34 @@ def test_linear_grads_match_reference(key, dtype, epilogue, lead, K, N):
     _check_vjp(jax.random.fold_in(key, 1), call(linear), call(reference.linear), *args.values())
 
 
+# (leading dims, K, 2F, epilogue): F = 33 (the GEMMs over 2F = 66 cross a 64-column tile) with and
+# without bias, then F = 70 (two tiles of F in the forward) with everything and Hugging Face's w.
+SWIGLU_GRAD_CASES = shapes(
+    [((2, 19), 45, 66, dict(bias=True)), ((2, 19), 45, 66, dict(residual=True, transpose_w=True)),
+     ((37,), 48, 140, ALL_TRANSPOSED)],
+    [((4, 1000), 2048, 16384, dict(transpose_w=True))])
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("epilogue", ["dropout", "all"])
+@pytest.mark.parametrize("lead,K,N,epilogue", SWIGLU_GRAD_CASES)
+def test_linear_swiglu_grads_match_reference(key, dtype, lead, K, N, epilogue):
+    """dx, dw, dbias and d_residual through dz = [dy u silu'(g) | dy silu(g)] from the saved pre."""
+    args, kwargs = _linear_case(key, lead, K, N, dtype, activation="swiglu", **epilogue)
+    names = list(args)
+    call = lambda fn: lambda *a: fn(**dict(zip(names, a)), **kwargs)
+    _check_vjp(jax.random.fold_in(key, 1), call(linear), call(reference.linear), *args.values())
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("epilogue", ["dropout", "all", "swiglu_all"])
 def test_linear_dropout_grads_use_the_forward_mask(key, dtype, epilogue):
     """The mask read off the forward (with residual=None an element is 0 exactly where dropped,
     every pre-dropout value being nonzero) applied to the reference must give our gradients: a
     backward that drew a different mask fails."""
     p, seed = 0.3, jnp.int32(7)
-    extra = dict(bias=True, activation="gelu_tanh", residual=True) if epilogue == "all" else {}
-    args, kwargs = _linear_case(key, (2, 19), 45, 70, dtype, **extra)
+    extra = {"dropout": {}, "all": dict(bias=True, activation="gelu_tanh", residual=True),
+             "swiglu_all": dict(bias=True, activation="swiglu", residual=True, transpose_w=True)}
+    args, kwargs = _linear_case(key, (2, 19), 45, 70, dtype, **extra[epilogue])
     branch = {k: v for k, v in args.items() if k != "residual"}
     assert (np.asarray(linear(**branch, **kwargs)) != 0).all()
     keep = np.asarray(linear(**branch, **kwargs, dropout_rate=p, seed=seed)) != 0
@@ -278,6 +329,45 @@ def test_linear_grads_come_back_in_each_inputs_dtype(key):
     assert_close(grads[3], jnp.ones((7, 20)))
 
 
+# ---------------------------------------------------------------------------- degenerate sizes
+
+@pytest.mark.parametrize("dtype,M,K,N", [(jnp.float32, 37, 0, 70), (jnp.bfloat16, 37, 0, 70),
+                                         (jnp.float32, 0, 45, 70), (jnp.float32, 37, 45, 0),
+                                         (jnp.float32, 0, 0, 0)])
+def test_matmul_degenerate_sizes(key, dtype, M, K, N):
+    """K = 0: the empty sum, 0, written by the kernel (its outputs start as NaN on CPU); M = 0 or
+    N = 0: an empty result. The gradients are empty or reduce over a zero-length axis."""
+    for transpose_a, transpose_b in [(False, False), (True, True)]:
+        a, b = _operands(key, M, K, N, dtype, transpose_a, transpose_b)
+        _check_vjp(jax.random.fold_in(key, 1),
+                   lambda a, b: matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b),
+                   lambda a, b: _reference_matmul(a, b, transpose_a, transpose_b), a, b)
+
+
+@pytest.mark.parametrize("lead,K,N,activation", [
+    ((3, 5), 0, 66, None), ((3, 5), 0, 66, "gelu_tanh"), ((3, 5), 0, 66, "swiglu"),
+    ((2, 0), 45, 66, "gelu_tanh"), ((2, 0), 45, 66, "swiglu"), ((37,), 45, 0, None),
+    ((37,), 45, 0, "swiglu")])
+def test_linear_degenerate_sizes(key, lead, K, N, activation):
+    """K = 0 gives act(bias) + residual through the epilogue, and dbias its gradient; no rows or no
+    columns give empty results (dbias over no rows: 0). Every input's gradient checked."""
+    args, kwargs = _linear_case(key, lead, K, N, jnp.float32, bias=True, residual=True,
+                                activation=activation, transpose_w=K == 0)
+    names = list(args)
+    call = lambda fn: lambda *a: fn(**dict(zip(names, a)), **kwargs)
+    _check_vjp(jax.random.fold_in(key, 1), call(linear), call(reference.linear), *args.values())
+
+
+def test_empty_results_launch_no_kernel(key):
+    """A grid of no programs is no valid GPU launch: M = 0 or N = 0 never reaches a kernel."""
+    for fn, *operands in [(matmul, jnp.ones((0, 8)), jnp.ones((8, 6))),
+                          (matmul, jnp.ones((5, 8)), jnp.ones((8, 0))),
+                          (functools.partial(linear, activation="swiglu"), jnp.ones((2, 0, 8)),
+                           jnp.ones((8, 6)))]:
+        jaxpr = str(jax.make_jaxpr(fn)(*operands))
+        assert "pure_callback" not in jaxpr and "triton" not in jaxpr, jaxpr
+
+
 # --------------------------------------------------------------------------------- sm_90 build
 
 @pytest.mark.parametrize("dtype,precision", [(jnp.bfloat16, "ieee"), (jnp.float32, "ieee"),
@@ -311,3 +401,46 @@ def test_backward_builds_for_hopper(dtype, precision):
     for k in built:
         assert 0 < k.registers <= 255 and k.shared_bytes <= 227 * 1024, k
         assert dtype == jnp.float32 or k.spill_bytes == 0, k
+
+
+@pytest.mark.parametrize("dtype,precision", [(jnp.bfloat16, "ieee"), (jnp.float32, "ieee"),
+                                             (jnp.float32, "tf32")])
+def test_swiglu_builds_for_hopper(dtype, precision):
+    """Llama's gate/up GEMM at 8192 tokens with Hugging Face's [2F, K] weight, for Llama-3.2-1B
+    (K = 2048, F = 8192) and Llama-3.1-8B (K = 4096, F = 14336): the forward without (inference)
+    and with the saved pre-activation, the SwiGLU dz kernel, and the dx and dW GEMMs over 2F.
+    None spills (the figures are in _block_config)."""
+    built = []
+    for K, F in [(2048, 8192), (4096, 14336)]:
+        x, w = jax.ShapeDtypeStruct((8192, K), dtype), jax.ShapeDtypeStruct((2 * F, K), dtype)
+        loss = lambda x, w: linear(x, w, activation="swiglu", transpose_w=True,  # noqa: E731
+                                   precision=precision).astype(jnp.float32).sum()
+        with compile_only(capability=90) as kernels:
+            jax.eval_shape(loss, x, w)
+            jax.eval_shape(jax.grad(loss, argnums=(0, 1)), x, w)
+        kernels = list(kernels)
+        kinds = {(k.name, k.constexprs["SWIGLU"], k.constexprs.get("SAVE_PRE"), k.constexprs["N"])
+                 for k in kernels}
+        assert kinds == {("_matmul_kernel", True, False, F), ("_matmul_kernel", True, True, F),
+                         ("_linear_dz_kernel", True, None, F),
+                         ("_matmul_kernel", False, False, K)}, kinds  # dx [M, K], dW [2F, K]
+        assert len(kernels) == 5
+        built += kernels
+    for k in built:
+        assert 0 < k.registers <= 255 and k.shared_bytes <= 227 * 1024, k
+        assert k.spill_bytes == 0, k
+
+
+def test_empty_reduction_builds_for_hopper():
+    """K = 0 (a K loop of no steps, a zero stride) builds for sm_90, plain and with SwiGLU."""
+    with compile_only(capability=90) as built:
+        jax.eval_shape(lambda a, b: matmul(a, b), jax.ShapeDtypeStruct((300, 0), jnp.bfloat16),
+                       jax.ShapeDtypeStruct((0, 500), jnp.bfloat16))
+        jax.eval_shape(lambda x, w, b: linear(x, w, b, activation="swiglu", transpose_w=True),
+                       jax.ShapeDtypeStruct((300, 0), jnp.bfloat16),
+                       jax.ShapeDtypeStruct((1000, 0), jnp.bfloat16),
+                       jax.ShapeDtypeStruct((1000,), jnp.bfloat16))
+    built = list(built)
+    assert [(k.constexprs["K"], k.constexprs["SWIGLU"]) for k in built] == [(0, False), (0, True)]
+    for k in built:
+        assert 0 < k.registers <= 255 and k.spill_bytes == 0, k

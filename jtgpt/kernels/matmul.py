@@ -2,9 +2,14 @@
 
     x [M, K] (any leading dims, flattened), W [K, N] (or [N, K] read transposed: the tied LM head
     multiplies by wte [V, D] without a transposed copy), bias [N], residual [M, N].
-    act is identity or GPT-2's tanh-GELU:
+    act is identity, GPT-2's tanh-GELU or Llama's SwiGLU:
         gelu_tanh(y) = 0.5 y (1 + tanh(u)) = y * s,   s = sigmoid(2u),   u = sqrt(2/pi) (y + 0.044715 y^3)
         gelu_tanh'(y) = s + 2 y s (1 - s) u',          u' = sqrt(2/pi) (1 + 3 * 0.044715 y^2)
+    SwiGLU packs two projections in W = [W_gate | W_up] [K, 2F] (bias likewise [2F]; transposed,
+    [2F, K]: Hugging Face's gate_proj rows, then up_proj's): y = x @ W + bias is [g | u], and
+        swiglu(y) = silu(g) * u  [M, F],               silu(g) = g s,   s = sigmoid(g)
+        d/dg = u silu'(g),  silu'(g) = s (1 + g (1 - s)),      d/du = silu(g)
+    (the output, dropout and residual are then [M, F]: N below is F).
     dropout keeps an element with probability 1 - p, drawn by Philox from (seed, m, n) (see
     _dropout_keep), and scales it by 1 / (1 - p).
 
@@ -12,11 +17,15 @@ One kernel, `_matmul_kernel`, computes op(A) @ op(B) for every product here: eac
 in place through its strides, as stored or transposed (no XLA transpose copies). The products
 accumulate in fp32 and every epilogue step runs in fp32 on the accumulator, so the activation,
 bias and residual cost no extra pass over memory; the result is cast once to the output dtype.
+With SwiGLU each program owns a tile of the [M, F] output: per K step it loads its A tile once and
+the gate and up tiles of B (columns n.. and F + n..) into two fp32 accumulators, so x is read
+once and the [M, 2F] pre-activation never goes to memory in inference.
 fp32 inputs use true IEEE fp32 products by default (`precision="ieee"`); `precision="tf32"` opts
 into the tensor cores' tf32 (Triton's own default for fp32, chosen explicitly here).
 
 Backward. With dz = dy * keep / (1 - p) * gelu_tanh'(pre), pre = x @ W + bias (each factor only
-when that epilogue is on):
+when that epilogue is on), or for SwiGLU, with dy' = dy * keep / (1 - p) [M, F],
+dz = [dy' u silu'(g) | dy' silu(g)] [M, 2F] (so N = 2F in the GEMMs and dbias):
 
     d_residual = dy,   dbias = sum over rows of dz (fp32),   dx = dz @ W^T,   dW = x^T @ dz
 
@@ -29,11 +38,17 @@ and dz in place; with transpose_w the gradient of w comes back in w's layout [N,
 dW reduces over all M tokens into a small output, too few tiles to fill the GPU: the reduction is
 split over a second grid axis into fp32 partials [S, K, N] that an XLA sum adds (deterministic).
 
-What the custom_vjp saves: `matmul` saves a and b. `linear` saves x and W, with GELU also pre
-(written by the forward kernel as a second output, only when differentiating), and with dropout the
-seed: the mask is regenerated from it, never stored. Neither bias nor the residual is saved.
+What the custom_vjp saves: `matmul` saves a and b. `linear` saves x and W, with an activation also
+pre (written by the forward kernel as a second output, only when differentiating; for SwiGLU
+pre [M, 2F] = [g | u]), and with dropout the seed: the mask is regenerated from it, never stored.
+Neither bias nor the residual is saved.
+
+Degenerate sizes: K = 0 is the empty sum, 0 (linear gives act(bias) + residual): the kernel runs
+with a K loop of no steps. M = 0 or N = 0 launches nothing (a grid of no programs is no valid GPU
+launch) and returns the empty result, forward and backward.
 """
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -51,11 +66,17 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
+def _sigmoid(x, SCALE: tl.constexpr):
+    """sigmoid(SCALE * x) by exp2, SCALE folded into the exponent's constant."""
+    return 1.0 / (1.0 + tl.exp2(-SCALE * LOG2E * x))
+
+
+@triton.jit
 def _gelu_gate(y):
     """sigmoid(2u) of gelu_tanh(y) = y * sigmoid(2u), with u' (the module docstring's math)."""
     u = SQRT_2_OVER_PI * (y + GELU_CUBIC * y * y * y)
     du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * y * y)
-    return 1.0 / (1.0 + tl.exp2(-2.0 * LOG2E * u)), du
+    return _sigmoid(u, 2.0), du
 
 
 @triton.jit
@@ -74,15 +95,18 @@ def _dropout_keep(seed_ptr, offs_m, col0, N: tl.constexpr, DROPOUT_P: tl.constex
 
 
 @triton.jit
-def _accumulate(acc, a_ptrs, b_ptrs, offs_k, k_left, MASKED: tl.constexpr, FP32_IEEE: tl.constexpr):
-    """acc + a[:, k:k+BLOCK_K] @ b[k:k+BLOCK_K, :] for the tiles at a_ptrs, b_ptrs; MASKED: only
-    the first k_left of the BLOCK_K exist (the tail of K)."""
+def _load_k_tile(ptrs, k_index, k_left, MASKED: tl.constexpr):
+    """The operand tile at ptrs; MASKED: only its elements with k_index < k_left exist (the tail
+    of K), the others read as 0."""
     if MASKED:
-        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        tile = tl.load(ptrs, mask=k_index < k_left, other=0.0)
     else:
-        a = tl.load(a_ptrs)
-        b = tl.load(b_ptrs)
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _dot(a, b, acc, FP32_IEEE: tl.constexpr):
     if FP32_IEEE:
         acc = tl.dot(a, b, acc, input_precision="ieee")
     else:
@@ -91,14 +115,31 @@ def _accumulate(acc, a_ptrs, b_ptrs, offs_k, k_left, MASKED: tl.constexpr, FP32_
 
 
 @triton.jit
+def _accumulate(acc, acc_up, a_ptrs, b_ptrs, offs_k, k_left, MASKED: tl.constexpr,
+                SWIGLU: tl.constexpr, B_UP: tl.constexpr, FP32_IEEE: tl.constexpr):
+    """One K step: acc + a[:, k:k+BLOCK_K] @ b[k:k+BLOCK_K, :] for the tiles at a_ptrs, b_ptrs,
+    and with SWIGLU acc_up + the same A tile @ the up columns' B tile, B_UP elements past b_ptrs
+    (otherwise acc_up comes back as it came). MASKED: only the first k_left of the BLOCK_K exist."""
+    a = _load_k_tile(a_ptrs, offs_k[None, :], k_left, MASKED)
+    b = _load_k_tile(b_ptrs, offs_k[:, None], k_left, MASKED)
+    acc = _dot(a, b, acc, FP32_IEEE)
+    if SWIGLU:
+        acc_up = _dot(a, _load_k_tile(b_ptrs + B_UP, offs_k[:, None], k_left, MASKED), acc_up,
+                      FP32_IEEE)
+    return acc, acc_up
+
+
+@triton.jit
 def _matmul_kernel(a_ptr, b_ptr, bias_ptr, residual_ptr, seed_ptr, out_ptr, pre_ptr,
                    M: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
                    stride_am: tl.constexpr, stride_ak: tl.constexpr,
                    stride_bk: tl.constexpr, stride_bn: tl.constexpr, K_PER_SPLIT: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                   DROPOUT_P: tl.constexpr, SAVE_PRE: tl.constexpr, FP32_IEEE: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   GROUP_M: tl.constexpr):
+                   HAS_BIAS: tl.constexpr, GELU: tl.constexpr, SWIGLU: tl.constexpr,
+                   HAS_RESIDUAL: tl.constexpr, DROPOUT_P: tl.constexpr, SAVE_PRE: tl.constexpr,
+                   FP32_IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # The output is [M, N]; with SWIGLU, B and bias have 2N columns [gate | up], and the program
+    # of output columns n.. accumulates gate columns n.. and up columns N + n.. from one A tile.
     # Grouped tile order: GROUP_M row-tiles share each column-tile of B while it sits in L2.
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
@@ -130,25 +171,37 @@ def _matmul_kernel(a_ptr, b_ptr, bias_ptr, residual_ptr, seed_ptr, out_ptr, pre_
     b_ptrs = b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # SwiGLU's up half; else unused
     # Full BLOCK_K tiles without masks, then the tail of K (if any) once, masked: masks in the
     # pipelined loop cost registers (the LM head's dh GEMM, K = 50257, spilled 120 bytes).
     for k in range(0, k_len // BLOCK_K):
-        acc = _accumulate(acc, a_ptrs, b_ptrs, offs_k, BLOCK_K, False, FP32_IEEE)
+        acc, acc_up = _accumulate(acc, acc_up, a_ptrs, b_ptrs, offs_k, BLOCK_K, False, SWIGLU,
+                                  N * stride_bn, FP32_IEEE)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     if K % BLOCK_K != 0:  # K_PER_SPLIT is a multiple of BLOCK_K: only K's own tail is partial
-        acc = _accumulate(acc, a_ptrs, b_ptrs, offs_k, k_len % BLOCK_K, True, FP32_IEEE)
+        acc, acc_up = _accumulate(acc, acc_up, a_ptrs, b_ptrs, offs_k, k_len % BLOCK_K, True,
+                                  SWIGLU, N * stride_bn, FP32_IEEE)
 
     y = acc
     if HAS_BIAS:
         y += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+        if SWIGLU:
+            acc_up += tl.load(bias_ptr + N + cols).to(tl.float32)[None, :]
     out_offsets = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     in_bounds = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if SAVE_PRE:  # the backward's gelu_tanh'(pre)
-        tl.store(pre_ptr + out_offsets, y.to(pre_ptr.dtype.element_ty), mask=in_bounds)
+    if SAVE_PRE:  # for the backward's act'(pre)
+        if SWIGLU:  # pre [M, 2N] = [gate | up]
+            pre_offsets = offs_m.to(tl.int64)[:, None] * (2 * N) + offs_n[None, :]
+            tl.store(pre_ptr + pre_offsets, y.to(pre_ptr.dtype.element_ty), mask=in_bounds)
+            tl.store(pre_ptr + N + pre_offsets, acc_up.to(pre_ptr.dtype.element_ty), mask=in_bounds)
+        else:
+            tl.store(pre_ptr + out_offsets, y.to(pre_ptr.dtype.element_ty), mask=in_bounds)
     if GELU:
         gate, _ = _gelu_gate(y)
         y = y * gate
+    if SWIGLU:
+        y = y * _sigmoid(y, 1.0) * acc_up
     if DROPOUT_P > 0.0:
         keep = _dropout_keep(seed_ptr, offs_m, pid_n * BLOCK_N, N, DROPOUT_P, BLOCK_M, BLOCK_N)
         y = tl.where(keep, y * (1.0 / (1.0 - DROPOUT_P)), 0.0)
@@ -159,17 +212,19 @@ def _matmul_kernel(a_ptr, b_ptr, bias_ptr, residual_ptr, seed_ptr, out_ptr, pre_
 
 @triton.jit
 def _linear_dz_kernel(dy_ptr, pre_ptr, seed_ptr, dz_ptr, dbias_ptr,
-                      M: tl.constexpr, N: tl.constexpr, GELU: tl.constexpr,
+                      M: tl.constexpr, N: tl.constexpr, GELU: tl.constexpr, SWIGLU: tl.constexpr,
                       DROPOUT_P: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dz = dy * keep / (1 - p) * gelu_tanh'(pre) on one tile; dbias gets the tile's column sums
-    as row pid_m of fp32 partials [tiles_m, N]."""
+    """dz = dy * keep / (1 - p) * act'(pre) on one tile of dy [M, N]; dbias gets the tile's column
+    sums as row pid_m of fp32 partials [tiles_m, N]. With SWIGLU, pre, dz and the partials have 2N
+    columns [gate | up]: the tile writes its columns of both halves."""
     pid_m = tl.program_id(0)
     col0 = tl.program_id(1) * BLOCK_N
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = col0 + tl.arange(0, BLOCK_N)
     offsets = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     in_bounds = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    WIDTH: tl.constexpr = 2 * N if SWIGLU else N  # of pre, dz and the dbias partials
 
     dz = tl.load(dy_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
     if DROPOUT_P > 0.0:
@@ -179,13 +234,31 @@ def _linear_dz_kernel(dy_ptr, pre_ptr, seed_ptr, dz_ptr, dbias_ptr,
         pre = tl.load(pre_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
         gate, du = _gelu_gate(pre)
         dz *= gate + 2.0 * pre * gate * (1.0 - gate) * du
+    if SWIGLU:  # offsets from here on are the gate half's; the up half is N columns further
+        offsets = offs_m.to(tl.int64)[:, None] * WIDTH + offs_n[None, :]
+        g = tl.load(pre_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
+        u = tl.load(pre_ptr + N + offsets, mask=in_bounds, other=0.0).to(tl.float32)
+        s = _sigmoid(g, 1.0)
+        _store_dz(dz_ptr + N, dbias_ptr + N, offsets, in_bounds, dz * g * s, pid_m, offs_n, N,
+                  WIDTH, HAS_BIAS)  # d/du = silu(g)
+        dz *= u * s * (1.0 + g * (1.0 - s))  # d/dg = u silu'(g)
+    _store_dz(dz_ptr, dbias_ptr, offsets, in_bounds, dz, pid_m, offs_n, N, WIDTH, HAS_BIAS)
+
+
+@triton.jit
+def _store_dz(dz_ptr, dbias_ptr, offsets, in_bounds, dz, pid_m, offs_n, N: tl.constexpr,
+              WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """A tile of dz, and with HAS_BIAS its column sums into row pid_m of the partials (WIDTH
+    columns; out-of-range elements, loaded as 0, add nothing)."""
     tl.store(dz_ptr + offsets, dz.to(dz_ptr.dtype.element_ty), mask=in_bounds)
-    if HAS_BIAS:  # out-of-range elements loaded as 0 add nothing
-        tl.store(dbias_ptr + pid_m * N + offs_n, tl.sum(dz, axis=0), mask=offs_n < N)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + pid_m * WIDTH + offs_n, tl.sum(dz, axis=0), mask=offs_n < N)
 
 
-def _block_config(M: int, N: int, K: int, dtype, dropout: bool = False) -> dict:
-    """Tile sizes and launch shape per dtype, shrunk to the problem for small matrices."""
+def _block_config(M: int, N: int, K: int, dtype, dropout: bool = False, swiglu: bool = False,
+                  fp32_ieee: bool = False) -> dict:
+    """Tile sizes and launch shape per dtype, shrunk to the problem for small matrices. N is the
+    output's width: with SwiGLU, F, each program accumulating two [BLOCK_M, BLOCK_N] tiles."""
     if not on_gpu():  # the interpreter: fewest program instances, smallest tiles that fit
         return dict(BLOCK_M=_fit(M, 64), BLOCK_N=_fit(N, 64), BLOCK_K=_fit(K, 32), GROUP_M=8,
                     num_warps=4, num_stages=1)
@@ -199,6 +272,15 @@ def _block_config(M: int, N: int, K: int, dtype, dropout: bool = False) -> dict:
         # 256x128; at 128x128 (64 accumulator values a thread) it fits in 167-178 registers.
         cfg = dict(BLOCK_M=128, BLOCK_N=128 if dropout else 256, BLOCK_K=64, GROUP_M=8,
                    num_warps=8, num_stages=3)
+    if swiglu:
+        # The gate and up accumulators together hold the registers of one [BLOCK_M, 2 BLOCK_N]
+        # tile. compile_only for sm_90 at Llama-3.2-1B's and 3.1-8B's gate/up GEMMs (8192 tokens,
+        # w [16384, 2048] and [28672, 4096]): bf16 128x(2x128)x64 171 registers (194 saving pre),
+        # with dropout 128x(2x64) 127-128; tf32 128x(2x64)x32 105-122; none spills. fp32 "ieee"
+        # (FMA dots) spills 152-176 bytes at 128x(2x64) and fits at 64x(2x64) in 128 registers.
+        cfg["BLOCK_N"] //= 2
+        if fp32_ieee:
+            cfg["BLOCK_M"] = 64
     cfg["BLOCK_M"] = _fit(M, cfg["BLOCK_M"])
     cfg["BLOCK_N"] = _fit(N, cfg["BLOCK_N"])
     cfg["BLOCK_K"] = _fit(K, cfg["BLOCK_K"])
@@ -241,16 +323,25 @@ def _split_k(M: int, N: int, K: int, cfg: dict) -> int:
 
 
 def _gemm(a, b, transpose_a, transpose_b, out_dtype, precision, *, bias=None, residual=None,
-          gelu=False, dropout_p=0.0, seed=None, save_pre=False):
+          activation=None, dropout_p=0.0, seed=None, save_pre=False):
     """op(a) @ op(b) with the epilogue in one `_matmul_kernel` launch (plus an XLA sum of the
-    partials when split over K, only without an epilogue); returns out, or (out, pre)."""
+    partials when split over K, only without an epilogue); returns out, or (out, pre).
+    activation None, "gelu_tanh" or "swiglu" (op(b) [K, 2F] gives out [M, F], pre [M, 2F])."""
     M, K = a.shape[::-1] if transpose_a else a.shape
-    N = b.shape[0] if transpose_b else b.shape[1]
-    cfg = _block_config(M, N, K, a.dtype, dropout=dropout_p > 0.0)
-    plain = bias is None and residual is None and not gelu and dropout_p == 0.0
+    b_n = b.shape[0] if transpose_b else b.shape[1]
+    swiglu = activation == "swiglu"
+    N = b_n // 2 if swiglu else b_n
+    if M == 0 or N == 0:  # nothing to compute, and a grid of no programs is no GPU launch
+        out = jnp.zeros((M, N), out_dtype)
+        return (out, jnp.zeros((M, b_n), a.dtype)) if save_pre else out
+    fp32_ieee = a.dtype == jnp.float32 and precision == "ieee"
+    cfg = _block_config(M, N, K, a.dtype, dropout=dropout_p > 0.0, swiglu=swiglu,
+                        fp32_ieee=fp32_ieee)
+    plain = bias is None and residual is None and activation is None and dropout_p == 0.0
     k_tiles = triton.cdiv(K, cfg["BLOCK_K"])
     k_per_split = triton.cdiv(k_tiles, _split_k(M, N, K, cfg) if plain else 1) * cfg["BLOCK_K"]
-    splits = triton.cdiv(K, k_per_split)
+    # K = 0: one program per tile whose K loop runs no step, the empty sum 0 into the epilogue.
+    splits = triton.cdiv(K, k_per_split) if K else 1
     out_shape = (jax.ShapeDtypeStruct((splits, M, N), jnp.float32) if splits > 1
                  else jax.ShapeDtypeStruct((M, N), out_dtype))
     placeholder = jnp.zeros((1,), a.dtype)  # stands in for an absent operand; never read
@@ -260,13 +351,13 @@ def _gemm(a, b, transpose_a, transpose_b, out_dtype, precision, *, bias=None, re
         placeholder if residual is None else residual,
         jnp.zeros((), jnp.int32) if seed is None else seed,
         kernel=_matmul_kernel,
-        out_shape=(out_shape, jax.ShapeDtypeStruct((M, N) if save_pre else (1,), a.dtype)),
+        out_shape=(out_shape, jax.ShapeDtypeStruct((M, b_n) if save_pre else (1,), a.dtype)),
         grid=(triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), splits),
         M=M, N=N, K=K, stride_am=1 if transpose_a else K, stride_ak=M if transpose_a else 1,
-        stride_bk=1 if transpose_b else N, stride_bn=K if transpose_b else 1,
-        K_PER_SPLIT=k_per_split, HAS_BIAS=bias is not None, GELU=gelu,
-        HAS_RESIDUAL=residual is not None, DROPOUT_P=float(dropout_p), SAVE_PRE=save_pre,
-        FP32_IEEE=a.dtype == jnp.float32 and precision == "ieee", **cfg)
+        stride_bk=1 if transpose_b else b_n, stride_bn=K if transpose_b else 1,
+        K_PER_SPLIT=k_per_split, HAS_BIAS=bias is not None, GELU=activation == "gelu_tanh",
+        SWIGLU=swiglu, HAS_RESIDUAL=residual is not None, DROPOUT_P=float(dropout_p),
+        SAVE_PRE=save_pre, FP32_IEEE=fp32_ieee, **cfg)
     if splits > 1:
         out = out.sum(axis=0).astype(out_dtype)
     return (out, pre) if save_pre else out
@@ -350,10 +441,13 @@ def linear(x, w, bias=None, *, residual=None, activation=None, dropout_rate=0.0,
     """dropout(act(x @ w + bias)) + residual in one Triton GEMM; returns [..., N] in x.dtype.
 
     x [..., K]; w [K, N], or [N, K] with `transpose_w=True`; bias [N]; residual [..., N];
-    activation None or "gelu_tanh"; dropout with rate `dropout_rate` needs `seed`, an int32 array
-    of shape () (a new seed does not recompile); precision "ieee" or "tf32" for fp32 inputs.
-    Differentiable wrt x, w, bias and residual (gradients in each one's dtype); the backward
-    saves x, w, with GELU the pre-activation and with dropout the seed (module docstring).
+    activation None, "gelu_tanh" or "swiglu": then w packs gate and up, [K, 2F] = [W_gate | W_up]
+    (transposed: [2F, K], gate_proj's rows then up_proj's), bias [2F], and the result is
+    silu(x @ W_gate + b_gate) * (x @ W_up + b_up) [..., F] (residual [..., F]). Dropout with rate
+    `dropout_rate` needs `seed`, an int32 array of shape () (a new seed does not recompile);
+    precision "ieee" or "tf32" for fp32 inputs. Differentiable wrt x, w, bias and residual
+    (gradients in each one's dtype); the backward saves x, w, with an activation the
+    pre-activation and with dropout the seed (module docstring).
     """
     x = jnp.asarray(x)
     if x.ndim < 2:
@@ -366,26 +460,30 @@ def linear(x, w, bias=None, *, residual=None, activation=None, dropout_rate=0.0,
     if w_k != K:
         layout = "[N, K]" if transpose_w else "[K, N]"
         raise ValueError(f"linear: w must be {layout} with K={K} (x's last dim), got {list(w.shape)}")
-    out_shape = (*x.shape[:-1], N)
+    if activation not in (None, "gelu_tanh", "swiglu"):
+        raise ValueError(f"linear: activation must be None, 'gelu_tanh' or 'swiglu', "
+                         f"got {activation!r}")
+    if activation == "swiglu" and N % 2:
+        raise ValueError(f"linear: with activation='swiglu', w's N must be even (gate and up "
+                         f"halves, 2F), got N={N} (w {list(w.shape)})")
+    out_shape = (*x.shape[:-1], N // 2 if activation == "swiglu" else N)
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"linear: bias must have shape ({N},), got {bias.shape}")
     if residual is not None and residual.shape != out_shape:
         raise ValueError(f"linear: residual must have shape {out_shape}, got {residual.shape}")
-    if activation not in (None, "gelu_tanh"):
-        raise ValueError(f"linear: activation must be None or 'gelu_tanh', got {activation!r}")
     seed = dropout_seed(dropout_rate, seed)
     _check_precision("linear", precision)
 
-    M = x.size // K
-    cfg = _LinearConfig(activation == "gelu_tanh", float(dropout_rate), bool(transpose_w),
-                        precision, bias is not None, None if residual is None else residual.dtype)
+    M = math.prod(x.shape[:-1])
+    cfg = _LinearConfig(activation, float(dropout_rate), bool(transpose_w), precision,
+                        bias is not None, None if residual is None else residual.dtype)
     out = _linear(x.reshape(M, K), w, None if bias is None else bias.astype(x.dtype),
-                  None if residual is None else residual.reshape(M, N), seed, cfg)
+                  None if residual is None else residual.reshape(M, out_shape[-1]), seed, cfg)
     return out.reshape(out_shape)
 
 
 class _LinearConfig(NamedTuple):
-    gelu: bool
+    activation: str | None
     dropout_rate: float
     transpose_w: bool
     precision: str
@@ -400,12 +498,12 @@ def _linear(x, w, bias, residual, seed, cfg: _LinearConfig):
 
 def _linear_gemm(x, w, bias, residual, seed, cfg, save_pre):
     return _gemm(x, w, False, cfg.transpose_w, x.dtype, cfg.precision, bias=bias,
-                 residual=residual, gelu=cfg.gelu, dropout_p=cfg.dropout_rate, seed=seed,
-                 save_pre=save_pre)
+                 residual=residual, activation=cfg.activation, dropout_p=cfg.dropout_rate,
+                 seed=seed, save_pre=save_pre)
 
 
 def _linear_fwd(x, w, bias, residual, seed, cfg):
-    if cfg.gelu:
+    if cfg.activation is not None:
         out, pre = _linear_gemm(x, w, bias, residual, seed, cfg, save_pre=True)
     else:
         out, pre = _linear_gemm(x, w, bias, residual, seed, cfg, save_pre=False), None
@@ -424,21 +522,30 @@ _linear.defvjp(_linear_fwd, _linear_bwd)
 
 
 def _linear_dz(dy, pre, seed, cfg: _LinearConfig):
-    """(dz, dbias or None): the gradient at the GEMM's output, before bias, and its column sum."""
+    """(dz, dbias or None): the gradient at the GEMM's output, before bias, and its column sum;
+    with SwiGLU both are [gate | up], twice dy's width."""
     M, N = dy.shape
-    if not cfg.gelu and cfg.dropout_rate == 0.0:  # dz = dy: no pass over it but dbias's
+    swiglu = cfg.activation == "swiglu"
+    width = 2 * N if swiglu else N
+    if cfg.activation is None and cfg.dropout_rate == 0.0:  # dz = dy: no pass over it but dbias's
         return dy, dy.astype(jnp.float32).sum(axis=0).astype(dy.dtype) if cfg.has_bias else None
-    if on_gpu():  # memory bound: 32 rows of up to 256 columns, 16 values a thread
-        block_m, block_n, num_warps = 32, _fit(N, 256), 4
+    if M == 0 or N == 0:  # no program to launch: the empty dz, and dbias a sum over no rows
+        dbias = jnp.zeros((width,), dy.dtype) if cfg.has_bias else None
+        return jnp.zeros((M, width), dy.dtype), dbias
+    if on_gpu():
+        # Memory bound: 32 rows of up to 256 columns, 64 values of each tensor a thread; SwiGLU's
+        # five tiles (dy, pre's and dz's halves) at 32x256 spill 16-576 bytes (compile_only,
+        # sm_90), at 32x128 fit in 71-168 registers.
+        block_m, block_n, num_warps = 32, _fit(N, 128 if swiglu else 256), 4
     else:  # the interpreter: fewest program instances
         block_m, block_n, num_warps = _fit(M, 64), _fit(N, 128), 4
     tiles_m = triton.cdiv(M, block_m)
     dz, partials = triton_call(
         dy, dy if pre is None else pre, seed,
         kernel=_linear_dz_kernel,
-        out_shape=(jax.ShapeDtypeStruct((M, N), dy.dtype),
-                   jax.ShapeDtypeStruct((tiles_m, N) if cfg.has_bias else (1,), jnp.float32)),
+        out_shape=(jax.ShapeDtypeStruct((M, width), dy.dtype),
+                   jax.ShapeDtypeStruct((tiles_m, width) if cfg.has_bias else (1,), jnp.float32)),
         grid=(tiles_m, triton.cdiv(N, block_n)), num_warps=num_warps,
-        M=M, N=N, GELU=cfg.gelu, DROPOUT_P=cfg.dropout_rate, HAS_BIAS=cfg.has_bias,
-        BLOCK_M=block_m, BLOCK_N=block_n)
+        M=M, N=N, GELU=cfg.activation == "gelu_tanh", SWIGLU=swiglu, DROPOUT_P=cfg.dropout_rate,
+        HAS_BIAS=cfg.has_bias, BLOCK_M=block_m, BLOCK_N=block_n)
     return dz, partials.sum(axis=0).astype(dy.dtype) if cfg.has_bias else None
