@@ -24,10 +24,11 @@ from flax import nnx
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # run from a checkout too
 import jtgpt  # noqa: E402
 from jtgpt import train  # noqa: E402
+from jtgpt.models.gpt2 import PRESETS  # noqa: E402
 
 # The model shapes --config takes: GPT-2's sizes, and a tiny one for a CPU (interpreter) run.
-CONFIGS = {**jtgpt.PRESETS, "tiny": dataclasses.replace(jtgpt.PRESETS["gpt2"], n_positions=256,
-                                                       n_embd=64, n_layer=2, n_head=2)}
+CONFIGS = {**PRESETS, "tiny": dataclasses.replace(PRESETS["gpt2"], n_positions=256,
+                                                 n_embd=64, n_layer=2, n_head=2)}
 
 
 def tokenize(text: str, tokenizer: str) -> tuple[np.ndarray, int]:

@@ -1,33 +1,29 @@
-"""Hugging Face GPT-2 checkpoints in and out, as plain numpy state dicts.
+"""Hugging Face checkpoints in and out: the weight formats, and finding a checkpoint on the hub.
 
-A state dict maps the parameter names of Hugging Face's PyTorch `GPT2Model` (no "transformer."
-prefix) to numpy arrays in PyTorch layouts, in the dtype stored (bf16 as `ml_dtypes.bfloat16`):
+Nothing here knows a model. Each model maps its own parameters onto the tensors read here
+(`jtgpt.models.pretrained`); this module reads and writes named tensors.
 
-    wte.weight [V, D]     wpe.weight [P, D]     ln_f.weight, ln_f.bias [D]
-    h.{i}.ln_1.weight/.bias [D]                 h.{i}.ln_2.weight/.bias [D]
-    h.{i}.attn.c_attn.weight [D, 3D] + bias     h.{i}.attn.c_proj.weight [D, D] + bias
-    h.{i}.mlp.c_fc.weight [D, F] + bias         h.{i}.mlp.c_proj.weight [F, D] + bias   (F = 4D)
+A checkpoint is a directory with config.json and the weights in one of these formats, the first
+present winning: model.safetensors, model.safetensors.index.json (shards), pytorch_model.bin,
+pytorch_model.bin.index.json (shards), flax_model.msgpack, flax_model.msgpack.index.json (shards).
 
-Conv1D weights are [in, out]. The LM head is tied to wte, so "lm_head.weight" is dropped on load
-and never written; so are the attention-mask buffers "h.{i}.attn.bias" / "h.{i}.attn.masked_bias"
-that old .bin files carry.
+Names and layouts are the PyTorch model's, whatever the format. Flax checkpoints (msgpack, and
+safetensors whose metadata says {"format": "flax"}) are read through the rule transformers itself
+converts by: a 2-D `kernel` is the transposed `weight` ([in, out] -> [out, in] for nn.Dense,
+[out, in] -> [in, out] for GPT-2's Conv1D), and `scale` and `embedding` are renamed `weight`.
 
-Formats read, first present wins: model.safetensors, model.safetensors.index.json (shards),
-pytorch_model.bin, pytorch_model.bin.index.json (shards), flax_model.msgpack,
-flax_model.msgpack.index.json (shards). Keys may carry the "transformer." prefix (what
-GPT2LMHeadModel.save_pretrained writes) or not (the hub's "gpt2").
+`Checkpoint(directory)` reads one tensor at a time, in the dtype stored (bf16 as
+ml_dtypes.bfloat16): safetensors through `safe_open`, .bin through torch's memory map, so a model
+loads without a second copy of its weights in host memory. A Flax msgpack file has no lazy
+reader: each shard is read whole when its first tensor is asked for.
 
-Flax names (FlaxGPT2LMHeadModel, transformers 4.57): the tree is {"transformer": {"wte":
-{"embedding"}, "h": {"0": {"attn": {"c_attn": {"kernel", "bias"}}, "ln_1": {"scale", "bias"},
-...}}}}. `FlaxConv1D` stores its kernel as [out, in] (`(features, in)`, transposed in __call__),
-so kernel -> weight is a transpose; scale -> weight and embedding -> weight are renames. The same
-rule reads a model.safetensors that Flax wrote (keys like "transformer.h.0.attn.c_attn.kernel").
+`save_state_dict` writes "safetensors" (metadata {"format": "pt"}), "pytorch" (torch.save) or
+"flax" (msgpack), sharded Hugging Face-style above `max_shard_size`. bf16 needs no detour for
+safetensors and msgpack (both take ml_dtypes.bfloat16); torch goes through an int16 view.
 
-Writing (`save_state_dict`) produces GPT2LMHeadModel's layout ("transformer." prefix), loadable by
-transformers' GPT2LMHeadModel / FlaxGPT2LMHeadModel.from_pretrained: "safetensors" (metadata
-{"format": "pt"}), "pytorch" (torch.save) or "flax" (msgpack), each sharded HF-style when
-`max_shard_size` is exceeded. bf16 needs no detour for safetensors (safetensors >= 0.4's numpy
-API and flax's msgpack take ml_dtypes.bfloat16); torch goes through an int16 view.
+`resolve` finds a checkpoint: a local directory, else a snapshot in the Hugging Face cache, else a
+download of config.json and one weight format through huggingface_hub, with its `revision`,
+`cache_dir`, `local_files_only` and `token` passed through (and its own HF_HUB_OFFLINE setting).
 """
 from __future__ import annotations
 
@@ -35,7 +31,6 @@ import json
 import os
 import pathlib
 import re
-import warnings
 from typing import Callable
 
 import ml_dtypes
@@ -52,11 +47,6 @@ WEIGHT_NAMES = (SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, BIN_NAME, BIN_INDEX_NA
                 MSGPACK_NAME, MSGPACK_INDEX_NAME)
 FORMATS = ("safetensors", "pytorch", "flax")
 
-PREFIX = "transformer."
-_PARAM = re.compile(r"(wte|wpe)\.weight|ln_f\.(weight|bias)|h\.\d+\.(ln_1|ln_2)\.(weight|bias)"
-                    r"|h\.\d+\.attn\.(c_attn|c_proj)\.(weight|bias)|h\.\d+\.mlp\.(c_fc|c_proj)\.(weight|bias)")
-_DROPPED = re.compile(r"lm_head\.(weight|kernel)|h\.\d+\.attn\.(bias|masked_bias)")
-_CONV1D = ("c_attn", "c_proj", "c_fc")
 # Files save_state_dict replaces (ours and transformers' shard names), so no stale file shadows it.
 _STALE = re.compile(r"(model|pytorch_model|flax_model)(-\d+-of-\d+)?\.(safetensors|bin|msgpack)"
                     r"|(model\.safetensors|pytorch_model\.bin|flax_model\.msgpack)\.index\.json")
@@ -70,28 +60,6 @@ _TORCH_VIEWS = {"bfloat16": (ml_dtypes.bfloat16, "int16"),
 # Finding a checkpoint
 
 
-def _is_true(value: str | None) -> bool:
-    return (value or "").upper() in ("1", "ON", "YES", "TRUE")
-
-
-def _hub_cache_dir() -> pathlib.Path:
-    """The Hugging Face hub cache, from the environment as it is now (huggingface_hub reads it once)."""
-    env = os.environ
-    if env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE"):
-        cache = env.get("HF_HUB_CACHE") or env["HUGGINGFACE_HUB_CACHE"]
-    else:
-        home = env.get("HF_HOME") or os.path.join(
-            env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
-        cache = os.path.join(home, "hub")
-    return pathlib.Path(os.path.expandvars(os.path.expanduser(cache)))
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants
-    return (_is_true(os.environ.get("HF_HUB_OFFLINE")) or _is_true(os.environ.get("TRANSFORMERS_OFFLINE"))
-            or constants.HF_HUB_OFFLINE)
-
-
 def _is_repo_id(name: str) -> bool:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
     if name.startswith(("/", ".", "~")) or "\\" in name:
@@ -103,7 +71,8 @@ def _is_repo_id(name: str) -> bool:
     return True
 
 
-def _weight_file(directory: pathlib.Path) -> pathlib.Path | None:
+def weight_file(directory: pathlib.Path) -> pathlib.Path | None:
+    """The directory's weights (a file or a shard index), in WEIGHT_NAMES' order of preference."""
     return next((directory / n for n in WEIGHT_NAMES if (directory / n).is_file()), None)
 
 
@@ -127,10 +96,17 @@ def _files_to_download(files: list[str]) -> list[str]:
     return [CONFIG_NAME, *weights]
 
 
-def resolve(name_or_path: str | os.PathLike) -> pathlib.Path:
-    """A checkpoint directory: a local one, else a hub repo from the local HF cache, else the hub.
+def resolve(name_or_path: str | os.PathLike, *, revision: str | None = None,
+            cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+            token: str | bool | None = None) -> pathlib.Path:
+    """A checkpoint directory: a local one, else a hub repo's snapshot in the Hugging Face cache,
+    else the hub (config.json and one weight format only).
 
-    Downloads only config.json and one weight format, and never when HF_HUB_OFFLINE is set.
+    revision, cache_dir, local_files_only and token mean what they mean to huggingface_hub's
+    snapshot_download (cache_dir None: huggingface_hub's own default). The hub is not asked with
+    local_files_only=True or when huggingface_hub is offline (HF_HUB_OFFLINE). Errors: no such
+    directory or repository, FileNotFoundError; a gated or unauthorized repository,
+    PermissionError; the hub unreachable, ConnectionError; each says what was tried.
     """
     path = pathlib.Path(name_or_path).expanduser()
     if path.is_dir():
@@ -142,36 +118,49 @@ def resolve(name_or_path: str | os.PathLike) -> pathlib.Path:
     if not isinstance(name_or_path, str) or not _is_repo_id(name):
         raise FileNotFoundError(f"{tried} (and not a Hugging Face hub repo id)")
 
-    from huggingface_hub import HfApi, snapshot_download
-    cache = _hub_cache_dir()
-    snapshot = None
+    import huggingface_hub as hub
+    from huggingface_hub import errors
+    where = f"revision {revision!r} of {name!r}" if revision else repr(name)
     try:
-        snapshot = pathlib.Path(snapshot_download(name, cache_dir=cache, local_files_only=True))
-    except (OSError, ValueError):  # LocalEntryNotFoundError is both
-        pass
-    if snapshot is not None and (_offline() or (
-            (snapshot / CONFIG_NAME).is_file() and _weight_file(snapshot) is not None)):
-        return snapshot
-    if snapshot is None:
-        tried += f"; not in the Hugging Face cache at {cache}"
-    else:
-        tried += f"; cached at {snapshot} without config.json or weights"
-    if _offline():
-        raise FileNotFoundError(f"{tried}; the hub was not tried (HF_HUB_OFFLINE is set)")
+        snapshot = pathlib.Path(hub.snapshot_download(name, revision=revision, cache_dir=cache_dir,
+                                                      local_files_only=True))
+        if (snapshot / CONFIG_NAME).is_file() and weight_file(snapshot) is not None:
+            return snapshot
+        tried += f"; {where} is cached at {snapshot} without config.json or weights"
+    except errors.LocalEntryNotFoundError:
+        tried += f"; {where} is not in the Hugging Face cache"
+    if local_files_only or hub.constants.HF_HUB_OFFLINE:
+        why = "local_files_only=True" if local_files_only else "huggingface_hub is offline (HF_HUB_OFFLINE)"
+        raise FileNotFoundError(f"{tried}; the hub was not asked: {why}")
     try:
-        files = _files_to_download(HfApi().list_repo_files(name))
-        return pathlib.Path(snapshot_download(name, cache_dir=cache, allow_patterns=files))
-    except Exception as e:  # network down, repo not found, gated, no weights: all "not found" here
-        raise FileNotFoundError(f"{tried}; hub download failed: {type(e).__name__}: {e}") from e
+        files = _files_to_download(hub.HfApi().list_repo_files(name, revision=revision, token=token))
+        return pathlib.Path(hub.snapshot_download(name, revision=revision, cache_dir=cache_dir,
+                                                  token=token, allow_patterns=files))
+    except errors.GatedRepoError as e:
+        raise PermissionError(
+            f"{tried}; {name!r} is a gated repository: accept its terms at "
+            f"https://huggingface.co/{name} and pass token= (or log in with `hf auth login`). "
+            f"The hub said: {e}") from e
+    except errors.RepositoryNotFoundError as e:
+        raise FileNotFoundError(f"{tried}; the hub has no repository {name!r}, or it is private "
+                                f"and needs token=. The hub said: {e}") from e
+    except errors.RevisionNotFoundError as e:
+        raise FileNotFoundError(f"{tried}; the hub has no {where}. The hub said: {e}") from e
+    except errors.HfHubHTTPError as e:
+        status = getattr(e.response, "status_code", None)
+        if status in (401, 403):
+            raise PermissionError(f"{tried}; the hub refused access to {name!r} (HTTP {status}): "
+                                  f"pass a token= that may read it. The hub said: {e}") from e
+        raise
+    except (ConnectionError, OSError) as e:
+        if isinstance(e, FileNotFoundError):  # the repo has no weights (_files_to_download)
+            raise FileNotFoundError(f"{tried}; on the hub, {where}: {e}") from e
+        raise ConnectionError(f"{tried}; the hub could not be reached: {type(e).__name__}: {e}") from e
 
 
-# ---------------------------------------------------------------------------------------------
-# Reading
-
-
-def load_config(path: str | os.PathLike) -> dict:
-    """config.json of a checkpoint (directory or hub name) as a dict."""
-    file = resolve(path) / CONFIG_NAME
+def load_config(directory: str | os.PathLike) -> dict:
+    """config.json of a checkpoint directory, as a dict."""
+    file = pathlib.Path(directory) / CONFIG_NAME
     if not file.is_file():
         raise FileNotFoundError(f"{file} does not exist")
     try:
@@ -183,10 +172,17 @@ def load_config(path: str | os.PathLike) -> dict:
     return config
 
 
-def _reading(file: pathlib.Path, read: Callable[[], dict]) -> dict:
-    """read(), with any failure of the parser turned into ValueError naming the file."""
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _reading(file: pathlib.Path, read: Callable):
+    """read(), with any failure of the parser turned into ValueError naming the file (a missing
+    torch stays the ImportError that says so)."""
     try:
-        out = read()
+        return read()
+    except ImportError:
+        raise
     except Exception as e:
         hint = ""
         try:
@@ -195,18 +191,6 @@ def _reading(file: pathlib.Path, read: Callable[[], dict]) -> dict:
         except OSError:
             pass
         raise ValueError(f"could not read {file}{hint}: {type(e).__name__}: {e}") from e
-    if not isinstance(out, dict):
-        raise ValueError(f"could not read {file}: expected a mapping of tensors, got {type(out).__name__}")
-    return out
-
-
-def _read_safetensors(file: pathlib.Path) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
-
-    def read():
-        with safe_open(file, framework="np") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    return _reading(file, read)
 
 
 def _torch_to_numpy(t) -> np.ndarray:
@@ -228,13 +212,57 @@ def _import_torch():
     return torch
 
 
-def _read_bin(file: pathlib.Path) -> dict[str, np.ndarray]:
-    torch = _import_torch()
+def _torch_name(key: str) -> tuple[str, bool]:
+    """A Flax tensor's PyTorch name, and whether its array is transposed (transformers' rule)."""
+    module, _, leaf = key.rpartition(".")
+    if leaf == "kernel":
+        return f"{module}.weight", True
+    if leaf in ("scale", "embedding"):
+        return f"{module}.weight", False
+    return key, False
 
-    def read():
-        state = torch.load(file, map_location="cpu", weights_only=True)
-        return {k: _torch_to_numpy(v) for k, v in state.items()}
-    return _reading(file, read)
+
+class _SafetensorsShard:
+    def __init__(self, file):
+        from safetensors import safe_open
+        self._file = _reading(file, lambda: safe_open(file, framework="np"))
+        self.flax = (self._file.metadata() or {}).get("format") == "flax"
+        self.keys = list(self._file.keys())
+
+    def get(self, key):
+        return self._file.get_tensor(key)
+
+
+class _BinShard:
+    def __init__(self, file):
+        torch = _import_torch()
+        # The memory map keeps the tensors on disk until each is read; the legacy (pre-zipfile)
+        # format cannot be mapped and is loaded whole.
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise TypeError(f"expected a mapping of tensors, got {type(state).__name__}")
+        self._state, self.flax, self.keys = state, False, list(state)
+
+    def get(self, key):
+        return _torch_to_numpy(self._state[key])
+
+
+class _MsgpackShard:
+    def __init__(self, file):
+        from flax.serialization import msgpack_restore
+        tree = msgpack_restore(file.read_bytes())
+        if not isinstance(tree, dict):
+            raise TypeError(f"expected a tree of arrays, got {type(tree).__name__}")
+        self._flat = _flatten(tree["params"] if set(tree) == {"params"} else tree)
+        self.flax, self.keys = True, list(self._flat)
+
+    def get(self, key):
+        return self._flat[key]
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
@@ -247,75 +275,80 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
     return flat
 
 
-def _read_msgpack(file: pathlib.Path) -> dict[str, np.ndarray]:
-    from flax.serialization import msgpack_restore
-
-    def read():
-        tree = msgpack_restore(file.read_bytes())
-        if not isinstance(tree, dict):
-            raise TypeError(f"expected a tree of arrays, got {type(tree).__name__}")
-        return _flatten(tree["params"] if set(tree) == {"params"} else tree)
-    return _reading(file, read)
+_SHARDS = {"safetensors": _SafetensorsShard, "bin": _BinShard, "msgpack": _MsgpackShard}
 
 
-def _read_sharded(index: pathlib.Path, read_shard: Callable) -> dict[str, np.ndarray]:
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        shards = list(dict.fromkeys(weight_map.values()))
-    except Exception as e:
-        raise ValueError(f"could not read {index}: not a shard index ({type(e).__name__}: {e})") from e
-    missing = [s for s in shards if not (index.parent / s).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{index} names shard(s) that do not exist: {', '.join(missing)}")
-    flat = {}
-    for shard in shards:
-        flat.update(read_shard(index.parent / shard))
-    return flat
+class Checkpoint:
+    """The tensors of a checkpoint directory, by PyTorch name, read one at a time.
+
+    `names()` lists them; `read(name)` returns one numpy array in its PyTorch layout and the dtype
+    stored. Shards are opened when their first tensor is read. A parse failure is a ValueError
+    naming the file (with a hint when the file is a Git LFS pointer).
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = pathlib.Path(directory)
+        self.file = weight_file(self.directory)
+        if self.file is None:
+            raise FileNotFoundError(f"no weight files in {self.directory}: looked for "
+                                    f"{', '.join(WEIGHT_NAMES)}")
+        self._format = self.file.name.split(".")[1]  # safetensors, bin or msgpack
+        if self.file.name.endswith(".index.json"):
+            self._shard_of = self._read_index()  # stored key -> shard file
+        else:
+            self._shard_of = None
+        self._open: dict[pathlib.Path, object] = {}
+        self._sources: dict[str, tuple[pathlib.Path, str, bool]] | None = None
+
+    def _read_index(self) -> dict[str, pathlib.Path]:
+        index = self.file
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            shards = {key: index.parent / shard for key, shard in weight_map.items()}
+        except Exception as e:
+            raise ValueError(f"could not read {index}: not a shard index ({type(e).__name__}: {e})") from e
+        missing = sorted({s.name for s in shards.values() if not s.is_file()})
+        if missing:
+            raise FileNotFoundError(f"{index} names shard(s) that do not exist: {', '.join(missing)}")
+        # Flax indexes name tensors by their "/"-joined tree path.
+        return {key.replace("/", "."): shard for key, shard in shards.items()}
+
+    def _shard(self, file: pathlib.Path):
+        if file not in self._open:
+            self._open[file] = _reading(file, lambda: _SHARDS[self._format](file))
+        return self._open[file]
+
+    def _index(self) -> dict[str, tuple[pathlib.Path, str, bool]]:
+        """PyTorch name -> (shard file, key stored there, transposed)."""
+        if self._sources is None:
+            files = (dict.fromkeys(self._shard_of.values()) if self._shard_of is not None
+                     else [self.file])
+            self._sources = {}
+            for file in files:
+                shard = self._shard(file)
+                for key in shard.keys:
+                    name, transpose = _torch_name(key) if shard.flax else (key, False)
+                    if name in self._sources:
+                        raise ValueError(f"{file}: tensor {name} appears twice (as {key} and "
+                                         f"{self._sources[name][1]})")
+                    self._sources[name] = (file, key, transpose)
+        return self._sources
+
+    def names(self) -> list[str]:
+        return list(self._index())
+
+    def read(self, name: str) -> np.ndarray:
+        if name not in self._index():
+            raise KeyError(f"{self.file}: no tensor {name!r}")
+        file, key, transpose = self._index()[name]
+        value = _reading(file, lambda: np.asarray(self._shard(file).get(key)))
+        return value.T if transpose and value.ndim == 2 else value
 
 
-_READERS = {
-    SAFETENSORS_NAME: _read_safetensors,
-    SAFETENSORS_INDEX_NAME: lambda f: _read_sharded(f, _read_safetensors),
-    BIN_NAME: _read_bin,
-    BIN_INDEX_NAME: lambda f: _read_sharded(f, _read_bin),
-    MSGPACK_NAME: _read_msgpack,
-    MSGPACK_INDEX_NAME: lambda f: _read_sharded(f, _read_msgpack),
-}
-
-
-def _from_hf(flat: dict[str, np.ndarray], file: pathlib.Path) -> dict[str, np.ndarray]:
-    """HF names (PyTorch or Flax, with or without "transformer.") -> our names, PyTorch layouts."""
-    state, ignored = {}, []
-    for key, value in flat.items():
-        name = key.removeprefix(PREFIX)
-        module, _, leaf = name.rpartition(".")
-        if leaf == "kernel" and module.rpartition(".")[2] in _CONV1D:
-            name, value = f"{module}.weight", np.asarray(value).T  # FlaxConv1D: [out, in] -> [in, out]
-        elif leaf in ("scale", "embedding"):
-            name = f"{module}.weight"
-        if _DROPPED.fullmatch(name):
-            continue
-        if not _PARAM.fullmatch(name):
-            ignored.append(key)
-            continue
-        if name in state:
-            raise ValueError(f"{file}: parameter {name} appears twice (with and without {PREFIX!r}?)")
-        state[name] = value
-    if not state:
-        raise ValueError(f"{file}: no GPT-2 parameters found (keys: {', '.join(list(flat)[:5])}, ...)")
-    if ignored:
-        warnings.warn(f"{file}: ignoring {len(ignored)} entries that are not GPT-2 parameters: "
-                      f"{', '.join(ignored[:5])}{', ...' if len(ignored) > 5 else ''}", stacklevel=3)
-    return state
-
-
-def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """GPT-2 weights of a checkpoint (directory or hub name): our names, PyTorch layouts, dtype as stored."""
-    directory = resolve(path)
-    file = _weight_file(directory)
-    if file is None:
-        raise FileNotFoundError(f"no weight files in {directory}: looked for {', '.join(WEIGHT_NAMES)}")
-    return _from_hf(_READERS[file.name](file), file)
+def load_state_dict(directory: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor of a checkpoint directory at once, by PyTorch name (see Checkpoint)."""
+    checkpoint = Checkpoint(directory)
+    return {name: checkpoint.read(name) for name in checkpoint.names()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,60 +376,59 @@ def _to_torch(a: np.ndarray):
     return torch.from_numpy(a.copy())
 
 
-def _flax_path(name: str) -> tuple[list[str], bool]:
-    """Our name -> its path in the Flax tree, and whether the array is transposed there."""
-    *modules, leaf = name.split(".")
-    transpose = False
-    if leaf == "weight":
-        if modules[-1] in ("wte", "wpe"):
-            leaf = "embedding"
-        elif modules[-1].startswith("ln_"):
-            leaf = "scale"
-        else:  # Conv1D [in, out] -> FlaxConv1D [out, in]
-            leaf, transpose = "kernel", True
-    return ["transformer", *modules, leaf], transpose
+def _flax_name(name: str, ndim: int, flax_names: dict[str, str]) -> tuple[str, bool]:
+    """A PyTorch name's Flax name and whether its array is transposed there: what the model says
+    (flax_names), else a 2-D weight is a transposed kernel and anything else keeps its name."""
+    if name in flax_names:
+        return flax_names[name], False
+    module, _, leaf = name.rpartition(".")
+    if leaf == "weight" and ndim == 2:
+        return f"{module}.kernel", True
+    return name, False
 
 
 def _write_flax(arrays: dict[str, np.ndarray], file: pathlib.Path) -> None:
     from flax.serialization import msgpack_serialize
     tree = {}
     for name, a in arrays.items():
-        keys, transpose = _flax_path(name)
+        *modules, leaf = name.split(".")
         node = tree
-        for k in keys[:-1]:
+        for k in modules:
             node = node.setdefault(k, {})
-        node[keys[-1]] = np.ascontiguousarray(a.T) if transpose else a
+        node[leaf] = a
     file.write_bytes(msgpack_serialize(tree))
 
 
-def save_state_dict(state: dict[str, np.ndarray], path: str | os.PathLike, config: dict,
-                    format: str = "safetensors", max_shard_size: int | None = None) -> None:
-    """Write config.json and the weights as a GPT2LMHeadModel checkpoint transformers can load.
+def save_state_dict(state: dict, path: str | os.PathLike, config: dict, *,
+                    format: str = "safetensors", max_shard_size: int | None = None,
+                    flax_names: dict[str, str] | None = None) -> None:
+    """Write config.json and the weights `state` (PyTorch names, as the checkpoint names them,
+    -> numpy or jax arrays, PyTorch layouts) as a Hugging Face checkpoint directory.
 
     format: "safetensors", "pytorch" (.bin) or "flax" (.msgpack); sharded with an index when the
-    weights exceed max_shard_size bytes. Weight files already in `path` (any format) are removed.
+    weights exceed max_shard_size bytes. flax_names: for format="flax", the Flax names of the
+    tensors whose name the default rule gets wrong (it makes a 2-D `weight` a transposed `kernel`
+    and keeps every other name): embedding tables (`embedding`) and, in some models, norm scales
+    (`scale`). Weight files already in `path` (any format) are removed first.
     """
     if format not in FORMATS:
         raise ValueError(f"format={format!r}: expected one of {', '.join(map(repr, FORMATS))}")
     if max_shard_size is not None and (not isinstance(max_shard_size, int) or max_shard_size <= 0):
         raise ValueError(f"max_shard_size={max_shard_size!r}: expected a positive number of bytes or None")
-    arrays = {}
-    for key, value in state.items():
-        name = key.removeprefix(PREFIX)
-        if not _PARAM.fullmatch(name):
-            raise ValueError(f"state: {key!r} is not a GPT-2 parameter name (e.g. 'h.0.attn.c_attn.weight')")
-        if name in arrays:
-            raise ValueError(f"state: {name!r} given twice (with and without {PREFIX!r})")
-        arrays[name] = np.ascontiguousarray(np.asarray(value))
+    arrays = {name: np.ascontiguousarray(np.asarray(value)) for name, value in state.items()}
+    if format == "flax":
+        renamed = {}
+        for name, a in arrays.items():
+            flax_name, transpose = _flax_name(name, a.ndim, flax_names or {})
+            renamed[flax_name] = np.ascontiguousarray(a.T) if transpose else a
+        arrays = renamed
     if format == "pytorch":
         _import_torch()  # fail before touching the directory
 
     directory = pathlib.Path(path).expanduser()
     directory.mkdir(parents=True, exist_ok=True)
-    config = dict(config)
-    config.setdefault("model_type", "gpt2")
-    config.setdefault("architectures", ["GPT2LMHeadModel"])
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n",
+                                         encoding="utf-8")
     for old in directory.iterdir():
         if _STALE.fullmatch(old.name) and old.is_file():
             old.unlink()
@@ -407,17 +439,20 @@ def save_state_dict(state: dict[str, np.ndarray], path: str | os.PathLike, confi
     groups = _shards(arrays, max_shard_size)
     weight_map = {}
     for i, names in enumerate(groups):
-        file = directory / (f"{stem}.{ext}" if len(groups) == 1 else f"{stem}-{i + 1:05d}-of-{len(groups):05d}.{ext}")
+        file = directory / (f"{stem}.{ext}" if len(groups) == 1
+                            else f"{stem}-{i + 1:05d}-of-{len(groups):05d}.{ext}")
         part = {n: arrays[n] for n in names}
         if format == "safetensors":
             from safetensors.numpy import save_file
-            save_file({PREFIX + n: a for n, a in part.items()}, file, metadata={"format": "pt"})
+            save_file(part, file, metadata={"format": "pt"})
         elif format == "pytorch":
-            _import_torch().save({PREFIX + n: _to_torch(a) for n, a in part.items()}, file)
+            _import_torch().save({n: _to_torch(a) for n, a in part.items()}, file)
         else:
             _write_flax(part, file)
-        for n in names:  # Flax indexes name leaves by their "/"-joined tree path
-            weight_map["/".join(_flax_path(n)[0]) if format == "flax" else PREFIX + n] = file.name
+        for n in names:  # Flax indexes name tensors by their "/"-joined tree path
+            weight_map[n.replace(".", "/") if format == "flax" else n] = file.name
     if len(groups) > 1:
-        index = {"metadata": {"total_size": sum(a.nbytes for a in arrays.values())}, "weight_map": weight_map}
-        (directory / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        index = {"metadata": {"total_size": sum(a.nbytes for a in arrays.values())},
+                 "weight_map": weight_map}
+        (directory / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n",
+                                            encoding="utf-8")

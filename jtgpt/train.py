@@ -1,4 +1,5 @@
-"""Training GPT: AdamW with gradient clipping, and one jitted step with gradient accumulation.
+"""Training jtgpt models (GPT, Llama): AdamW with gradient clipping, one jitted step with gradient
+accumulation.
 
     optimizer = jtgpt.train.adamw(3e-4)
     state, step = jtgpt.train.init(model, optimizer, accum_steps=4)
@@ -10,9 +11,14 @@ A step splits the batch into `accum_steps` micro-batches and scans over them, su
 token-summed loss and gradient (so only one micro-batch's activations are alive at a time), then
 divides by the number of labelled tokens of the whole batch: the same update as one big batch, to
 rounding. Then the optimizer: the global norm of the gradient is clipped to `clip_norm`, and AdamW
-decays the matrices only (not the biases and LayerNorm parameters, as in GPT-2 practice).
+decays the matrices only (not the biases and norm weights, as in GPT-2 and Llama practice).
 Dropout is on in the step (a fresh key per micro-batch); evaluate with `model.loss(ids)`, which
 has no key and so no dropout.
+
+16-bit parameters train through fp32 copies of them (master weights): the state's parameters and
+the optimizer's moments are fp32, and the model computes in its own dtype from them. In fp16,
+AdamW's eps (1e-8) and the squared gradients underflow, so fp16 moments would turn the first
+update into inf or NaN; in bf16 most updates would round away. `model_of` casts back.
 """
 from __future__ import annotations
 
@@ -23,11 +29,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jtgpt.models.gpt2 import next_token_targets
+from jtgpt.layers import next_token_targets
 
 
 class TrainState(NamedTuple):
-    params: nnx.State      # the model's nnx.Param leaves, in their param dtype
+    params: nnx.State      # the model's nnx.Param leaves, fp32 (master copies of 16-bit ones)
     opt_state: Any
     step: jax.Array        # int32: updates applied so far
 
@@ -87,16 +93,17 @@ def init(model: nnx.Module, optimizer: optax.GradientTransformation, *, accum_st
         metrics = {"loss": loss * scale, "grad_norm": global_norm(grads), "tokens": tokens}
         return TrainState(params, opt_state, state.step + 1), metrics
 
-    # A copy: the step donates the state's buffers, and the caller's model must stay usable.
-    params = jax.tree.map(jnp.copy, params)
+    # A copy (the step donates the state's buffers, and the caller's model must stay usable), in
+    # fp32: master weights for 16-bit parameters (module docstring).
+    params = jax.tree.map(lambda p: jnp.array(p, jnp.promote_types(p.dtype, jnp.float32)), params)
     state = TrainState(params, optimizer.init(params), jnp.int32(0))
     return state, jax.jit(step, donate_argnums=0)
 
 
 def model_of(model: nnx.Module, state: TrainState) -> nnx.Module:
-    """A module like `model` holding the state's parameters."""
-    graphdef, _ = nnx.split(model, nnx.Param)
-    return nnx.merge(graphdef, state.params)
+    """A module like `model` holding the state's parameters, in the model's parameter dtypes."""
+    graphdef, params = nnx.split(model, nnx.Param)
+    return nnx.merge(graphdef, jax.tree.map(lambda s, p: s.astype(p.dtype), state.params, params))
 
 
 def global_norm(tree) -> jax.Array:
@@ -105,7 +112,7 @@ def global_norm(tree) -> jax.Array:
 
 
 def _labelled_tokens(micro: dict, ignore_index: int) -> jax.Array:
-    """Tokens that count in GPT.loss: its targets that are not ignore_index."""
+    """Tokens that count in model.loss: its targets that are not ignore_index."""
     targets = next_token_targets(jnp.asarray(micro.get("labels", micro["input_ids"])), ignore_index)
     return jnp.sum(targets != ignore_index, dtype=jnp.int32)
 

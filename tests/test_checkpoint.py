@@ -1,7 +1,8 @@
-"""jtgpt.checkpoint: HF GPT-2 checkpoints (safetensors, .bin, Flax msgpack; sharded) in and out.
+"""jtgpt.checkpoint: the weight formats (safetensors, .bin, Flax msgpack; sharded) and resolve.
 
+The formats know no model: a checkpoint reads back under the PyTorch names transformers wrote.
 Every checkpoint here is a tiny random one made with transformers' save_pretrained; nothing is
-downloaded (the resolve tests run with HF_HUB_OFFLINE=1 and sockets blocked).
+downloaded (the hub is replaced by fakes, and sockets are blocked).
 """
 import copy
 import socket
@@ -16,20 +17,7 @@ from jtgpt import checkpoint as ck
 
 N_LAYER, D, V, P = 2, 32, 97, 64
 SHARD = 30_000  # bytes: the tiny model (~120 kB) splits into several shards
-
-
-def expected_shapes():
-    shapes = {"wte.weight": (V, D), "wpe.weight": (P, D), "ln_f.weight": (D,), "ln_f.bias": (D,)}
-    for i in range(N_LAYER):
-        h = f"h.{i}."
-        shapes.update({
-            h + "ln_1.weight": (D,), h + "ln_1.bias": (D,), h + "ln_2.weight": (D,), h + "ln_2.bias": (D,),
-            h + "attn.c_attn.weight": (D, 3 * D), h + "attn.c_attn.bias": (3 * D,),
-            h + "attn.c_proj.weight": (D, D), h + "attn.c_proj.bias": (D,),
-            h + "mlp.c_fc.weight": (D, 4 * D), h + "mlp.c_fc.bias": (4 * D,),
-            h + "mlp.c_proj.weight": (4 * D, D), h + "mlp.c_proj.bias": (D,),
-        })
-    return shapes
+PREFIX = "transformer."
 
 
 def assert_state_equal(actual, expected):
@@ -40,13 +28,21 @@ def assert_state_equal(actual, expected):
         np.testing.assert_array_equal(actual[k], e, err_msg=k)
 
 
+def read_back(directory):
+    """The checkpoint's tensors, without the tied head's copy that some formats keep."""
+    state = ck.load_state_dict(directory)
+    state.pop("lm_head.weight", None)
+    return state
+
+
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):
-    """A tiny random GPT2LMHeadModel, its parameters as numpy, and save_pretrained directories."""
+    """A tiny random GPT2LMHeadModel, its tensors as numpy (PyTorch names), and save_pretrained
+    directories in every format."""
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=N_LAYER, n_embd=D, n_head=4, n_positions=P, vocab_size=V)
     model = transformers.GPT2LMHeadModel(config).eval()
-    ref = {k: v.detach().numpy().copy() for k, v in model.transformer.named_parameters()}
+    ref = {PREFIX + k: v.detach().numpy().copy() for k, v in model.transformer.named_parameters()}
     root = tmp_path_factory.mktemp("hf")
     dirs = {}
     for name, kw in {"safetensors": dict(safe_serialization=True),
@@ -65,7 +61,7 @@ def hf(tmp_path_factory):
     bf16.save_pretrained(root / "bf16_safetensors", safe_serialization=True)
     bf16.save_pretrained(root / "bf16_bin", safe_serialization=False)
     dirs["bf16_safetensors"], dirs["bf16_bin"] = root / "bf16_safetensors", root / "bf16_bin"
-    return {"config": config.to_dict(), "ref": ref, "dirs": dirs, "model": model}
+    return {"config": config.to_dict(), "ref": ref, "dirs": dirs}
 
 
 class _quiet:
@@ -86,39 +82,43 @@ class _quiet:
 @pytest.mark.parametrize("kind", ["safetensors", "bin", "safetensors_sharded", "bin_sharded",
                                   "msgpack", "msgpack_sharded", "flax_safetensors"])
 def test_load_transformers_checkpoint(hf, kind):
+    """PyTorch and Flax checkpoints read back as the same PyTorch names and layouts (Flax's 2-D
+    kernels transposed, scale and embedding renamed weight)."""
     directory = hf["dirs"][kind]
     if kind.endswith("sharded"):  # the fixture really made shards
         assert any(p.name.endswith(".index.json") for p in directory.iterdir())
-    state = ck.load_state_dict(directory)
-    assert {k: v.shape for k, v in state.items()} == expected_shapes()
-    assert_state_equal(state, hf["ref"])
+    assert_state_equal(read_back(directory), hf["ref"])
 
 
 @pytest.mark.parametrize("kind", ["bf16_safetensors", "bf16_bin"])
 def test_load_bf16_checkpoint(hf, kind):
-    state = ck.load_state_dict(hf["dirs"][kind])
-    assert_state_equal(state, {k: v.astype(ml_dtypes.bfloat16) for k, v in hf["ref"].items()})
+    assert_state_equal(read_back(hf["dirs"][kind]),
+                       {k: v.astype(ml_dtypes.bfloat16) for k, v in hf["ref"].items()})
 
 
-def test_load_hub_style_bin(hf, tmp_path):
-    """Like the hub's gpt2 pytorch_model.bin: no "transformer." prefix, attention-mask buffers."""
-    sd = {k: torch.from_numpy(v) for k, v in hf["ref"].items()}
-    for i in range(N_LAYER):
-        sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(P, P)).view(1, 1, P, P)
-        sd[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
-    sd["lm_head.weight"] = sd["wte.weight"]
-    torch.save(sd, tmp_path / "pytorch_model.bin")
-    assert_state_equal(ck.load_state_dict(tmp_path), hf["ref"])
+@pytest.mark.parametrize("kind", ["safetensors_sharded", "bin_sharded"])
+def test_read_opens_only_the_shard_it_needs(hf, kind, monkeypatch):
+    """Checkpoint.read(name) parses the one shard that holds `name`, and takes one tensor."""
+    directory = hf["dirs"][kind]
+    index = ck.Checkpoint(directory)._shard_of
+    name = PREFIX + "h.1.mlp.c_fc.weight"
+    opened, taken = [], []
+    shard_class = ck._SHARDS["safetensors" if kind.startswith("safetensors") else "bin"]
+    monkeypatch.setitem(ck._SHARDS, "safetensors" if kind.startswith("safetensors") else "bin",
+                        lambda file: opened.append(file.name) or _Spy(shard_class(file), taken))
+    checkpoint = ck.Checkpoint(directory)
+    checkpoint._sources = {name: (index[name], name, False)}  # as if listed already
+    np.testing.assert_array_equal(checkpoint.read(name), hf["ref"][name])
+    assert opened == [index[name].name] and taken == [name]
 
 
-def test_load_warns_on_extra_entries(hf, tmp_path):
-    ck.save_state_dict(hf["ref"], tmp_path, hf["config"])
-    from safetensors.numpy import load_file, save_file
-    flat = load_file(tmp_path / "model.safetensors")
-    flat["score.weight"] = np.zeros((2, D), np.float32)
-    save_file(flat, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.warns(UserWarning, match="score.weight"):
-        assert_state_equal(ck.load_state_dict(tmp_path), hf["ref"])
+class _Spy:
+    def __init__(self, shard, taken):
+        self.shard, self.taken, self.flax, self.keys = shard, taken, shard.flax, shard.keys
+
+    def get(self, key):
+        self.taken.append(key)
+        return self.shard.get(key)
 
 
 def test_load_config(hf):
@@ -130,85 +130,68 @@ def test_load_config(hf):
 # Writing
 
 
+def _state(hf, dtype=np.float32):
+    return {k: v.astype(dtype) for k, v in hf["ref"].items()}
+
+
 @pytest.mark.parametrize("shard", [None, SHARD], ids=["one_file", "sharded"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("format", ck.FORMATS)
 def test_round_trip(hf, tmp_path, format, dtype, shard):
-    state = {k: v.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
-             for k, v in hf["ref"].items()}
+    state = _state(hf, ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
     ck.save_state_dict(state, tmp_path, hf["config"], format=format, max_shard_size=shard)
     names = {p.name for p in tmp_path.iterdir()}
     assert any(n.endswith(".index.json") for n in names) == (shard is not None), names
     assert_state_equal(ck.load_state_dict(tmp_path), state)
-    assert ck.load_config(tmp_path)["n_embd"] == D
+    assert ck.load_config(tmp_path) == {**hf["config"], "id2label": {"0": "LABEL_0", "1": "LABEL_1"}}
 
 
-def test_save_accepts_jax_arrays_and_prefix(hf, tmp_path):
+def test_flax_names(hf, tmp_path):
+    """The Flax tree: 2-D weights are transposed kernels unless flax_names names them."""
+    state = _state(hf)
+    wte = PREFIX + "wte.weight"
+    ck.save_state_dict(state, tmp_path, hf["config"], format="flax",
+                       flax_names={wte: PREFIX + "wte.embedding"})
+    from flax.serialization import msgpack_restore
+    tree = msgpack_restore((tmp_path / ck.MSGPACK_NAME).read_bytes())["transformer"]
+    np.testing.assert_array_equal(tree["wte"]["embedding"], state[wte])
+    np.testing.assert_array_equal(tree["h"]["1"]["attn"]["c_attn"]["kernel"],
+                                  state[PREFIX + "h.1.attn.c_attn.weight"].T)
+    np.testing.assert_array_equal(tree["ln_f"]["bias"], state[PREFIX + "ln_f.bias"])
+
+
+def test_save_accepts_jax_arrays(hf, tmp_path):
     import jax.numpy as jnp
-    state = {"transformer." + k: jnp.asarray(v, jnp.bfloat16) for k, v in hf["ref"].items()}
+    state = {k: jnp.asarray(v, jnp.bfloat16) for k, v in hf["ref"].items()}
     ck.save_state_dict(state, tmp_path, hf["config"])
-    assert_state_equal(ck.load_state_dict(tmp_path),
-                       {k: v.astype(ml_dtypes.bfloat16) for k, v in hf["ref"].items()})
-
-
-@pytest.mark.parametrize("format,shard", [("safetensors", None), ("safetensors", SHARD),
-                                          ("pytorch", None), ("pytorch", SHARD)])
-def test_transformers_torch_loads_ours(hf, tmp_path, format, shard):
-    ck.save_state_dict(hf["ref"], tmp_path, hf["config"], format=format, max_shard_size=shard)
-    with _quiet():
-        model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
-    sd = model.state_dict()
-    np.testing.assert_array_equal(sd["transformer.h.1.attn.c_attn.weight"].numpy(), hf["ref"]["h.1.attn.c_attn.weight"])
-    np.testing.assert_array_equal(sd["lm_head.weight"].numpy(), hf["ref"]["wte.weight"])  # tied
-    ids = torch.arange(10)[None] % V
-    with torch.no_grad():
-        np.testing.assert_allclose(model(ids).logits.numpy(), hf["model"](ids).logits.numpy(), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("format,shard", [("flax", None), ("flax", SHARD), ("safetensors", None)])
-def test_transformers_flax_loads_ours(hf, tmp_path, format, shard):
-    ck.save_state_dict(hf["ref"], tmp_path, hf["config"], format=format, max_shard_size=shard)
-    with _quiet():
-        model = transformers.FlaxGPT2LMHeadModel.from_pretrained(tmp_path)
-    layer = model.params["transformer"]["h"]["1"]
-    np.testing.assert_array_equal(np.asarray(layer["attn"]["c_attn"]["kernel"]), hf["ref"]["h.1.attn.c_attn.weight"].T)
-    np.testing.assert_array_equal(np.asarray(layer["ln_2"]["scale"]), hf["ref"]["h.1.ln_2.weight"])
-    np.testing.assert_array_equal(np.asarray(model.params["transformer"]["wte"]["embedding"]), hf["ref"]["wte.weight"])
-
-
-def test_save_config_defaults(hf, tmp_path):
-    ck.save_state_dict(hf["ref"], tmp_path, {"n_embd": D})
-    assert ck.load_config(tmp_path) == {"n_embd": D, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}
-    ck.save_state_dict(hf["ref"], tmp_path, {"model_type": "gpt2", "architectures": ["GPT2Model"]})
-    assert ck.load_config(tmp_path)["architectures"] == ["GPT2Model"]
+    assert_state_equal(ck.load_state_dict(tmp_path), _state(hf, ml_dtypes.bfloat16))
 
 
 def test_save_replaces_stale_weights(hf, tmp_path):
-    ck.save_state_dict(hf["ref"], tmp_path, hf["config"], format="safetensors")
+    ck.save_state_dict(_state(hf), tmp_path, hf["config"], format="safetensors")
     new = {k: v + 1 for k, v in hf["ref"].items()}
-    ck.save_state_dict(new, tmp_path, hf["config"], format="flax")  # model.safetensors would shadow it
+    ck.save_state_dict(new, tmp_path, hf["config"], format="pytorch")  # model.safetensors would shadow it
     assert_state_equal(ck.load_state_dict(tmp_path), new)
 
 
 def test_save_errors(hf, tmp_path):
     with pytest.raises(ValueError, match="format='onnx'"):
         ck.save_state_dict(hf["ref"], tmp_path, hf["config"], format="onnx")
-    with pytest.raises(ValueError, match="lm_head.weight"):
-        ck.save_state_dict({**hf["ref"], "lm_head.weight": hf["ref"]["wte.weight"]}, tmp_path, hf["config"])
+    with pytest.raises(ValueError, match="max_shard_size"):
+        ck.save_state_dict(hf["ref"], tmp_path, hf["config"], max_shard_size=0)
     assert not list(tmp_path.iterdir())  # nothing written
 
 
 # ---------------------------------------------------------------------------------------------
-# resolve: local directory, offline Hugging Face cache, neither
+# resolve: local directory, the Hugging Face cache, the hub
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 @pytest.fixture
-def offline(monkeypatch, tmp_path):
-    """An empty HF cache in tmp_path, HF_HUB_OFFLINE=1, and any socket connection recorded."""
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def no_network(monkeypatch):
+    """Any socket connection fails the test."""
     attempts = []
 
     def refuse(*args, **kwargs):
@@ -216,19 +199,28 @@ def offline(monkeypatch, tmp_path):
         raise OSError("network disabled in this test")
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    yield tmp_path / "hub"
+    yield
     assert not attempts, f"network was tried: {attempts}"
 
 
-def fake_cache(cache, repo_id, source, commit="0123456789abcdef0123456789abcdef01234567"):
-    """huggingface_hub's cache layout: models--org--name/{refs/main, snapshots/<commit>/...}."""
+@pytest.fixture
+def offline(monkeypatch, tmp_path, no_network):
+    """huggingface_hub offline, its default cache an empty tmp_path/hub."""
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def fake_cache(cache, repo_id, source, commit=COMMIT, ref="main"):
+    """huggingface_hub's cache layout: models--org--name/{refs/<ref>, snapshots/<commit>/...}."""
     repo = cache / ("models--" + repo_id.replace("/", "--"))
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True)
     for f in source.iterdir():
         (snapshot / f.name).write_bytes(f.read_bytes())
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / ref).write_text(commit)
     return snapshot
 
 
@@ -237,18 +229,21 @@ def test_resolve_local_dir(hf):
     assert ck.resolve(d) == d and ck.resolve(str(d)) == d
 
 
-def test_resolve_offline_cache(hf, offline):
+def test_resolve_default_cache(hf, offline):
+    """huggingface_hub's own cache location is used when cache_dir is not given."""
     snapshot = fake_cache(offline, "org/tiny-gpt2", hf["dirs"]["safetensors"])
     assert ck.resolve("org/tiny-gpt2") == snapshot
-    assert_state_equal(ck.load_state_dict("org/tiny-gpt2"), hf["ref"])
-    assert ck.load_config("org/tiny-gpt2")["n_layer"] == N_LAYER
+    assert_state_equal(read_back(ck.resolve("org/tiny-gpt2")), hf["ref"])
 
 
-def test_resolve_hf_home(hf, offline, monkeypatch, tmp_path):
-    monkeypatch.delenv("HF_HUB_CACHE")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
-    snapshot = fake_cache(tmp_path / "home" / "hub", "tiny-gpt2", hf["dirs"]["msgpack"])
-    assert ck.resolve("tiny-gpt2") == snapshot
+def test_resolve_cache_dir_and_revision(hf, offline, tmp_path):
+    cache = tmp_path / "elsewhere"
+    main = fake_cache(cache, "tiny-gpt2", hf["dirs"]["msgpack"])
+    v1 = fake_cache(cache, "tiny-gpt2", hf["dirs"]["bin"], commit="f" * 40, ref="v1")
+    assert ck.resolve("tiny-gpt2", cache_dir=cache) == main
+    assert ck.resolve("tiny-gpt2", cache_dir=cache, revision="v1") == v1
+    with pytest.raises(FileNotFoundError, match="revision 'v2'.*not in the Hugging Face cache"):
+        ck.resolve("tiny-gpt2", cache_dir=cache, revision="v2")
 
 
 def test_resolve_not_found(offline, tmp_path):
@@ -258,40 +253,69 @@ def test_resolve_not_found(offline, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a Hugging Face hub repo id"):
         ck.resolve(tmp_path / "missing" / "dir")
     with pytest.raises(FileNotFoundError, match="no-such-dir"):
-        ck.load_state_dict("./no-such-dir")
+        ck.resolve("./no-such-dir")
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(NotADirectoryError, match="file.txt"):
         ck.resolve(tmp_path / "file.txt")
 
 
-def test_resolve_online_downloads_one_format(hf, offline, monkeypatch):
-    """The online path, with huggingface_hub's network calls replaced (sockets stay blocked)."""
+@pytest.fixture
+def fake_hub(hf, tmp_path, monkeypatch, no_network):
+    """huggingface_hub online, with its network calls replaced by a fake hub holding "org/tiny"
+    (every format), "org/gated" (gated), "org/down" (unreachable); the calls are recorded."""
     import huggingface_hub
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
-    monkeypatch.delenv("HF_HUB_OFFLINE")
+    from huggingface_hub import errors
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     calls = []
 
-    def snapshot_download(repo_id, cache_dir, local_files_only=False, allow_patterns=None, **kwargs):
-        calls.append((repo_id, local_files_only, allow_patterns))
+    def snapshot_download(repo_id, *, revision=None, cache_dir=None, local_files_only=False,
+                          allow_patterns=None, token=None):
+        calls.append(("snapshot_download", repo_id, revision, local_files_only, allow_patterns, token))
         if local_files_only:
-            raise LocalEntryNotFoundError("not cached")
-        return str(fake_cache(cache_dir, repo_id, hf["dirs"]["safetensors"]))
+            raise errors.LocalEntryNotFoundError("not cached")
+        if repo_id == "org/gated":
+            raise errors.GatedRepoError("401 Client Error: access to model org/gated is restricted")
+        return str(fake_cache(cache_dir or tmp_path / "hub", repo_id, hf["dirs"]["safetensors"]))
 
     class HfApi:
-        def list_repo_files(self, repo_id):
+        def list_repo_files(self, repo_id, revision=None, token=None):
+            calls.append(("list_repo_files", repo_id, revision, token))
             if repo_id == "org/missing":
-                raise RepositoryNotFoundError("404 Repository Not Found")
+                raise errors.RepositoryNotFoundError("404 Repository Not Found")
+            if repo_id == "org/down":
+                raise ConnectionError("Failed to establish a new connection")
             return ["config.json", "model.safetensors", "pytorch_model.bin", "flax_model.msgpack",
                     "tf_model.h5", "onnx/model.safetensors", "tokenizer.json"]
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     monkeypatch.setattr(huggingface_hub, "HfApi", HfApi)
-    assert ck.resolve("org/tiny").parent == offline / "models--org--tiny" / "snapshots"
-    assert calls == [("org/tiny", True, None), ("org/tiny", False, ["config.json", "model.safetensors"])]
-    failed = "(?s)not in the Hugging Face cache.*hub download failed.*RepositoryNotFoundError"
-    with pytest.raises(FileNotFoundError, match=failed):
+    return calls
+
+
+def test_resolve_online_downloads_one_format(fake_hub, tmp_path):
+    """Cache first, then config.json and one weight format; revision and token passed through."""
+    path = ck.resolve("org/tiny", revision="main", token="hf_secret")
+    assert path.parent == tmp_path / "hub" / "models--org--tiny" / "snapshots"
+    assert fake_hub == [
+        ("snapshot_download", "org/tiny", "main", True, None, None),
+        ("list_repo_files", "org/tiny", "main", "hf_secret"),
+        ("snapshot_download", "org/tiny", "main", False, ["config.json", "model.safetensors"], "hf_secret")]
+
+
+def test_resolve_online_errors_say_what_happened(fake_hub):
+    with pytest.raises(PermissionError, match="(?s)gated repository.*token="):
+        ck.resolve("org/gated")
+    with pytest.raises(FileNotFoundError, match="(?s)no repository 'org/missing', or it is private"):
         ck.resolve("org/missing")
+    with pytest.raises(ConnectionError, match="(?s)not in the Hugging Face cache.*could not be reached"):
+        ck.resolve("org/down")
+
+
+def test_resolve_local_files_only_never_asks_the_hub(fake_hub):
+    with pytest.raises(FileNotFoundError, match="local_files_only=True"):
+        ck.resolve("org/tiny", local_files_only=True)
+    assert [c[0] for c in fake_hub] == ["snapshot_download"] and fake_hub[0][3] is True
 
 
 def test_files_to_download():
@@ -340,14 +364,12 @@ def test_error_missing_shard(hf, tmp_path):
     assert len(shards) > 2
     shards[1].unlink()
     with pytest.raises(FileNotFoundError, match=rf"model\.safetensors\.index\.json.*{shards[1].name}"):
-        ck.load_state_dict(tmp_path)
+        ck.Checkpoint(tmp_path)
 
 
-def test_error_not_gpt2(tmp_path):
-    from safetensors.numpy import save_file
-    save_file({"model.layers.0.mlp.gate_proj.weight": np.zeros((4, 4), np.float32)}, tmp_path / "model.safetensors")
-    with pytest.raises(ValueError, match=r"model\.safetensors: no GPT-2 parameters"):
-        ck.load_state_dict(tmp_path)
+def test_error_unknown_tensor(hf):
+    with pytest.raises(KeyError, match="no tensor 'h.9.attn.c_attn.weight'"):
+        ck.Checkpoint(hf["dirs"]["safetensors"]).read("h.9.attn.c_attn.weight")
 
 
 def test_error_config(tmp_path):

@@ -110,3 +110,26 @@ def test_example_script_trains_and_saves(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("tokens/s") == 2 and "held-out loss" in out
     assert jtgpt.GPT.from_pretrained(tmp_path / "out").config.vocab_size == 256
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+def test_16_bit_models_train_through_fp32_master_weights(key, dtype):
+    """A pure fp16 (bf16) model: the state keeps fp32 parameters and moments (fp16 moments turned
+    the first AdamW update into NaN: eps = 1e-8 and the squared gradients underflow), the loss
+    falls, nothing is NaN, and model_of gives the parameters back in the model's dtype."""
+    config = GPTConfig(vocab_size=37, n_positions=16, n_embd=32, n_layer=1, n_head=2, **NO_DROPOUT)
+    model = jtgpt.GPT(config, dtype=dtype, rngs=nnx.Rngs(0))
+    ids = jax.random.randint(key, (4, 12), 0, 37)
+    state, step = train.init(model, train.adamw(3e-2))
+    floats = [x for x in jax.tree.leaves((state.params, state.opt_state))
+              if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert floats and all(x.dtype == jnp.float32 for x in floats)
+    before = float(jax.jit(lambda m: m.loss(ids))(model))
+    for i in range(6):
+        state, metrics = step(state, {"input_ids": ids}, jax.random.key(i))
+        assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+    trained = train.model_of(model, state)
+    for leaf in jax.tree.leaves(nnx.state(trained, nnx.Param)):
+        assert leaf.dtype == dtype and bool(jnp.isfinite(leaf).all())
+    after = float(jax.jit(lambda m: m.loss(ids))(trained))
+    assert after < 0.8 * before, (before, after)
