@@ -42,6 +42,25 @@ def relative_error(out, ref) -> float:
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
+def time_steps(step, state, batch, *, steps: int, repeats: int) -> tuple[float, int, float, float]:
+    """(median seconds per step, peak bytes, first loss, last loss) of a jitted train step
+    `step(state, batch, key) -> (state, metrics)` run chained (each step's state feeds the next),
+    `steps` steps per timing after a warm-up step, `repeats` timings."""
+    key = jax.random.key(1)
+    compiled = step.lower(state, batch, key).compile()
+    peak = peak_bytes(compiled)
+    state, metrics = compiled(state, batch, key)  # warm-up
+    first = float(metrics["loss"])
+    times = []
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        for i in range(steps):
+            state, metrics = compiled(state, batch, jax.random.fold_in(key, r * steps + i))
+        jax.block_until_ready(metrics)
+        times.append((time.perf_counter() - t0) / steps)
+    return statistics.median(times), peak, first, float(metrics["loss"])
+
+
 def time_torch(fn, *, calls: int, repeats: int) -> tuple[float, int, object]:
     """(median seconds per call, peak bytes, last output) of fn() on a CUDA torch model:
     `calls` back-to-back calls with one synchronize at the end, `repeats` times. Warm fn up first

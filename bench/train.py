@@ -20,10 +20,8 @@ where the step's time goes: `--profile` (kernel by kernel, from a trace) and `py
 """
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +30,8 @@ import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # run from a checkout too
 import jtgpt  # noqa: E402
-from common import H100_BF16_DENSE_TFLOPS, gpu_kernel_table, peak_bytes, stage, time_torch  # noqa: E402
+from common import (H100_BF16_DENSE_TFLOPS, gpu_kernel_table, stage, time_steps,  # noqa: E402
+                    time_torch)
 from jtgpt import train  # noqa: E402
 from jtgpt.models.gpt2 import GPTConfig  # noqa: E402
 
@@ -90,17 +89,18 @@ def main():
 
     hf_state = (hf.params, optimizer.init(hf.params))
     hf_eval = float(jax.jit(lambda p, ids: _hf_loss(hf, p, ids, None))(hf.params, ids))
-    record("HF Flax (bf16 compute)", *_time_steps(jax.jit(hf_step, donate_argnums=0), hf_state, ids, args),
-           abs(hf_eval - reference) / abs(reference))
+    timed = time_steps(jax.jit(hf_step, donate_argnums=0), hf_state, ids, steps=args.steps,
+                       repeats=args.repeats)
+    record("HF Flax (bf16 compute)", *timed, abs(hf_eval - reference) / abs(reference))
     del hf, hf_state
 
     model = jtgpt.GPT.from_pretrained(weights, dtype=jnp.bfloat16, param_dtype=jnp.float32)
     jt_eval = float(jax.jit(lambda m, ids: m.loss(ids))(model, ids))
     state, step = train.init(model, optimizer)
-    record("jtgpt (bf16 compute)", *_time_steps(step, state, {"input_ids": ids}, args),
-           abs(jt_eval - reference) / abs(reference))
+    timed = time_steps(step, state, {"input_ids": ids}, steps=args.steps, repeats=args.repeats)
+    record("jtgpt (bf16 compute)", *timed, abs(jt_eval - reference) / abs(reference))
     if args.profile:
-        state, _ = train.init(model, optimizer)  # _time_steps donated the first state
+        state, _ = train.init(model, optimizer)  # time_steps donated the first state
         box = [state]
 
         def one_step():
@@ -121,23 +121,6 @@ def _hf_loss(hf, params, ids, key):
     logits = hf(ids, params=params, dropout_rng=key, train=key is not None).logits
     return optax.softmax_cross_entropy_with_integer_labels(
         logits[:, :-1].astype(jnp.float32), ids[:, 1:]).mean()
-
-
-def _time_steps(step, state, batch, args):
-    """(median seconds per step, peak bytes, first loss, last loss) of chained steps."""
-    key = jax.random.key(1)
-    compiled = step.lower(state, batch, key).compile()
-    peak = peak_bytes(compiled)
-    state, metrics = compiled(state, batch, key)  # warm-up
-    first = float(metrics["loss"])
-    times = []
-    for r in range(args.repeats):
-        t0 = time.perf_counter()
-        for i in range(args.steps):
-            state, metrics = compiled(state, batch, jax.random.fold_in(key, r * args.steps + i))
-        jax.block_until_ready(metrics)
-        times.append((time.perf_counter() - t0) / args.steps)
-    return statistics.median(times), peak, first, float(metrics["loss"])
 
 
 def _torch_rows(weights, ids, reference, args):
