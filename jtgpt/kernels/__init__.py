@@ -10,6 +10,24 @@ def check_float_dtype(what: str, dtype) -> None:
         raise ValueError(f"{what} must be float32, float16 or bfloat16, got {jnp.dtype(dtype).name}")
 
 
+def packed_qkv_heads(qkv, num_heads: int, num_kv_heads: int | None) -> tuple[int, int]:
+    """(num_kv_heads, head_dim) of a packed qkv [B, T, (num_heads + 2 num_kv_heads) head_dim]
+    (num_kv_heads None: num_heads), after checking qkv's rank, dtype and width and the heads."""
+    if getattr(qkv, "ndim", None) != 3:
+        raise ValueError(f"qkv must be 3-D [B, T, (num_heads + 2 * num_kv_heads) * head_dim], "
+                         f"got shape {getattr(qkv, 'shape', None)}")
+    check_float_dtype("qkv dtype", qkv.dtype)
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    if num_kv_heads < 1 or num_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads "
+                         f"({num_kv_heads})")
+    heads = num_heads + 2 * num_kv_heads
+    if qkv.shape[-1] % heads:
+        raise ValueError(f"qkv's last dim ({qkv.shape[-1]}) must be (num_heads + 2 * num_kv_heads) "
+                         f"* head_dim = {heads} * head_dim")
+    return num_kv_heads, qkv.shape[-1] // heads
+
+
 def dropout_seed(dropout_rate: float, seed):
     """The int32 seed array a dropout kernel loads, after checking rate and seed.
 

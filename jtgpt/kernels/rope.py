@@ -72,7 +72,7 @@ import triton
 import triton.language as tl
 
 from jtgpt.call import triton_call
-from jtgpt.kernels import check_float_dtype
+from jtgpt.kernels import packed_qkv_heads
 
 NUM_WARPS = 4
 BLOCK_H = 4  # heads rotated per loop step: 2 x 4 x 16 bytes in flight per thread
@@ -362,20 +362,8 @@ def apply_rope(qkv, positions, *, num_heads, num_kv_heads=None, theta=10000.0, s
     v heads come back unchanged. Differentiable wrt qkv (the inverse rotation of the cotangent,
     the same kernel); positions get no gradient. See the module docstring for the math.
     """
-    if getattr(qkv, "ndim", None) != 3:
-        raise ValueError(f"qkv must be 3-D [B, T, (num_heads + 2 * num_kv_heads) * head_dim], "
-                         f"got shape {getattr(qkv, 'shape', None)}")
-    check_float_dtype("qkv dtype", qkv.dtype)
-    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-    if num_kv_heads < 1 or num_heads < 1 or num_heads % num_kv_heads:
-        raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads "
-                         f"({num_kv_heads})")
-    B, T, width = qkv.shape
-    heads = num_heads + 2 * num_kv_heads
-    if width % heads:
-        raise ValueError(f"qkv's last dim ({width}) must be (num_heads + 2 * num_kv_heads) * "
-                         f"head_dim = {heads} * head_dim")
-    head_dim = width // heads
+    num_kv_heads, head_dim = packed_qkv_heads(qkv, num_heads, num_kv_heads)
+    B, T, _ = qkv.shape
     if head_dim % 2:
         raise ValueError(f"head_dim = qkv.shape[-1] / (num_heads + 2 * num_kv_heads) = {head_dim} "
                          f"must be even (rotate-half pairs column j with j + head_dim / 2)")

@@ -72,7 +72,7 @@ import triton
 import triton.language as tl
 
 from jtgpt.call import triton_call
-from jtgpt.kernels import check_float_dtype, dropout_seed
+from jtgpt.kernels import dropout_seed, packed_qkv_heads
 from jtgpt.kernels.attention import hopper
 from jtgpt.kernels.attention.common import AttentionConfig, program_in_group, query_program
 
@@ -603,20 +603,8 @@ _flash_attention.defvjp(_flash_attention_fwd, _flash_attention_bwd)
 def _checked(qkv, num_heads, num_kv_heads, attention_mask, causal, sm_scale, precision,
              dropout_rate, seed):
     """(qkv, int32 mask or None, int32 seed, AttentionConfig) after checking every argument."""
-    if getattr(qkv, "ndim", None) != 3:
-        raise ValueError(f"qkv must be 3-D [B, T, (num_heads + 2 * num_kv_heads) * head_dim], "
-                         f"got shape {getattr(qkv, 'shape', None)}")
-    check_float_dtype("qkv dtype", qkv.dtype)
-    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-    if num_kv_heads < 1 or num_heads < 1 or num_heads % num_kv_heads:
-        raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads "
-                         f"({num_kv_heads})")
-    B, T, width = qkv.shape
-    heads = num_heads + 2 * num_kv_heads
-    if width % heads:
-        raise ValueError(f"qkv's last dim ({width}) must be (num_heads + 2 * num_kv_heads) * "
-                         f"head_dim = {heads} * head_dim")
-    head_dim = width // heads
+    num_kv_heads, head_dim = packed_qkv_heads(qkv, num_heads, num_kv_heads)
+    B, T, _ = qkv.shape
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim = qkv.shape[-1] / (num_heads + 2 * num_kv_heads) = {head_dim} "
                          f"is not supported; supported head_dim: {HEAD_DIMS}")
