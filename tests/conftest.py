@@ -6,6 +6,7 @@ shapes are tiny (but never multiples of the block sizes); on the GPU `--large` m
 import zlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -67,3 +68,37 @@ def poison_gpu_memory():
 def key(request):
     """A fresh random key per test, seeded by the test's name so failures reproduce."""
     return jax.random.key(zlib.crc32(request.node.name.encode()))
+
+
+# ------------------------------------------------------------------- shared by the model tests
+
+def left_padding(B, T):
+    """[B, T] int32 attention mask: row 0 unpadded, up to a third of the last row padding."""
+    pads = jnp.arange(B) * (T // 3) // max(B - 1, 1)
+    return (jnp.arange(T)[None, :] >= pads[:, None]).astype(jnp.int32)
+
+
+def lm_labels(ids, mask):
+    """ids as labels, -100 on padding and on one column. Also -100 where the previous token is
+    padding: that label would be scored from a padded query, which sees no key here (zeros) and
+    some average in Hugging Face, so the two are compared on real queries only."""
+    previous = jnp.pad(mask[:, :-1], ((0, 0), (1, 0)), constant_values=1)
+    return jnp.where((mask == 0) | (previous == 0), -100, ids).at[:, 2].set(-100)
+
+
+def assert_gradient_matches_finite_differences(loss_fn, params, key):
+    """The directional derivative <grad loss_fn(params), v> along a random unit direction v
+    against a central difference of the loss, in fp32."""
+    grads = jax.jit(jax.grad(loss_fn))(params)
+    leaves, treedef = jax.tree.flatten(params)
+    direction = [jax.random.normal(k, leaf.shape) for k, leaf in
+                 zip(jax.random.split(key, len(leaves)), leaves)]
+    norm = jnp.sqrt(sum(jnp.sum(d * d) for d in direction))
+    direction = jax.tree.unflatten(treedef, [d / norm for d in direction])
+    eps = 5e-2  # fp32 rounding of the loss (~5e-7) stays ~1e-5 of the difference quotient
+    shifted = lambda s: jax.tree.map(lambda p, d: p + s * eps * d, params, direction)  # noqa: E731
+    numeric = (float(loss_fn(shifted(1.0))) - float(loss_fn(shifted(-1.0)))) / (2 * eps)
+    analytic = float(sum(jnp.sum(g * d) for g, d in
+                         zip(jax.tree.leaves(grads), jax.tree.leaves(direction))))
+    assert abs(analytic) > 1e-3  # a direction the loss actually moves along
+    assert abs(numeric - analytic) <= 1e-2 * abs(analytic), (numeric, analytic)

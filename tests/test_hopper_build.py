@@ -79,8 +79,8 @@ def test_llama_training_step_builds_for_hopper(preset, batch):
     assert any("rope" in n for n in names) and "_layer_norm_bwd_kernel" in names, names
     for k in built:
         assert 0 < k.registers <= 255 and k.shared_bytes <= 227 * 1024, k
-        # dK/dV's tiles spill a little by choice (test_gpt2_gradient_builds_for_hopper); the
+        # dK/dV's tiles spill a little by choice (the bound of test_attention.py's build test); the
         # Gluon kernels' registers are split between warp partitions by hand (setmaxnreg), and
         # test_attention.py's test_hopper_kernels_build checks their build.
         if k.name not in gluon:
-            assert k.spill_bytes <= (168 if k.name == "_attn_bwd_dkdv_kernel" else 0), k
+            assert k.spill_bytes <= (256 if k.name == "_attn_bwd_dkdv_kernel" else 0), k

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import assert_close, relative_error, shapes
+from conftest import (assert_close, assert_gradient_matches_finite_differences, left_padding,
+                      lm_labels, relative_error, shapes)
 from flax import nnx
 
 import jtgpt
@@ -67,12 +68,6 @@ def _ids(model, key, batch):
     return jax.random.randint(key, batch, 0, model.config.vocab_size, jnp.int32)
 
 
-def _left_padding(B, T):
-    """[B, T] int32 attention mask: row 0 unpadded, up to a third of the last row padding."""
-    pads = jnp.arange(B) * (T // 3) // max(B - 1, 1)
-    return (jnp.arange(T)[None, :] >= pads[:, None]).astype(jnp.int32)
-
-
 def _torch(x, dtype=torch.long):
     return None if x is None else torch.from_numpy(np.array(x)).to(dtype)
 
@@ -97,7 +92,7 @@ def test_left_padded_batch_matches_hf(hf_checkpoint, key, batch, explicit_positi
     path, hf = hf_checkpoint
     model = jtgpt.Llama.from_pretrained(path)
     ids = _ids(hf, key, batch)
-    mask = _left_padding(*batch)
+    mask = left_padding(*batch)
     positions = jnp.maximum(jnp.cumsum(mask, -1) - 1, 0) if explicit_positions else None
     logits = jax.jit(lambda m, ids, mask, pos: m(ids, mask, pos))(model, ids, mask, positions)
     expected = _hf_logits(hf, ids, mask, positions)
@@ -146,13 +141,6 @@ def test_every_dot_is_a_triton_kernel(hf_checkpoint):
 
 # ---------------------------------------------------------------------------------- gradients
 
-def _labels(ids, mask):
-    """ids as labels, -100 on padding, on one column, and where the previous token is padding
-    (that label would be scored from a padded query, which sees no key)."""
-    previous = jnp.pad(mask[:, :-1], ((0, 0), (1, 0)), constant_values=1)
-    return jnp.where((mask == 0) | (previous == 0), -100, ids).at[:, 2].set(-100)
-
-
 def _loss_and_grads(model, *args, **kwargs):
     """(loss, {HF name: gradient}) of model.loss under jax.jit; packed gradients split by the
     model's own state_dict."""
@@ -168,8 +156,8 @@ def test_loss_and_gradients_match_hf_fp32(hf_checkpoint, key, batch):
     path, hf = hf_checkpoint
     model = jtgpt.Llama.from_pretrained(path)
     ids = _ids(hf, key, batch)
-    mask = _left_padding(*batch)
-    labels = _labels(ids, mask)
+    mask = left_padding(*batch)
+    labels = lm_labels(ids, mask)
     loss, grads = _loss_and_grads(model, ids, labels, mask)
     hf.zero_grad()
     hf_loss = hf(_torch(ids), attention_mask=_torch(mask), labels=_torch(labels)).loss
@@ -190,18 +178,7 @@ def test_gradient_matches_finite_differences(key):
     k_ids, k_dir = jax.random.split(key)
     ids = jax.random.randint(k_ids, (2, 11), 0, config.vocab_size)
     loss_fn = jax.jit(lambda p: nnx.merge(graphdef, p).loss(ids))
-    grads = jax.jit(jax.grad(loss_fn))(params)
-    leaves, treedef = jax.tree.flatten(params)
-    direction = [jax.random.normal(k, leaf.shape) for k, leaf in
-                 zip(jax.random.split(k_dir, len(leaves)), leaves)]
-    norm = jnp.sqrt(sum(jnp.sum(d * d) for d in direction))
-    direction = jax.tree.unflatten(treedef, [d / norm for d in direction])
-    eps = 5e-2
-    shifted = lambda s: jax.tree.map(lambda p, d: p + s * eps * d, params, direction)  # noqa: E731
-    numeric = (float(loss_fn(shifted(1.0))) - float(loss_fn(shifted(-1.0)))) / (2 * eps)
-    analytic = float(sum(jnp.sum(g * d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction))))
-    assert abs(analytic) > 1e-3
-    assert abs(numeric - analytic) <= 1e-2 * abs(analytic), (numeric, analytic)
+    assert_gradient_matches_finite_differences(loss_fn, params, k_dir)
 
 
 def test_training_steps_lower_the_loss(key):
