@@ -78,6 +78,31 @@ def time_torch(fn, *, calls: int, repeats: int) -> tuple[float, int, object]:
     return statistics.median(times), torch.cuda.max_memory_allocated(), out
 
 
+def torch_train_step(model, ids, *, learning_rate: float, compile_it: bool):
+    """step() -> loss: one optimizer step of a Hugging Face PyTorch causal LM on CUDA, as every
+    training benchmark here runs it: bf16 autocast over the model's fp32 weights, the loss from
+    labels=ids, global-norm clipping to 1.0, fused AdamW (betas 0.9/0.95, eps 1e-8, weight decay
+    0.1 on the matrices only, as jtgpt.train.adamw); the forward under torch.compile if asked."""
+    import torch
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    forward = torch.compile(model) if compile_it else model
+
+    def step():
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = forward(ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
 def gpu_kernel_table(run, steps: int, top: int = 30) -> str:
     """A markdown table of where the GPU's time goes in `run()` (called `steps` times under the
     profiler): each kernel name with its launch grid, its ms per step and share of kernel time,

@@ -38,7 +38,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # run from a checkout too
 import jtgpt  # noqa: E402
 from common import (H100_BF16_DENSE_TFLOPS, compile_and_time, relative_error, stage,  # noqa: E402
-                    time_steps, time_torch)
+                    time_steps, time_torch, torch_train_step)
 from jtgpt import train  # noqa: E402
 from jtgpt.models.llama import PRESETS, LlamaConfig  # noqa: E402
 
@@ -182,25 +182,11 @@ def _torch_rows(weights, ids, reference, section: Section, args):
         if section.train:
             model = LlamaForCausalLM.from_pretrained(weights, torch_dtype=torch.float32,
                                                      attn_implementation="sdpa").cuda()
-            decay = [p for p in model.parameters() if p.ndim >= 2]
-            no_decay = [p for p in model.parameters() if p.ndim < 2]
-            opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
-                                     {"params": no_decay, "weight_decay": 0.0}],
-                                    lr=LEARNING_RATE, betas=(0.9, 0.95), eps=1e-8, fused=True)
-            forward = torch.compile(model) if compile_it else model
-
-            def step():
-                with torch.autocast("cuda", torch.bfloat16):
-                    loss = forward(ids_t, labels=ids_t).loss
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                return loss
-
+            step = torch_train_step(model, ids_t, learning_rate=LEARNING_RATE,
+                                    compile_it=compile_it)
             err = abs(float(step()) - reference) / abs(reference)  # warm-up (and compilation)
             seconds, peak, _ = time_torch(step, calls=args.calls, repeats=args.repeats)
-            del opt
+            del step
         else:
             model = LlamaForCausalLM.from_pretrained(weights, torch_dtype=torch.bfloat16,
                                                      attn_implementation="sdpa").cuda().eval()
@@ -211,8 +197,9 @@ def _torch_rows(weights, ids, reference, section: Section, args):
                 del out
                 seconds, peak, _ = time_torch(lambda: forward(ids_t).last_hidden_state,
                                               calls=args.calls, repeats=args.repeats)
+            del forward
         yield name, seconds, peak, err
-        del model, forward
+        del model
 
 
 def _table(section: Section, rows) -> str:

@@ -31,7 +31,7 @@ import optax
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # run from a checkout too
 import jtgpt  # noqa: E402
 from common import (H100_BF16_DENSE_TFLOPS, gpu_kernel_table, stage, time_steps,  # noqa: E402
-                    time_torch)
+                    time_torch, torch_train_step)
 from jtgpt import train  # noqa: E402
 from jtgpt.models.gpt2 import GPTConfig  # noqa: E402
 
@@ -137,30 +137,15 @@ def _torch_rows(weights, ids, reference, args):
     for name, compile_it in (("HF PyTorch (bf16 autocast, SDPA)", False),
                              ("HF PyTorch + torch.compile", True)):
         model = GPT2LMHeadModel.from_pretrained(weights, attn_implementation="sdpa").cuda()
-        decay = [p for p in model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in model.parameters() if p.ndim < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
-                                 {"params": no_decay, "weight_decay": 0.0}],
-                                lr=LEARNING_RATE, betas=(0.9, 0.95), eps=1e-8, fused=True)
         with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
             model.eval()
             err = abs(float(model(ids_t, labels=ids_t).loss) - reference) / abs(reference)
             model.train()
-        forward = torch.compile(model) if compile_it else model
-
-        def step():
-            with torch.autocast("cuda", torch.bfloat16):
-                loss = forward(ids_t, labels=ids_t).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss
-
+        step = torch_train_step(model, ids_t, learning_rate=LEARNING_RATE, compile_it=compile_it)
         first = float(step())  # warm-up (and compilation)
         seconds, peak, loss = time_torch(step, calls=args.steps, repeats=args.repeats)
         yield name, seconds, peak, first, float(loss), err
-        del model, opt, forward
+        del model, step
 
 
 def _table(header, rows, n_params) -> str:
