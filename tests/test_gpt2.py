@@ -330,7 +330,7 @@ def test_untied_lm_head_is_loaded(tmp_path, key):
     assert model.lm_head is not None and not model.config.tie_word_embeddings
     ids = _ids(hf, key, (2, 9))
     with torch.no_grad():
-        expected = hf(torch.from_numpy(np.asarray(ids)).long()).logits.numpy()
+        expected = hf(torch.from_numpy(np.array(ids)).long()).logits.numpy()
     assert_close(jax.jit(lambda m, ids: m(ids))(model, ids), expected, rtol=1e-4)
     model.save_pretrained(tmp_path / "again")
     again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "again")
@@ -385,7 +385,7 @@ def test_transformers_loads_ours(hf_checkpoint, tmp_path, key, fmt, shard):
     else:
         again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
         with torch.no_grad():
-            logits = again(torch.from_numpy(np.asarray(ids)).long()).logits.numpy()
+            logits = again(torch.from_numpy(np.array(ids)).long()).logits.numpy()
         assert_close(logits, _hf_logits(hf, ids), rtol=1e-5)
 
 
