@@ -123,7 +123,12 @@ def _check_grads(key, norm, shape, dtype, param_dtype=None):
     expected = _grads(NORMS[norm].reference, x, params, dy)
     for name, g, e, primal in zip(("dx", "dweight", "dbias"), got, expected, (x, *params)):
         assert g.shape == primal.shape and g.dtype == primal.dtype, name
-        assert_close(g, e, what=name)
+        # RMSNorm's dweight sums dy * x_hat with x_hat rounded to x's dtype (what the forward
+        # multiplied the weight by): where the kernel's rsqrt and XLA's differ in the last bit,
+        # that rounding can land one ulp of x's dtype apart, so fp32 weights of 16-bit x are held
+        # to x's dtype's tolerance (seen on an H200: 1.5e-3 at bf16).
+        rounded = norm == "rms_norm" and name == "dweight"
+        assert_close(g, e, dtype=x.dtype if rounded else None, what=name)
 
 
 @each_norm
