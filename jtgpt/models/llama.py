@@ -84,13 +84,12 @@ class LlamaConfig:
         for name, supported in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
             if hf.get(name, supported) != supported:
                 raise ValueError(f"config {name}={hf[name]!r} is not supported (only {supported!r})")
-        fields = fields_from_hf(cls, hf, skip=TOKEN_IDS + ("rope_scaling",))
         rope = hf.get("rope_parameters")
         if rope is not None and not isinstance(rope, dict):
             raise ValueError(f"config rope_parameters must be a dict, got {rope!r}")
         if rope is not None and "rope_theta" in rope:
-            fields_from_hf(cls, {"rope_theta": rope["rope_theta"]})  # its type check
-            fields["rope_theta"] = rope["rope_theta"]
+            hf = {**hf, "rope_theta": rope["rope_theta"]}
+        fields = fields_from_hf(cls, hf, skip=TOKEN_IDS + ("rope_scaling",))
         fields["rope_scaling"] = RopeScaling.from_hf(hf.get("rope_scaling") or rope)
         fields.update({name: token_ids(hf[name], name) for name in TOKEN_IDS if name in hf})
         return cls(**fields)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
 import typing
 import warnings
 from typing import Any, Callable, ClassVar
@@ -42,7 +43,7 @@ def check_model_type(hf: dict, model_type: str) -> None:
 
 
 def _type_ok(value, hint) -> bool:
-    if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return any(_type_ok(value, arg) for arg in typing.get_args(hint))
     if hint is type(None):
         return value is None
