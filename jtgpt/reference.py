@@ -120,6 +120,18 @@ def attention(q, k, v, attention_mask=None, causal=True, sm_scale=None):
     return jnp.einsum("bhts,bshd->bthd", p, v, precision=HIGHEST).astype(q.dtype)
 
 
+def decode_attention(q, k, v, lengths, key_mask=None, sm_scale=None):
+    """One query per batch row over its KV cache: `attention` of q [B, Hq, D] against the keys
+    and values k, v [B, S, Hkv, D] of slots [0, lengths[b]) (lengths [B] int) that key_mask
+    [B, S] (nonzero = attend; None: all) leaves visible -> [B, Hq, D]. A row with no visible
+    slot returns zeros."""
+    visible = jnp.arange(k.shape[1])[None, :] < lengths[:, None]
+    if key_mask is not None:
+        visible &= key_mask.astype(bool)
+    return attention(q[:, None], k, v, attention_mask=visible, causal=False,
+                     sm_scale=sm_scale)[:, 0]
+
+
 def cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
     """logsumexp(logits_i) - logits_i[targets_i] per row in fp32; rows whose target is
     ignore_index count 0 and are left out of the mean (a mean over no row is 0).

@@ -7,10 +7,15 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import jax.numpy as jnp
+
 import triton
 import triton.language as tl
 
 HEAD_GROUP = 4  # causal programs start in groups of this many heads (program_in_group)
+HEAD_DIMS = (16, 32, 64, 128, 256)
+PRECISIONS = ("ieee", "tf32")
+MAX_GRID_Y = 65535  # CUDA's cap on the grid's second axis, where (batch, head) pairs run
 
 
 class AttentionConfig(NamedTuple):
@@ -62,3 +67,29 @@ def query_program(HQ: tl.constexpr, HKV: tl.constexpr, CAUSAL: tl.constexpr,
         pid_bh = tl.program_id(1)
     h = pid_bh % HQ
     return start_m, pid_bh, pid_bh // HQ, h, h // (HQ // HKV)
+
+
+def checked_scale(head_dim: int, precision: str, sm_scale) -> float:
+    """sm_scale (default head_dim ** -0.5) after checking head_dim, precision and sm_scale."""
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"head_dim = qkv.shape[-1] / (num_heads + 2 * num_kv_heads) = {head_dim} "
+                         f"is not supported; supported head_dim: {HEAD_DIMS}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    sm_scale = head_dim ** -0.5 if sm_scale is None else float(sm_scale)
+    if not sm_scale > 0:
+        # The kernels take max(s) * scale as max(s * scale), which needs scale > 0.
+        raise ValueError(f"sm_scale must be positive, got {sm_scale}")
+    return sm_scale
+
+
+def checked_key_mask(name: str, mask, shape: tuple[int, int]):
+    """The [B, S] key mask (nonzero = attend, 0 = padding) as int32, or None, after checking it."""
+    if mask is None:
+        return None
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"{name} must have shape [B, S] = {shape}, got {tuple(mask.shape)}")
+    dtype = jnp.dtype(mask.dtype)
+    if not (jnp.issubdtype(dtype, jnp.integer) or dtype == jnp.bool_):
+        raise ValueError(f"{name} must be int or bool (1 = token, 0 = padding), got {dtype.name}")
+    return mask.astype(jnp.int32)

@@ -74,11 +74,9 @@ import triton.language as tl
 from jtgpt.call import triton_call
 from jtgpt.kernels import dropout_seed, packed_qkv_heads
 from jtgpt.kernels.attention import hopper
-from jtgpt.kernels.attention.common import AttentionConfig, program_in_group, query_program
+from jtgpt.kernels.attention.common import (MAX_GRID_Y, AttentionConfig, checked_key_mask,
+                                            checked_scale, program_in_group, query_program)
 
-HEAD_DIMS = (16, 32, 64, 128, 256)
-PRECISIONS = ("ieee", "tf32")
-MAX_GRID_Y = 65535
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -605,28 +603,11 @@ def _checked(qkv, num_heads, num_kv_heads, attention_mask, causal, sm_scale, pre
     """(qkv, int32 mask or None, int32 seed, AttentionConfig) after checking every argument."""
     num_kv_heads, head_dim = packed_qkv_heads(qkv, num_heads, num_kv_heads)
     B, T, _ = qkv.shape
-    if head_dim not in HEAD_DIMS:
-        raise ValueError(f"head_dim = qkv.shape[-1] / (num_heads + 2 * num_kv_heads) = {head_dim} "
-                         f"is not supported; supported head_dim: {HEAD_DIMS}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    sm_scale = head_dim ** -0.5 if sm_scale is None else float(sm_scale)
-    if not sm_scale > 0:
-        # The kernel takes max(s) * scale as max(s * scale), which needs scale > 0.
-        raise ValueError(f"sm_scale must be positive, got {sm_scale}")
+    sm_scale = checked_scale(head_dim, precision, sm_scale)
     if B * num_heads > MAX_GRID_Y:
-        # (batch, head) pairs run on the grid's second axis, which CUDA caps at 65535.
         raise ValueError(f"batch * num_heads = {B} * {num_heads} exceeds {MAX_GRID_Y}: split the "
                          f"batch into chunks of at most {MAX_GRID_Y // num_heads}")
-    if attention_mask is not None:
-        if tuple(attention_mask.shape) != (B, T):
-            raise ValueError(f"attention_mask must have shape [B, T] = {(B, T)}, "
-                             f"got {tuple(attention_mask.shape)}")
-        mask_dtype = jnp.dtype(attention_mask.dtype)
-        if not (jnp.issubdtype(mask_dtype, jnp.integer) or mask_dtype == jnp.bool_):
-            raise ValueError(f"attention_mask must be int or bool (1 = token, 0 = padding), "
-                             f"got {mask_dtype.name}")
-        attention_mask = attention_mask.astype(jnp.int32)
+    attention_mask = checked_key_mask("attention_mask", attention_mask, (B, T))
     seed = dropout_seed(dropout_rate, seed)
     cfg = AttentionConfig(num_heads, num_kv_heads, head_dim, bool(causal), sm_scale, precision,
                   float(dropout_rate))
@@ -654,7 +635,7 @@ def flash_attention(qkv, *, num_heads, num_kv_heads=None, attention_mask=None, c
     qkv.dtype (ready for the output projection GEMM, no transpose).
 
     num_heads: Hq. num_kv_heads: Hkv (default Hq); Hq must be a multiple, and query head h reads
-    kv head h // (Hq // Hkv). D must be one of HEAD_DIMS; dtype float32, float16 or bfloat16.
+    kv head h // (Hq // Hkv). D must be one of common.HEAD_DIMS; dtype float32, float16 or bfloat16.
     attention_mask: [B, T] int or bool, 1 = token, 0 = padding; it masks keys, as in Hugging Face
     GPT-2, and a query row whose visible keys are all padding returns zeros. causal: query i sees
     keys j <= i. sm_scale: default D ** -0.5. precision: tl.dot's input precision for float32
