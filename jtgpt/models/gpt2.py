@@ -24,6 +24,7 @@ from flax import nnx
 
 from jtgpt.kernels.attention import flash_attention
 from jtgpt.kernels.embedding import embedding
+from jtgpt.kv_cache import KVCache
 from jtgpt.layers import (Compute, Embedding, LayerNorm, Linear, causal_lm_loss, check_ids_in_range,
                           dropout_args, dropout_seeds, lm_logits, model_inputs)
 from jtgpt.models.pretrained import (PretrainedModel, check_model_type, check_positive, check_rate,
@@ -111,11 +112,15 @@ class Attention(nnx.Module):
         self.n_head = config.n_head
         self.precision = compute.precision
 
-    def __call__(self, x, residual, attention_mask, prob_dropout, dropout):
+    def __call__(self, x, residual, attention_mask, prob_dropout, dropout, cache=None, layer=0):
         qkv = self.c_attn(x)
-        y = flash_attention(qkv, num_heads=self.n_head, attention_mask=attention_mask,
-                            causal=True, precision=self.precision, **prob_dropout)
-        return self.c_proj(y, residual=residual, **dropout)
+        if cache is None:
+            y = flash_attention(qkv, num_heads=self.n_head, attention_mask=attention_mask,
+                                causal=True, precision=self.precision, **prob_dropout)
+        else:
+            y, cache = cache.attend(layer, qkv, num_heads=self.n_head, num_kv_heads=self.n_head,
+                                    precision=self.precision)
+        return self.c_proj(y, residual=residual, **dropout), cache
 
 
 class MLP(nnx.Module):
@@ -136,14 +141,15 @@ class Block(nnx.Module):
         self.ln_2 = LayerNorm(config.n_embd, eps, param_dtype, compute)
         self.mlp = MLP(config, param_dtype, compute, rngs)
 
-    def __call__(self, x, attention_mask, dropout):
-        """dropout: the kwargs of the three dropout sites, (attention probabilities, attention
+    def __call__(self, x, attention_mask, dropout, cache=None, layer=0):
+        """(x after the block, the cache with this layer's keys and values or None).
+        dropout: the kwargs of the three dropout sites, (attention probabilities, attention
         output, MLP output)."""
         prob_dropout, attn_dropout, mlp_dropout = dropout
         h, x = self.ln_1(x, return_input=True)
-        x = self.attn(h, x, attention_mask, prob_dropout, attn_dropout)
+        x, cache = self.attn(h, x, attention_mask, prob_dropout, attn_dropout, cache, layer)
         h, x = self.ln_2(x, return_input=True)
-        return self.mlp(h, x, mlp_dropout)
+        return self.mlp(h, x, mlp_dropout), cache
 
 
 class GPT(PretrainedModel):
@@ -197,16 +203,43 @@ class GPT(PretrainedModel):
                              f"n_positions={config.n_positions}")
         check_ids_in_range("input_ids", ids, config.vocab_size)
         check_ids_in_range("position_ids", positions, config.n_positions)
+        return self.ln_f(self._residual_stream(ids, positions, mask, dropout_key)[0])
+
+    def next_token_logits(self, input_ids, positions, cache: KVCache):
+        """(fp32 logits [B, vocab_size] of the token after input_ids [B, T], the cache holding
+        their keys and values): a prompt (T > 1, into an empty cache; its padding is the cache's
+        key_mask) or one new token per row (T = 1). Generation's forward pass (jtgpt.generate),
+        in eval mode; positions [B, T] int32 as in __call__."""
+        x, cache = self._residual_stream(input_ids, positions, None, None,
+                                         cache.add_tokens(input_ids.shape[1]))
+        logits = lm_logits(self.ln_f(x[:, -1:]), self._head_weight(), self.compute.precision)
+        return logits[:, 0].astype(jnp.float32), cache
+
+    def empty_cache(self, batch: int, capacity: int) -> KVCache:
+        """A KV cache for `batch` rows of up to `capacity` tokens (prompt + new ones), which
+        GPT-2's position table caps at n_positions."""
+        if capacity > self.config.n_positions:
+            raise ValueError(f"prompt length + max_new_tokens = {capacity} exceeds GPT-2's "
+                             f"n_positions={self.config.n_positions}")
+        c = self.config
+        return KVCache.empty(batch, capacity, num_layers=c.n_layer, num_kv_heads=c.n_head,
+                             head_dim=c.n_embd // c.n_head, dtype=self.compute.dtype)
+
+    def _residual_stream(self, ids, positions, mask, dropout_key, cache=None):
+        """(the residual stream after the last block [B, T, n_embd], the cache with the tokens'
+        keys and values, or None without a cache)."""
+        config = self.config
         seeds = dropout_seeds(dropout_key, 1 + 3 * config.n_layer)  # embeddings, 3 sites a block
         x = embedding(ids, self.compute.cast(self.wte.weight), positions,
                       self.compute.cast(self.wpe.weight),
                       **dropout_args(config.embd_pdrop, seeds, 0))
         for i, block in enumerate(self.h):
             site = 1 + 3 * i
-            x = block(x, mask, (dropout_args(config.attn_pdrop, seeds, site),
-                                dropout_args(config.resid_pdrop, seeds, site + 1),
-                                dropout_args(config.resid_pdrop, seeds, site + 2)))
-        return self.ln_f(x)
+            x, cache = block(x, mask, (dropout_args(config.attn_pdrop, seeds, site),
+                                       dropout_args(config.resid_pdrop, seeds, site + 1),
+                                       dropout_args(config.resid_pdrop, seeds, site + 2)),
+                             cache, i)
+        return x, cache
 
     def loss(self, input_ids, labels=None, attention_mask=None, position_ids=None, *,
              dropout_key=None, ignore_index: int = -100, reduction: str = "mean"):

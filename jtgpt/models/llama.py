@@ -29,6 +29,7 @@ from flax import nnx
 from jtgpt.kernels.attention import flash_attention
 from jtgpt.kernels.embedding import embedding
 from jtgpt.kernels.rope import RopeScaling, apply_rope
+from jtgpt.kv_cache import KVCache
 from jtgpt.layers import (Compute, Embedding, Linear, RMSNorm, causal_lm_loss, check_ids_in_range,
                           dropout_args, dropout_seeds, lm_logits, model_inputs)
 from jtgpt.models.pretrained import (PretrainedModel, check_model_type, check_positive, check_rate,
@@ -143,13 +144,16 @@ class LlamaAttention(nnx.Module):
         self.rope_theta, self.rope_scaling = config.rope_theta, config.rope_scaling
         self.precision = compute.precision
 
-    def __call__(self, x, residual, positions, attention_mask, prob_dropout):
+    def __call__(self, x, residual, positions, attention_mask, prob_dropout, cache=None, layer=0):
         heads = dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads)
         qkv = apply_rope(self.qkv_proj(x), positions, **heads, theta=self.rope_theta,
                          scaling=self.rope_scaling)
-        y = flash_attention(qkv, **heads, attention_mask=attention_mask, causal=True,
-                            precision=self.precision, **prob_dropout)
-        return self.o_proj(y, residual=residual)
+        if cache is None:
+            y = flash_attention(qkv, **heads, attention_mask=attention_mask, causal=True,
+                                precision=self.precision, **prob_dropout)
+        else:
+            y, cache = cache.attend(layer, qkv, **heads, precision=self.precision)
+        return self.o_proj(y, residual=residual), cache
 
 
 class LlamaMLP(nnx.Module):
@@ -172,11 +176,12 @@ class LlamaBlock(nnx.Module):
         self.post_attention_layernorm = RMSNorm(d, eps, param_dtype, compute)
         self.mlp = LlamaMLP(config, param_dtype, compute, rngs)
 
-    def __call__(self, x, positions, attention_mask, prob_dropout):
+    def __call__(self, x, positions, attention_mask, prob_dropout, cache=None, layer=0):
+        """(x after the layer, the cache with this layer's keys and values or None)."""
         h, x = self.input_layernorm(x, return_input=True)
-        x = self.self_attn(h, x, positions, attention_mask, prob_dropout)
+        x, cache = self.self_attn(h, x, positions, attention_mask, prob_dropout, cache, layer)
         h, x = self.post_attention_layernorm(x, return_input=True)
-        return self.mlp(h, x)
+        return self.mlp(h, x), cache
 
 
 class Llama(PretrainedModel):
@@ -220,14 +225,37 @@ class Llama(PretrainedModel):
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, *, dropout_key=None):
         """The final normed hidden states [B, T, hidden_size]: the model without its LM head."""
-        config = self.config
         ids, mask, positions = model_inputs(input_ids, attention_mask, position_ids)
-        check_ids_in_range("input_ids", ids, config.vocab_size)
+        check_ids_in_range("input_ids", ids, self.config.vocab_size)
+        return self.norm(self._residual_stream(ids, positions, mask, dropout_key)[0])
+
+    def next_token_logits(self, input_ids, positions, cache: KVCache):
+        """(fp32 logits [B, vocab_size] of the token after input_ids [B, T], the cache holding
+        their keys and values): a prompt (T > 1, into an empty cache; its padding is the cache's
+        key_mask) or one new token per row (T = 1). Generation's forward pass (jtgpt.generate);
+        positions [B, T] int32 as in __call__."""
+        x, cache = self._residual_stream(input_ids, positions, None, None,
+                                         cache.add_tokens(input_ids.shape[1]))
+        logits = lm_logits(self.norm(x[:, -1:]), self._head_weight(), self.compute.precision)
+        return logits[:, 0].astype(jnp.float32), cache
+
+    def empty_cache(self, batch: int, capacity: int) -> KVCache:
+        """A KV cache for `batch` rows of up to `capacity` tokens (prompt + new ones)."""
+        c = self.config
+        return KVCache.empty(batch, capacity, num_layers=c.num_hidden_layers,
+                             num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
+                             dtype=self.compute.dtype)
+
+    def _residual_stream(self, ids, positions, mask, dropout_key, cache=None):
+        """(the residual stream after the last layer [B, T, hidden_size], the cache with the
+        tokens' keys and values, or None without a cache)."""
+        config = self.config
         seeds = dropout_seeds(dropout_key, config.num_hidden_layers)
         x = embedding(ids, self.compute.cast(self.embed_tokens.weight))
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, mask, dropout_args(config.attention_dropout, seeds, i))
-        return self.norm(x)
+            x, cache = layer(x, positions, mask, dropout_args(config.attention_dropout, seeds, i),
+                             cache, i)
+        return x, cache
 
     def loss(self, input_ids, labels=None, attention_mask=None, position_ids=None, *,
              dropout_key=None, ignore_index: int = -100, reduction: str = "mean"):

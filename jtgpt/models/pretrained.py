@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from jtgpt import checkpoint
+from jtgpt import generate as generation
 
 
 # ---------------------------------------------------------------------------------- configs
@@ -133,6 +134,16 @@ class PretrainedModel(nnx.Module):
         """Flax names of the tensors (prefixed names) that checkpoint.save_state_dict's default
         rule does not name right (see its flax_names)."""
         return {}
+
+    def generate(self, input_ids, attention_mask=None, **options):
+        """Token ids [B, T + max_new_tokens]: the prompt and the tokens generated after it, with
+        Hugging Face generate's options (max_new_tokens, do_sample, temperature, top_k, top_p,
+        min_p, repetition_penalty, eos_token_id, pad_token_id, key): jtgpt.generate.generate."""
+        return generation.generate(self, input_ids, attention_mask, **options)
+
+    def stream(self, input_ids, attention_mask=None, **options):
+        """generate's new tokens as they are produced, chunk by chunk: jtgpt.generate.stream."""
+        return generation.stream(self, input_ids, attention_mask, **options)
 
     # --------------------------------------------------------------------------- loading
 

@@ -1,0 +1,102 @@
+"""The `jtgpt` command.
+
+    jtgpt generate --model NAME_OR_PATH --prompt "..." [--max-new-tokens N] [--temperature T]
+                   [--top-k K] [--top-p P] [--seed S] [--dtype bfloat16]
+
+tokenizes the prompt with the checkpoint's Hugging Face tokenizer (its tokenizer.json), streams
+the generated text to stdout as it is produced, and reports tokens/s on stderr at the end.
+--temperature 0 is greedy decoding; any other temperature samples (with --top-k, --top-p).
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def load_tokenizer(name_or_path: str):
+    """The `tokenizers.Tokenizer` of a checkpoint: tokenizer.json in a local directory, or in a
+    hub repo (the Hugging Face cache first). FileNotFoundError if there is none."""
+    from tokenizers import Tokenizer
+    path = pathlib.Path(name_or_path).expanduser()
+    if path.is_dir():
+        file = path / "tokenizer.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"{path} has no tokenizer.json (the Hugging Face tokenizer "
+                                    f"the prompt is tokenized with)")
+        return Tokenizer.from_file(str(file))
+    import huggingface_hub as hub
+    try:
+        return Tokenizer.from_file(hub.hf_hub_download(name_or_path, "tokenizer.json"))
+    except Exception as e:  # huggingface_hub's errors (offline, no such repo or file) say what
+        raise FileNotFoundError(f"no tokenizer.json for {name_or_path!r}: no such local directory, "
+                                f"and the hub said: {type(e).__name__}: {e}") from e
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jtgpt", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="generate text from a prompt, streamed to stdout")
+    gen.add_argument("--model", required=True, help="checkpoint directory or Hugging Face repo id")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=1.0, help="0: greedy decoding")
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    return parser
+
+
+def generate_command(args, out=sys.stdout, err=sys.stderr) -> None:
+    import jtgpt
+    tokenizer = load_tokenizer(args.model)
+    model = jtgpt.from_pretrained(args.model, dtype=jnp.dtype(args.dtype))
+    prompt = tokenizer.encode(args.prompt).ids
+    if not prompt:
+        raise ValueError("--prompt tokenizes to no tokens")
+    greedy = args.temperature == 0
+    options = dict(do_sample=not greedy, temperature=1.0 if greedy else args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, key=jax.random.key(args.seed))
+    text = tokenizer.decode(prompt)
+    out.write(text)
+    out.flush()
+    new, start, first = [], time.perf_counter(), None
+    for chunk in model.stream([prompt], max_new_tokens=args.max_new_tokens, **options):
+        if first is None:  # the first chunk waits for the compilation and the prefill
+            first = (time.perf_counter(), len(chunk[0]))
+        new.extend(int(t) for t in chunk[0])
+        # Decode everything so far and print what is new: a token can end inside a character,
+        # and how a token reads (its leading space) can depend on the one before it.
+        full = tokenizer.decode(prompt + new)
+        if not full.endswith("\ufffd"):
+            out.write(full[len(text):])
+            out.flush()
+            text = full
+    end = time.perf_counter()
+    out.write("\n")
+    rate = ""
+    if len(new) > first[1]:
+        rate = f", then {(len(new) - first[1]) / (end - first[0]):.1f} tokens/s"
+    err.write(f"{len(new)} tokens in {end - start:.2f} s: the first {first[1]} after "
+              f"{first[0] - start:.2f} s (compilation and prompt){rate}\n")
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        generate_command(args)
+    except (FileNotFoundError, PermissionError, ConnectionError, ValueError) as e:
+        print(f"jtgpt {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
