@@ -262,6 +262,16 @@ def _block_config(M: int, N: int, K: int, dtype, dropout: bool = False, swiglu: 
     if not on_gpu():  # the interpreter: fewest program instances, smallest tiles that fit
         return dict(BLOCK_M=_fit(M, 64), BLOCK_N=_fit(N, 64), BLOCK_K=_fit(K, 32), GROUP_M=8,
                     num_warps=4, num_stages=1)
+    if M <= SKINNY_M:
+        # Decode: a row per sequence, so the GEMM is W streamed once (memory-bound). Tiles narrow
+        # enough for N / BLOCK_N >= NUM_SMS programs (where N allows) keep every SM loading, and
+        # long K steps keep each program's loads in flight.
+        block_m = _fit(M, SKINNY_M)
+        block_n = next((b for b in (64, 32) if triton.cdiv(N, b) >= NUM_SMS), 16)
+        block_k = _fit(K, 64 if dtype == jnp.float32 else SKINNY_BLOCK_K)
+        stage_bytes = (block_m + block_n * (2 if swiglu else 1)) * block_k * jnp.dtype(dtype).itemsize
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=1, num_warps=4,
+                    num_stages=max(2, min(SKINNY_STAGES, SHARED_MEMORY // stage_bytes)))
     if dtype == jnp.float32:
         cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
     else:
@@ -285,6 +295,11 @@ def _block_config(M: int, N: int, K: int, dtype, dropout: bool = False, swiglu: 
     cfg["BLOCK_N"] = _fit(N, cfg["BLOCK_N"])
     cfg["BLOCK_K"] = _fit(K, cfg["BLOCK_K"])
     return cfg
+
+
+SKINNY_M = 64  # at most this many rows (decode's batch): _block_config's memory-bound tiles
+SKINNY_BLOCK_K, SKINNY_STAGES = 256, 4
+SHARED_MEMORY = 160 * 1024  # for the pipeline's stages (H100/H200: 227 KB a block at most)
 
 
 def _fit(size: int, block: int) -> int:
