@@ -8,8 +8,9 @@ shape (random weights), bf16.
 Cases: prompt 128 + 256 new tokens at B=1 and B=64 for both models, and prompt 4096 + 256 at B=1
 for the 1B (long context: the KV cache, not the weights, grows to a third of the bytes read).
 Competitors: jtgpt `generate` (one compiled program); HF Flax `generate` under jax.jit (GPT-2; it
-has no Llama-3 rope scaling); HF PyTorch `generate` (eager, SDPA, dynamic cache). No row stops at
-eos (eos is off everywhere), so every competitor produces every token.
+has no Llama-3 rope scaling); HF PyTorch `generate` with the static cache and torch.compile
+(reported as failed where it fails); HF PyTorch `generate` (eager, SDPA, dynamic cache). No row
+stops at eos (eos is off everywhere), so every competitor produces every token.
 
 Checks before timing: on each model's weights, jtgpt's and HF PyTorch's greedy tokens in fp32
 (2 rows, one of them left-padded, 32 new tokens) must be equal, token for token; the bf16 runs'
@@ -163,11 +164,16 @@ def run_hf_flax(weights, config, B, T, new, repeats):
                 compile=compile_s, out=out)
 
 
-def run_hf_torch(weights, config, B, T, new, repeats):
+def run_hf_torch(weights, config, B, T, new, repeats, compiled=False):
+    """HF PyTorch generate, eager with its dynamic cache, or (compiled) with the static cache and
+    the forward under torch.compile (mode "reduce-overhead": CUDA graphs), HF's recipe."""
     import torch
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.bfloat16,
                                                  attn_implementation="sdpa").cuda().eval()
+    if compiled:
+        model.generation_config.cache_implementation = "static"
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
     ids, _ = _prompt(B, T, config.vocab_size)
     ids_t = torch.from_numpy(ids).long().cuda()
 
@@ -187,12 +193,16 @@ def run_hf_torch(weights, config, B, T, new, repeats):
             times.append(time.perf_counter() - t0)
         return statistics.median(times), out
 
+    t0 = time.perf_counter()
+    gen(new)  # the compilation, for the compiled model
+    compile_s = time.perf_counter() - t0 if compiled else None
     total, out = seconds(new)
     prefill, _ = seconds(1)
     del model
     torch.cuda.empty_cache()
-    return dict(name="HF PyTorch generate (eager)", total=total, step=(total - prefill) / (new - 1),
-                compile=None, out=out.cpu().numpy())
+    name = "HF PyTorch generate (static cache, torch.compile)" if compiled else "HF PyTorch generate (eager)"
+    return dict(name=name, total=total, step=(total - prefill) / (new - 1), compile=compile_s,
+                out=out.cpu().numpy())
 
 
 def main():
@@ -200,7 +210,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default="gpt2,llama")
     p.add_argument("--repeats", type=int, default=3 if on_gpu else 1)
-    p.add_argument("--competitors", default="flax,torch", help="besides jtgpt: flax,torch")
+    p.add_argument("--competitors", default="flax,compile,torch",
+                   help="besides jtgpt: flax (HF Flax, GPT-2 only), compile (HF PyTorch static cache "
+                        "+ torch.compile), torch (HF PyTorch eager)")
     p.add_argument("--profile", action="store_true", help="jtgpt's GPU kernel table per case")
     p.add_argument("--markdown", help="also write the tables to this file")
     args = p.parse_args()
@@ -224,7 +236,13 @@ def main():
             runs = [run_jtgpt(weights, config, B, T, new, args.repeats, args.profile)]
             if name == "gpt2" and "flax" in args.competitors:
                 runs.append(run_hf_flax(weights + "-flax", config, B, T, new, args.repeats))
-            if on_gpu and "torch" in args.competitors:
+            if on_gpu and "compile" in args.competitors:
+                try:
+                    runs.append(run_hf_torch(weights, config, B, T, new, args.repeats, compiled=True))
+                except Exception as e:  # noqa: BLE001 -- a competitor that fails is reported
+                    stage(f"{name} B={B}: HF PyTorch static cache + torch.compile failed: "
+                          f"{type(e).__name__}: {str(e)[:200]}")
+            if on_gpu and "torch" in args.competitors:  # last: the reference of "tokens equal"
                 runs.append(run_hf_torch(weights, config, B, T, new, args.repeats))
             ideal = step_bytes(config, config.num_params, B, T + new / 2) / bandwidth
             for r in runs:

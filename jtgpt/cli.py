@@ -17,26 +17,28 @@ import time
 import jax
 import jax.numpy as jnp
 
+from jtgpt import checkpoint
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def load_tokenizer(name_or_path: str):
-    """The `tokenizers.Tokenizer` of a checkpoint: tokenizer.json in a local directory, or in a
-    hub repo (the Hugging Face cache first). FileNotFoundError if there is none."""
+def load_tokenizer(name_or_path: str, directory: pathlib.Path):
+    """The `tokenizers.Tokenizer` of the checkpoint `name_or_path` resolved to `directory`: its
+    tokenizer.json, else (a hub repo) the repo's, through the Hugging Face cache.
+    FileNotFoundError if there is none."""
     from tokenizers import Tokenizer
-    path = pathlib.Path(name_or_path).expanduser()
-    if path.is_dir():
-        file = path / "tokenizer.json"
-        if not file.is_file():
-            raise FileNotFoundError(f"{path} has no tokenizer.json (the Hugging Face tokenizer "
-                                    f"the prompt is tokenized with)")
+    file = directory / "tokenizer.json"
+    if file.is_file():
         return Tokenizer.from_file(str(file))
+    if pathlib.Path(name_or_path).expanduser().is_dir():
+        raise FileNotFoundError(f"{directory} has no tokenizer.json (the Hugging Face tokenizer "
+                                f"the prompt is tokenized with)")
     import huggingface_hub as hub
     try:
         return Tokenizer.from_file(hub.hf_hub_download(name_or_path, "tokenizer.json"))
-    except Exception as e:  # huggingface_hub's errors (offline, no such repo or file) say what
-        raise FileNotFoundError(f"no tokenizer.json for {name_or_path!r}: no such local directory, "
-                                f"and the hub said: {type(e).__name__}: {e}") from e
+    except Exception as e:  # huggingface_hub's errors (offline, no such file) say what
+        raise FileNotFoundError(f"no tokenizer.json for {name_or_path!r}: the hub said: "
+                                f"{type(e).__name__}: {e}") from e
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,8 +58,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def generate_command(args, out=sys.stdout, err=sys.stderr) -> None:
     import jtgpt
-    tokenizer = load_tokenizer(args.model)
-    model = jtgpt.from_pretrained(args.model, dtype=jnp.dtype(args.dtype))
+    directory = checkpoint.resolve(args.model)  # the model's own errors first: it is what is asked
+    tokenizer = load_tokenizer(args.model, directory)
+    model = jtgpt.from_pretrained(directory, dtype=jnp.dtype(args.dtype))
     prompt = tokenizer.encode(args.prompt).ids
     if not prompt:
         raise ValueError("--prompt tokenizes to no tokens")

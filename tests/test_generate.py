@@ -165,6 +165,8 @@ def test_cli_streams_greedy_text(tmp_path):
 
 def test_cli_errors_name_what_is_missing(tmp_path, capsys):
     assert cli.main(["generate", "--model", str(tmp_path / "nowhere"), "--prompt", "x"]) == 1
-    assert "tokenizer.json" in capsys.readouterr().err
+    assert "no such local directory" in capsys.readouterr().err
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**TINY_GPT2))
+    hf.save_pretrained(tmp_path, safe_serialization=True)
     assert cli.main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 1  # no tokenizer
     assert "has no tokenizer.json" in capsys.readouterr().err
