@@ -81,12 +81,12 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def step_bytes(config, num_params: int, B: int, mean_len: float) -> float:
+def step_bytes(config, B: int, mean_len: float) -> float:
     if isinstance(config, GPTConfig):
         L, kv_width = config.n_layer, 2 * config.n_embd
     else:
         L, kv_width = config.num_hidden_layers, 2 * config.num_key_value_heads * config.head_dim
-    return 2 * num_params + B * mean_len * L * kv_width * 2
+    return 2 * config.num_params + B * mean_len * L * kv_width * 2
 
 
 def _model_class(config):
@@ -244,7 +244,7 @@ def main():
                           f"{type(e).__name__}: {str(e)[:200]}")
             if on_gpu and "torch" in args.competitors:  # last: the reference of "tokens equal"
                 runs.append(run_hf_torch(weights, config, B, T, new, args.repeats))
-            ideal = step_bytes(config, config.num_params, B, T + new / 2) / bandwidth
+            ideal = step_bytes(config, B, T + new / 2) / bandwidth
             for r in runs:
                 agree = float((r["out"][:, T:] == runs[-1]["out"][:, T:]).mean())
                 rows.append(dict(r, B=B, T=T, new=new, ideal=ideal, agree=agree,

@@ -104,7 +104,7 @@ _choose_jit = jax.jit(lambda state, sampling, special: _choose(state, sampling, 
 
 def _arguments(model, input_ids, attention_mask, max_new_tokens, sampling, eos_token_id,
                pad_token_id, key):
-    """(ids, mask or None, key, _Tokens) after checking every argument of generate."""
+    """(ids, mask or None, _Tokens) after checking every argument of generate."""
     ids, mask, _ = model_inputs(input_ids, attention_mask)
     vocab_size = model.config.vocab_size
     check_ids_in_range("input_ids", ids, vocab_size)
@@ -122,8 +122,7 @@ def _arguments(model, input_ids, attention_mask, max_new_tokens, sampling, eos_t
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
                 or not 0 <= value < vocab_size:
             raise ValueError(f"{name} must be token ids in [0, {vocab_size}), got {value!r}")
-    special = _Tokens(ids.shape[1], tuple(int(e) for e in eos), int(pad))
-    return ids, mask, key, special
+    return ids, mask, _Tokens(ids.shape[1], tuple(int(e) for e in eos), int(pad))
 
 
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_sample=False,
@@ -142,8 +141,8 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
     max_new_tokens and sampling settings.
     """
     sampling = Sampling(do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
-    ids, mask, key, special = _arguments(model, input_ids, attention_mask, max_new_tokens,
-                                         sampling, eos_token_id, pad_token_id, key)
+    ids, mask, special = _arguments(model, input_ids, attention_mask, max_new_tokens, sampling,
+                                    eos_token_id, pad_token_id, key)
     return _generate(model, ids, mask, key, sampling, special, int(max_new_tokens))
 
 
@@ -159,8 +158,8 @@ def stream(model, input_ids, attention_mask=None, *, max_new_tokens: int, chunk_
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     sampling = Sampling(do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
-    ids, mask, key, special = _arguments(model, input_ids, attention_mask, max_new_tokens,
-                                         sampling, eos_token_id, pad_token_id, key)
+    ids, mask, special = _arguments(model, input_ids, attention_mask, max_new_tokens, sampling,
+                                    eos_token_id, pad_token_id, key)
     T, last = special.prompt_len, int(max_new_tokens) - 1
     state = _start_jit(model, ids, mask, key, sampling, special, int(max_new_tokens))
     done = 0

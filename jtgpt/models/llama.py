@@ -229,15 +229,9 @@ class Llama(PretrainedModel):
         check_ids_in_range("input_ids", ids, self.config.vocab_size)
         return self.norm(self._residual_stream(ids, positions, mask, dropout_key)[0])
 
-    def next_token_logits(self, input_ids, positions, cache: KVCache):
-        """(fp32 logits [B, vocab_size] of the token after input_ids [B, T], the cache holding
-        their keys and values): a prompt (T > 1, into an empty cache; its padding is the cache's
-        key_mask) or one new token per row (T = 1). Generation's forward pass (jtgpt.generate);
-        positions [B, T] int32 as in __call__."""
-        x, cache = self._residual_stream(input_ids, positions, None, None,
-                                         cache.add_tokens(input_ids.shape[1]))
-        logits = lm_logits(self.norm(x[:, -1:]), self._head_weight(), self.compute.precision)
-        return logits[:, 0].astype(jnp.float32), cache
+    @property
+    def final_norm(self) -> RMSNorm:
+        return self.norm
 
     def empty_cache(self, batch: int, capacity: int) -> KVCache:
         """A KV cache for `batch` rows of up to `capacity` tokens (prompt + new ones)."""

@@ -28,6 +28,8 @@ from flax import nnx
 
 from jtgpt import checkpoint
 from jtgpt import generate as generation
+from jtgpt.kv_cache import KVCache
+from jtgpt.layers import lm_logits
 
 
 # ---------------------------------------------------------------------------------- configs
@@ -118,7 +120,10 @@ def token_ids(value, name: str) -> int | tuple[int, ...] | None:
 class PretrainedModel(nnx.Module):
     """Base of jtgpt's models: from_pretrained, state_dict, load_state_dict and save_pretrained
     over Hugging Face's tensor names. A subclass sets the class attributes below, has a `config`
-    with `from_hf()` / `to_hf()`, and may override `packed_tensors` and `flax_names`."""
+    with `from_hf()` / `to_hf()`, and may override `packed_tensors` and `flax_names`. For
+    generation it has `empty_cache(batch, capacity)`, `_residual_stream(ids, positions, mask,
+    dropout_key, cache)` (the blocks, returning the residual stream and the cache), `final_norm`
+    and `_head_weight()`."""
 
     config_class: ClassVar[type]
     base_prefix: ClassVar[str]          # "transformer." / "model.": the base model's names
@@ -144,6 +149,16 @@ class PretrainedModel(nnx.Module):
     def stream(self, input_ids, attention_mask=None, **options):
         """generate's new tokens as they are produced, chunk by chunk: jtgpt.generate.stream."""
         return generation.stream(self, input_ids, attention_mask, **options)
+
+    def next_token_logits(self, input_ids, positions, cache: KVCache):
+        """(fp32 logits [B, vocab_size] of the token after input_ids [B, T], the cache holding
+        their keys and values): a prompt (T > 1, into an empty cache; its padding is the cache's
+        key_mask) or one new token per row (T = 1). Generation's forward pass (jtgpt.generate),
+        in eval mode; positions [B, T] int32 as the model's __call__ takes them."""
+        x, cache = self._residual_stream(input_ids, positions, None, None,
+                                         cache.add_tokens(input_ids.shape[1]))
+        logits = lm_logits(self.final_norm(x[:, -1:]), self._head_weight(), self.compute.precision)
+        return logits[:, 0].astype(jnp.float32), cache
 
     # --------------------------------------------------------------------------- loading
 
