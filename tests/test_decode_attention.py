@@ -159,6 +159,18 @@ def test_invalid_arguments(args, kwargs, match):
         jax.eval_shape(lambda *a: decode.decode_attention(*a, **kwargs), *args)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_traced_lengths_outside_the_cache_give_nan(key, num_splits):
+    """Under jit a length outside [0, S] cannot be refused: that row's output is NaN (not the
+    attention over a clamped length), and the other rows are untouched."""
+    B, S, Hq, Hkv, D = 3, 40, 4, 2, 16
+    qkv, kv_cache = random_inputs(key, B, S, Hq, Hkv, D, jnp.float32)
+    out = np.asarray(run(qkv, kv_cache, [17, S + 1, -1], num_heads=Hq, num_kv_heads=Hkv,
+                         num_splits=num_splits, block_n=16))
+    assert np.isnan(out[1:]).all()
+    assert_close(out[:1], expected(qkv[:1], kv_cache[:1], [17], Hq, Hkv))
+
+
 @pytest.mark.parametrize("lengths", [[3, 11], [-1, 2]])
 def test_concrete_lengths_outside_the_cache(lengths):
     qkv, kv_cache = jnp.ones((2, 1, 128)), jnp.ones((2, 10, 64))

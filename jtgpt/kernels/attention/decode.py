@@ -91,9 +91,11 @@ def _decode_split_kernel(qkv_ptr, kv_ptr, len_ptr, mask_ptr, out_ptr, lse_ptr,
     b = pid // HKV
     g = pid % HKV
 
-    # Clamped: under jax.jit a length outside [0, S] cannot be refused, but it must not make the
-    # kernel read outside the cache.
-    length = tl.minimum(tl.maximum(tl.load(len_ptr + b), 0), S)
+    # Under jax.jit a length outside [0, S] cannot be refused: the row reads nothing and its
+    # output is NaN (also through the merge: its partials are NaN), never a plausible value.
+    length = tl.load(len_ptr + b)
+    valid = (length >= 0) & (length <= S)
+    length = tl.where(valid, length, 0)
     chunk = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
     lo = split * chunk
     hi = tl.minimum(lo + chunk, length)  # lo >= hi: an empty split, the loop does not run
@@ -136,8 +138,8 @@ def _decode_split_kernel(qkv_ptr, kv_ptr, len_ptr, mask_ptr, out_ptr, lse_ptr,
     # l_i = 0 exactly when the split saw no key (then acc = 0): o_s = 0 and lse_s = -inf.
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    lse = tl.where(seen, m_i + tl.log2(l_safe), float("-inf"))
+    out = tl.where(valid, acc / l_safe[:, None], float("nan"))
+    lse = tl.where(valid, tl.where(seen, m_i + tl.log2(l_safe), float("-inf")), float("nan"))
     bh = b * HQ + heads
     out_ptrs = out_ptr + (bh[:, None] * NUM_SPLITS + split) * HEAD_DIM + offs_d[None, :]
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -258,7 +260,7 @@ def decode_attention(qkv, kv_cache, lengths, *, num_heads, num_kv_heads=None, ke
     row s of batch row b is slot s's [k heads | v heads]; S is the static capacity.
     lengths [B] integer, a runtime array (new values do not recompile): row b attends to slots
     [0, lengths[b]); 0 gives a row of zeros. Each must be in [0, S]: a ValueError when lengths is
-    concrete; under jax.jit it cannot be checked, and a value outside is clamped to [0, S].
+    concrete; under jax.jit it cannot be checked, and a row whose length is outside gets NaN.
     key_mask [B, S] int or bool, optional: nonzero = attend, 0 = skip the slot (a left-padded
     prompt's padding). A row whose visible slots are all masked returns zeros. Slots at or past
     lengths[b] and masked slots are never read: their contents do not matter.
