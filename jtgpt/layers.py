@@ -20,7 +20,7 @@ from flax import nnx
 from jtgpt.kernels import check_float_dtype
 from jtgpt.kernels.cross_entropy import linear_cross_entropy
 from jtgpt.kernels.layernorm import layer_norm, rms_norm
-from jtgpt.kernels.matmul import linear
+from jtgpt.kernels.matmul import Norm, linear
 
 INIT_STD = 0.02  # Hugging Face's initializer_range for GPT-2 and Llama: normal(0, 0.02) weights
 
@@ -62,10 +62,11 @@ class Linear(nnx.Module):
         self.in_out = in_out
         self.compute = compute
 
-    def __call__(self, x, **epilogue):
+    def __call__(self, x, norm: Norm | None = None, **epilogue):
+        """The layer on x, or with `norm` (a norm module's `as_prologue()`) on norm(x)."""
         bias = None if self.bias is None else self.compute.cast(self.bias)
         return linear(x, self.compute.cast(self.weight), bias, transpose_w=not self.in_out,
-                      precision=self.compute.precision, **epilogue)
+                      precision=self.compute.precision, norm=norm, **epilogue)
 
 
 class LayerNorm(nnx.Module):
@@ -80,6 +81,10 @@ class LayerNorm(nnx.Module):
         return layer_norm(x, self.compute.cast(self.weight), self.compute.cast(self.bias),
                           eps=self.eps, return_input=return_input)
 
+    def as_prologue(self) -> Norm:
+        """This norm as the prologue of the linear that reads its output (see pre_norm)."""
+        return Norm("layer", self.compute.cast(self.weight), self.compute.cast(self.bias), self.eps)
+
 
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, param_dtype, compute: Compute):
@@ -92,6 +97,24 @@ class RMSNorm(nnx.Module):
         block adds its branch to, so that the gradient reaching it joins the norm's own gradient
         inside the norm's backward kernel instead of in a separate add."""
         return rms_norm(x, self.compute.cast(self.weight), eps=self.eps, return_input=return_input)
+
+    def as_prologue(self) -> Norm:
+        """This norm as the prologue of the linear that reads its output (see pre_norm)."""
+        return Norm("rms", self.compute.cast(self.weight), None, self.eps)
+
+
+def pre_norm(norm: LayerNorm | RMSNorm, x, fused: bool):
+    """(what a pre-norm block's first linear reads, the Norm it applies first or None, the
+    residual stream x) for `norm` before that linear.
+
+    fused (generation, never differentiated): the linear applies the norm itself, inside its
+    kernel at a decode step's few rows, which saves a launch per norm (the launches, not the
+    bytes, are what a batch-1 decode step costs). Otherwise the norm kernel runs first, with
+    return_input: its backward then adds the residual stream's gradient in the same pass."""
+    if fused:
+        return x, norm.as_prologue(), x
+    h, x = norm(x, return_input=True)
+    return h, None, x
 
 
 # ------------------------------------------------------------------------------------- inputs
@@ -186,6 +209,7 @@ def causal_lm_loss(h, head_weight, input_ids, labels=None, *, ignore_index: int 
                                 ignore_index=ignore_index, reduction=reduction, precision=precision)
 
 
-def lm_logits(h, head_weight, precision: str):
-    """Logits [B, T, V] = h @ head_weight^T, head_weight [V, D] read in place."""
-    return linear(h, head_weight, transpose_w=True, precision=precision)
+def lm_logits(h, head_weight, precision: str, norm: Norm | None = None):
+    """Logits [B, T, V] = h @ head_weight^T, head_weight [V, D] read in place (of norm(h) with a
+    norm: the final norm as the LM head's prologue)."""
+    return linear(h, head_weight, transpose_w=True, precision=precision, norm=norm)

@@ -368,6 +368,119 @@ def test_empty_results_launch_no_kernel(key):
         assert "pure_callback" not in jaxpr and "triton" not in jaxpr, jaxpr
 
 
+# ------------------------------------------------------------------ few rows: _gemv, norm prologue
+
+# (leading dims, K, N): 1-4 rows (decode at batch 1-4) take _gemv_kernel; K and N odd, N past
+# the interpreter's 64 columns; the 5-row case is the tensor-core kernel again.
+GEMV_SHAPES = [((1,), 45, 70), ((3, 1), 45, 70), ((4,), 96, 33)]
+
+
+def _built_kernels(fn, *args):
+    with compile_only(capability=90) as built:
+        jax.eval_shape(fn, *args)
+    return list(built)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,K,N", GEMV_SHAPES)
+@pytest.mark.parametrize("epilogue", ["plain", "bias_gelu", "all_transposed", "swiglu_all"])
+def test_few_rows_match_reference(key, dtype, lead, K, N, epilogue):
+    kwargs = {"plain": {}, "bias_gelu": dict(bias=True, activation="gelu_tanh"),
+              "all_transposed": EPILOGUES["all_transposed"],
+              "swiglu_all": dict(ALL_TRANSPOSED, activation="swiglu")}[epilogue]
+    args, kwargs = _linear_case(key, lead, K, 2 * N if epilogue == "swiglu_all" else N, dtype,
+                                **kwargs)
+    out = jax.jit(lambda args: linear(**args, **kwargs))(args)
+    assert out.dtype == dtype
+    assert_close(out, reference.linear(**args, **kwargs))
+
+
+def test_few_rows_take_the_gemv_kernel():
+    """At most GEMV_M rows run _gemv_kernel, more rows the tensor-core kernel; tf32 stays on the
+    tensor cores (the GEMV's products are IEEE fp32)."""
+    w = jax.ShapeDtypeStruct((768, 2304), jnp.bfloat16)
+    for rows, name in [(1, "_gemv_kernel"), (matmul_module.GEMV_M, "_gemv_kernel"),
+                       (matmul_module.GEMV_M + 1, "_matmul_kernel")]:
+        x = jax.ShapeDtypeStruct((rows, 768), jnp.bfloat16)
+        assert [k.name for k in _built_kernels(linear, x, w)] == [name]
+    x32, w32 = jax.ShapeDtypeStruct((1, 768), jnp.float32), jax.ShapeDtypeStruct((768, 64), jnp.float32)
+    tf32 = lambda x, w: linear(x, w, precision="tf32")  # noqa: E731
+    assert [k.name for k in _built_kernels(tf32, x32, w32)] == ["_matmul_kernel"]
+
+
+def _norm_case(key, kind, K, dtype):
+    kw, kb = jax.random.split(key)
+    weight = (1.0 + 0.1 * jax.random.normal(kw, (K,), jnp.float32)).astype(dtype)
+    bias = (0.1 * jax.random.normal(kb, (K,), jnp.float32)).astype(dtype) if kind == "layer" else None
+    return weight, bias
+
+
+def _reference_norm(x, kind, weight, bias, eps):
+    return (reference.layer_norm(x, weight, bias, eps) if kind == "layer"
+            else reference.rms_norm(x, weight, eps))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("lead,epilogue", [((1,), "bias_gelu"), ((4,), "swiglu"),
+                                           ((2, 3), "residual_transposed")])
+def test_norm_prologue_matches_reference(key, dtype, kind, lead, epilogue):
+    """linear(x, norm=...) = linear(norm(x)): inside the GEMV for 1 and 4 rows, the norm kernel
+    then the GEMM for 6; x off-centre (mean 0.5, std 2) so that the mean matters."""
+    K, N = 45, 70
+    kwargs = {"bias_gelu": dict(bias=True, activation="gelu_tanh"),
+              "swiglu": dict(ALL_TRANSPOSED, activation="swiglu"),
+              "residual_transposed": dict(residual=True, transpose_w=True)}[epilogue]
+    args, kwargs = _linear_case(key, lead, K, 2 * N if epilogue == "swiglu" else N, dtype, **kwargs)
+    args["x"] = (0.5 + 2.0 * args["x"].astype(jnp.float32)).astype(dtype)
+    weight, bias = _norm_case(jax.random.fold_in(key, 7), kind, K, dtype)
+    norm = matmul_module.Norm(kind, weight, bias, 1e-5)
+    out = jax.jit(lambda args, norm: linear(**args, **kwargs, norm=norm))(args, norm)
+    normed = dict(args, x=_reference_norm(args["x"], kind, weight, bias, 1e-5))
+    assert_close(out, reference.linear(**normed, **kwargs))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_norm_prologue_grads_match_reference(key, dtype, kind):
+    """Gradients of the fused form wrt x, the norm's weight (and bias), w, bias and residual."""
+    K, N = 45, 70
+    args, kwargs = _linear_case(key, (2,), K, N, dtype, bias=True, residual=True,
+                                activation="gelu_tanh")
+    weight, bias = _norm_case(jax.random.fold_in(key, 7), kind, K, dtype)
+    names = list(args)
+
+    def fused(norm_weight, norm_bias, *a):
+        norm = matmul_module.Norm(kind, norm_weight, norm_bias, 1e-5)
+        return linear(**dict(zip(names, a)), **kwargs, norm=norm)
+
+    def ref(norm_weight, norm_bias, *a):
+        a = dict(zip(names, a))
+        return reference.linear(**dict(a, x=_reference_norm(a["x"], kind, norm_weight, norm_bias,
+                                                             1e-5)), **kwargs)
+
+    if kind == "rms":  # no bias to differentiate
+        fused_rms, ref_rms = fused, ref
+        fused = lambda w, *a: fused_rms(w, None, *a)  # noqa: E731
+        ref = lambda w, *a: ref_rms(w, None, *a)  # noqa: E731
+        _check_vjp(jax.random.fold_in(key, 1), fused, ref, weight, *args.values())
+    else:
+        _check_vjp(jax.random.fold_in(key, 1), fused, ref, weight, bias, *args.values())
+
+
+@pytest.mark.parametrize("norm,match", [
+    (("batch", (45,), (45,)), "norm.kind"),
+    (("layer", (44,), (45,)), r"norm.weight must have shape \(45,\)"),
+    (("layer", (45,), None), "norm.bias must be"),
+    (("rms", (45,), (45,)), "norm.bias must be None"),
+])
+def test_norm_prologue_rejects_bad_norms(norm, match):
+    kind, weight, bias = norm
+    norm = matmul_module.Norm(kind, jnp.ones(weight), None if bias is None else jnp.ones(bias), 1e-5)
+    with pytest.raises(ValueError, match=match):
+        linear(jnp.ones((1, 45)), jnp.ones((45, 8)), norm=norm)
+
+
 # --------------------------------------------------------------------------------- sm_90 build
 
 @pytest.mark.parametrize("dtype,precision", [(jnp.bfloat16, "ieee"), (jnp.float32, "ieee"),
@@ -442,5 +555,32 @@ def test_empty_reduction_builds_for_hopper():
                        jax.ShapeDtypeStruct((1000,), jnp.bfloat16))
     built = list(built)
     assert [(k.constexprs["K"], k.constexprs["SWIGLU"]) for k in built] == [(0, False), (0, True)]
+    for k in built:
+        assert 0 < k.registers <= 255 and k.spill_bytes == 0, k
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_decode_gemvs_build_for_hopper(rows):
+    """Every GEMV of a GPT-2 and a Llama-3.2-1B decode step (bf16), the norms fused, at 1 and
+    4 rows: no spills."""
+    bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)  # noqa: E731
+    layer = matmul_module.Norm("layer", bf16(768), bf16(768), 1e-5)
+    rms = matmul_module.Norm("rms", bf16(2048), None, 1e-5)
+    calls = [  # (x [rows, K], w, kwargs)
+        (768, bf16(768, 2304), dict(bias=bf16(2304), norm=layer)),
+        (768, bf16(768, 3072), dict(bias=bf16(3072), activation="gelu_tanh", norm=layer)),
+        (3072, bf16(3072, 768), dict(bias=bf16(768), residual=bf16(rows, 768))),
+        (2048, bf16(3072, 2048), dict(transpose_w=True, norm=rms)),
+        (2048, bf16(16384, 2048), dict(transpose_w=True, activation="swiglu", norm=rms)),
+        (8192, bf16(2048, 8192), dict(transpose_w=True, residual=bf16(rows, 2048))),
+        (2048, bf16(128256, 2048), dict(transpose_w=True, norm=rms)),  # the LM head
+    ]
+    built = []
+    for K, w, kwargs in calls:
+        arrays = {k: v for k, v in kwargs.items() if k not in ("activation", "transpose_w")}
+        static = {k: v for k, v in kwargs.items() if k in ("activation", "transpose_w")}
+        built += _built_kernels(lambda x, w, kw: linear(x, w, **kw, **static), bf16(rows, K), w,
+                                arrays)
+    assert {k.name for k in built} == {"_gemv_kernel"}
     for k in built:
         assert 0 < k.registers <= 255 and k.spill_bytes == 0, k

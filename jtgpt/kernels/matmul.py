@@ -47,6 +47,7 @@ Degenerate sizes: K = 0 is the empty sum, 0 (linear gives act(bias) + residual):
 with a K loop of no steps. M = 0 or N = 0 launches nothing (a grid of no programs is no valid GPU
 launch) and returns the empty result, forward and backward.
 """
+import dataclasses
 import functools
 import math
 from typing import NamedTuple
@@ -59,10 +60,12 @@ import triton.language as tl
 
 from jtgpt.call import on_gpu, triton_call
 from jtgpt.kernels import check_float_dtype, dropout_seed
+from jtgpt.kernels.layernorm import layer_norm, rms_norm
 
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # kernels read globals only as constexprs
 GELU_CUBIC = tl.constexpr(0.044715)
 LOG2E = tl.constexpr(1.4426950408889634)
+NORM_NONE, NORM_LAYER, NORM_RMS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)  # prologues
 
 
 @triton.jit
@@ -130,14 +133,31 @@ def _accumulate(acc, acc_up, a_ptrs, b_ptrs, offs_k, k_left, MASKED: tl.constexp
 
 
 @triton.jit
+def _epilogue_operands(bias_ptr, residual_ptr, offs_m, offs_n, cols, M: tl.constexpr,
+                       N: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr,
+                       HAS_RESIDUAL: tl.constexpr):
+    """(bias, SwiGLU's up bias, residual tile) in fp32 for the epilogue; 0.0 for those absent."""
+    bias, bias_up, residual = 0.0, 0.0, 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols).to(tl.float32)
+        if SWIGLU:
+            bias_up = tl.load(bias_ptr + N + cols).to(tl.float32)
+    if HAS_RESIDUAL:
+        offsets = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        in_bounds = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        residual = tl.load(residual_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
+    return bias, bias_up, residual
+
+
+@triton.jit
 def _matmul_kernel(a_ptr, b_ptr, bias_ptr, residual_ptr, seed_ptr, out_ptr, pre_ptr,
                    M: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
                    stride_am: tl.constexpr, stride_ak: tl.constexpr,
                    stride_bk: tl.constexpr, stride_bn: tl.constexpr, K_PER_SPLIT: tl.constexpr,
                    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, SWIGLU: tl.constexpr,
                    HAS_RESIDUAL: tl.constexpr, DROPOUT_P: tl.constexpr, SAVE_PRE: tl.constexpr,
-                   FP32_IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                   FP32_IEEE: tl.constexpr, EARLY_EPILOGUE: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # The output is [M, N]; with SWIGLU, B and bias have 2N columns [gate | up], and the program
     # of output columns n.. accumulates gate columns n.. and up columns N + n.. from one A tile.
     # Grouped tile order: GROUP_M row-tiles share each column-tile of B while it sits in L2.
@@ -170,6 +190,9 @@ def _matmul_kernel(a_ptr, b_ptr, bias_ptr, residual_ptr, seed_ptr, out_ptr, pre_
     a_ptrs = a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak
     b_ptrs = b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn
 
+    if EARLY_EPILOGUE:  # small tiles (decode): these loads' latency overlaps the K loop's
+        bias, bias_up, residual = _epilogue_operands(bias_ptr, residual_ptr, offs_m, offs_n, cols,
+                                                     M, N, HAS_BIAS, SWIGLU, HAS_RESIDUAL)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # SwiGLU's up half; else unused
     # Full BLOCK_K tiles without masks, then the tail of K (if any) once, masked: masks in the
@@ -183,11 +206,14 @@ def _matmul_kernel(a_ptr, b_ptr, bias_ptr, residual_ptr, seed_ptr, out_ptr, pre_
         acc, acc_up = _accumulate(acc, acc_up, a_ptrs, b_ptrs, offs_k, k_len % BLOCK_K, True,
                                   SWIGLU, N * stride_bn, FP32_IEEE)
 
+    if not EARLY_EPILOGUE:  # large tiles: registers held across the K loop would spill
+        bias, bias_up, residual = _epilogue_operands(bias_ptr, residual_ptr, offs_m, offs_n, cols,
+                                                     M, N, HAS_BIAS, SWIGLU, HAS_RESIDUAL)
     y = acc
     if HAS_BIAS:
-        y += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+        y += bias[None, :]
         if SWIGLU:
-            acc_up += tl.load(bias_ptr + N + cols).to(tl.float32)[None, :]
+            acc_up += bias_up[None, :]
     out_offsets = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     in_bounds = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if SAVE_PRE:  # for the backward's act'(pre)
@@ -206,8 +232,80 @@ def _matmul_kernel(a_ptr, b_ptr, bias_ptr, residual_ptr, seed_ptr, out_ptr, pre_
         keep = _dropout_keep(seed_ptr, offs_m, pid_n * BLOCK_N, N, DROPOUT_P, BLOCK_M, BLOCK_N)
         y = tl.where(keep, y * (1.0 / (1.0 - DROPOUT_P)), 0.0)
     if HAS_RESIDUAL:
-        y += tl.load(residual_ptr + out_offsets, mask=in_bounds, other=0.0).to(tl.float32)
+        y += residual
     tl.store(out_ptr + out_offsets, y.to(out_ptr.dtype.element_ty), mask=in_bounds)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, norm_w_ptr, norm_b_ptr, out_ptr,
+                 M: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
+                 stride_wk: tl.constexpr, stride_wn: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, GELU: tl.constexpr, SWIGLU: tl.constexpr,
+                 HAS_RESIDUAL: tl.constexpr, NORM: tl.constexpr, NORM_EPS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BLOCK_ROW: tl.constexpr):
+    """_matmul_kernel's product and epilogue for a few rows (M <= BLOCK_M), without tensor cores:
+    each program owns BLOCK_N output columns of all M rows and streams their W columns once,
+    accumulating x[m, k] * w[k, n] elementwise in a [BLOCK_M, BLOCK_N, BLOCK_K] fp32 tile that is
+    reduced over k once at the end. NORM (NORM_LAYER or NORM_RMS) first normalises each x row as
+    layernorm.py's forward does (its statistics from the whole row, BLOCK_ROW >= K wide, then the
+    same arithmetic and rounding per K step), so the normed x never goes to memory."""
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    row_ok = offs_m < M
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = (offs_n % N).to(tl.int64)  # out-of-range columns wrap onto valid ones; never stored
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * K
+    if NORM != NORM_NONE:
+        ks = tl.arange(0, BLOCK_ROW)
+        row = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :],
+                      other=0.0).to(tl.float32)
+        if NORM == NORM_LAYER:  # padding columns must not add (0 - mean)^2 to the variance
+            mean = tl.sum(row, axis=1) / K
+            row = tl.where((ks < K)[None, :], row - mean[:, None], 0.0)
+        rstd = tl.rsqrt(tl.sum(row * row, axis=1) / K + NORM_EPS)  # RMSNorm: mean(x^2)
+    if HAS_BIAS or HAS_RESIDUAL:  # loaded first: their latency overlaps the K loop's
+        bias, bias_up, residual = _epilogue_operands(bias_ptr, residual_ptr, offs_m, offs_n, cols,
+                                                     M, N, HAS_BIAS, SWIGLU, HAS_RESIDUAL)
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)  # SwiGLU's up half
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        x = tl.load(x_rows + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                    other=0.0).to(tl.float32)
+        if NORM != NORM_NONE:
+            if NORM == NORM_LAYER:
+                x -= mean[:, None]
+            x *= rstd[:, None]
+            if NORM == NORM_RMS:  # Hugging Face's order: x / rms rounded before the weight
+                x = x.to(x_ptr.dtype.element_ty).to(tl.float32)
+            x *= tl.load(norm_w_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            if NORM == NORM_LAYER:
+                x += tl.load(norm_b_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            x = x.to(x_ptr.dtype.element_ty).to(tl.float32)  # the norm's output, as stored
+        w_ptrs = w_ptr + cols[:, None] * stride_wn + offs_k[None, :] * stride_wk
+        w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0).to(tl.float32)
+        acc += x[:, None, :] * w[None, :, :]
+        if SWIGLU:
+            w_up = tl.load(w_ptrs + N * stride_wn, mask=k_ok[None, :], other=0.0).to(tl.float32)
+            acc_up += x[:, None, :] * w_up[None, :, :]
+    y = tl.sum(acc, axis=2)
+    y_up = tl.sum(acc_up, axis=2)
+    if HAS_BIAS:
+        y += bias[None, :]
+        if SWIGLU:
+            y_up += bias_up[None, :]
+    if GELU:
+        gate, _ = _gelu_gate(y)
+        y = y * gate
+    if SWIGLU:
+        y = y * _sigmoid(y, 1.0) * y_up
+    if HAS_RESIDUAL:
+        y += residual
+    out_offsets = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    tl.store(out_ptr + out_offsets, y.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_n < N)[None, :])
 
 
 @triton.jit
@@ -337,11 +435,62 @@ def _split_k(M: int, N: int, K: int, cfg: dict) -> int:
     return min(range(1, most + 1), key=seconds)  # the smallest S on ties
 
 
+GEMV_M = 4  # at most this many rows (decode at batch 1-4): _gemv_kernel, see _gemv
+NORM_ROW_VALUES = 16384  # rows x K_pow2 a fused norm's statistics hold in registers at most
+
+
+def _gemv_fits(M, K, dtype, transpose_a, precision, dropout_p, save_pre, norm) -> bool:
+    """Whether _gemv computes this product: a few rows, no dropout, nothing saved for the
+    backward, fp32 only as IEEE products (tf32 needs the tensor cores), a norm's row in registers."""
+    if transpose_a or M > GEMV_M or dropout_p > 0.0 or save_pre:
+        return False
+    if dtype == jnp.float32 and precision == "tf32":
+        return False
+    return norm is None or triton.next_power_of_2(M) * triton.next_power_of_2(K) <= NORM_ROW_VALUES
+
+
+def _gemv(a, b, transpose_b, out_dtype, *, bias, residual, activation, norm):
+    """op(a) @ op(b) with the epilogue (and norm, a Norm or None) in one `_gemv_kernel` launch.
+
+    At a few rows the product is W streamed once, and what costs is keeping every SM's loads in
+    flight: many programs of few columns each, long K steps. Measured on an H200 (bf16, one row,
+    GPU time of Llama-3.2-1B's and GPT-2's decode GEMMs): tensor-core tiles reached 1.4-3.1 TB/s,
+    these 2.6-4.0 TB/s on the K-contiguous [N, K] weights with 2 columns a program, and 0.5-1.1
+    TB/s (from 0.4-0.8) on GPT-2's small [K, N] ones, where a column is strided and 8-16 columns
+    a program make each row's load one contiguous 16-32 byte piece."""
+    M, K = a.shape
+    b_n = b.shape[0] if transpose_b else b.shape[1]
+    N = b_n // 2 if activation == "swiglu" else b_n
+    block_m = triton.next_power_of_2(M)
+    if not on_gpu():  # the interpreter: fewest program instances
+        block_n, block_k, num_warps = min(64, triton.next_power_of_2(N)), 32, 4
+    elif transpose_b:  # [N, K]: each column's K values contiguous
+        block_n, block_k, num_warps = 2, 1024 // block_m, 4
+    else:  # [K, N]
+        block_n = 16 if triton.cdiv(N, 16) >= NUM_SMS else 8
+        block_k, num_warps = 8192 // (block_n * block_m), 8
+    block_k = max(16, min(block_k, triton.next_power_of_2(K)))
+    kind = NORM_NONE if norm is None else (NORM_LAYER if norm.kind == "layer" else NORM_RMS)
+    placeholder = jnp.zeros((1,), a.dtype)  # stands in for an absent operand; never read
+    optional = lambda v: placeholder if v is None else v
+    return triton_call(
+        a, b, optional(bias), optional(residual),
+        optional(None if norm is None else norm.weight), optional(None if norm is None else norm.bias),
+        kernel=_gemv_kernel, out_shape=jax.ShapeDtypeStruct((M, N), out_dtype),
+        grid=(triton.cdiv(N, block_n),), num_warps=num_warps, num_stages=1,
+        M=M, N=N, K=K, stride_wk=1 if transpose_b else b_n, stride_wn=K if transpose_b else 1,
+        HAS_BIAS=bias is not None, GELU=activation == "gelu_tanh", SWIGLU=activation == "swiglu",
+        HAS_RESIDUAL=residual is not None, NORM=kind, NORM_EPS=0.0 if norm is None else norm.eps,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_ROW=1 if norm is None else triton.next_power_of_2(K))
+
+
 def _gemm(a, b, transpose_a, transpose_b, out_dtype, precision, *, bias=None, residual=None,
-          activation=None, dropout_p=0.0, seed=None, save_pre=False):
+          activation=None, dropout_p=0.0, seed=None, save_pre=False, norm=None):
     """op(a) @ op(b) with the epilogue in one `_matmul_kernel` launch (plus an XLA sum of the
-    partials when split over K, only without an epilogue); returns out, or (out, pre).
-    activation None, "gelu_tanh" or "swiglu" (op(b) [K, 2F] gives out [M, F], pre [M, 2F])."""
+    partials when split over K, only without an epilogue), or for a few rows one `_gemv` launch;
+    returns out, or (out, pre). activation None, "gelu_tanh" or "swiglu" (op(b) [K, 2F] gives
+    out [M, F], pre [M, 2F]). norm (a Norm, applied to a's rows first) only where _gemv_fits."""
     M, K = a.shape[::-1] if transpose_a else a.shape
     b_n = b.shape[0] if transpose_b else b.shape[1]
     swiglu = activation == "swiglu"
@@ -349,6 +498,10 @@ def _gemm(a, b, transpose_a, transpose_b, out_dtype, precision, *, bias=None, re
     if M == 0 or N == 0:  # nothing to compute, and a grid of no programs is no GPU launch
         out = jnp.zeros((M, N), out_dtype)
         return (out, jnp.zeros((M, b_n), a.dtype)) if save_pre else out
+    if _gemv_fits(M, K, a.dtype, transpose_a, precision, dropout_p, save_pre, norm):
+        return _gemv(a, b, transpose_b, out_dtype, bias=bias, residual=residual,
+                     activation=activation, norm=norm)
+    assert norm is None, "a norm prologue runs only in _gemv"
     fp32_ieee = a.dtype == jnp.float32 and precision == "ieee"
     cfg = _block_config(M, N, K, a.dtype, dropout=dropout_p > 0.0, swiglu=swiglu,
                         fp32_ieee=fp32_ieee)
@@ -372,7 +525,7 @@ def _gemm(a, b, transpose_a, transpose_b, out_dtype, precision, *, bias=None, re
         stride_bk=1 if transpose_b else b_n, stride_bn=K if transpose_b else 1,
         K_PER_SPLIT=k_per_split, HAS_BIAS=bias is not None, GELU=activation == "gelu_tanh",
         SWIGLU=swiglu, HAS_RESIDUAL=residual is not None, DROPOUT_P=float(dropout_p),
-        SAVE_PRE=save_pre, FP32_IEEE=fp32_ieee, **cfg)
+        SAVE_PRE=save_pre, FP32_IEEE=fp32_ieee, EARLY_EPILOGUE=M <= SKINNY_M, **cfg)
     if splits > 1:
         out = out.sum(axis=0).astype(out_dtype)
     return (out, pre) if save_pre else out
@@ -451,8 +604,22 @@ def _operand_grads(a, b, g, transpose_a, transpose_b, precision):
 
 # ------------------------------------------------------------------------------------- linear
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["weight", "bias"],
+                   meta_fields=["kind", "eps"])
+@dataclasses.dataclass(frozen=True)
+class Norm:
+    """A norm over x's last axis that `linear(x, ..., norm=Norm(...))` applies before its product,
+    as jtgpt.kernels.layernorm computes it: kind "layer" (LayerNorm: weight and bias [K]) or "rms"
+    (RMSNorm: weight [K], bias None), with eps. A pytree (kind and eps static): it passes through
+    jax.jit like the arrays it holds."""
+    kind: str
+    weight: jax.Array
+    bias: jax.Array | None
+    eps: float
+
+
 def linear(x, w, bias=None, *, residual=None, activation=None, dropout_rate=0.0, seed=None,
-           transpose_w=False, precision="ieee"):
+           transpose_w=False, precision="ieee", norm: Norm | None = None):
     """dropout(act(x @ w + bias)) + residual in one Triton GEMM; returns [..., N] in x.dtype.
 
     x [..., K]; w [K, N], or [N, K] with `transpose_w=True`; bias [N]; residual [..., N];
@@ -463,6 +630,11 @@ def linear(x, w, bias=None, *, residual=None, activation=None, dropout_rate=0.0,
     precision "ieee" or "tf32" for fp32 inputs. Differentiable wrt x, w, bias and residual
     (gradients in each one's dtype); the backward saves x, w, with an activation the
     pre-activation and with dropout the seed (module docstring).
+
+    norm (a Norm): the product reads norm(x) instead of x. For at most GEMV_M rows (a decode
+    step) the norm runs inside the GEMM (_gemv_kernel), so the normed x never goes to memory and
+    costs no launch of its own; otherwise the norm kernel runs first. Differentiable too, wrt the
+    norm's weight and bias as well: the backward recomputes norm(x) with the norm kernel.
     """
     x = jnp.asarray(x)
     if x.ndim < 2:
@@ -488,13 +660,69 @@ def linear(x, w, bias=None, *, residual=None, activation=None, dropout_rate=0.0,
         raise ValueError(f"linear: residual must have shape {out_shape}, got {residual.shape}")
     seed = dropout_seed(dropout_rate, seed)
     _check_precision("linear", precision)
+    if norm is not None:
+        _check_norm(norm, K)
 
     M = math.prod(x.shape[:-1])
     cfg = _LinearConfig(activation, float(dropout_rate), bool(transpose_w), precision,
                         bias is not None, None if residual is None else residual.dtype)
-    out = _linear(x.reshape(M, K), w, None if bias is None else bias.astype(x.dtype),
-                  None if residual is None else residual.reshape(M, out_shape[-1]), seed, cfg)
+    x2 = x.reshape(M, K)
+    bias = None if bias is None else bias.astype(x.dtype)
+    residual = None if residual is None else residual.reshape(M, out_shape[-1])
+    if norm is not None and _gemv_fits(M, K, x.dtype, False, precision, dropout_rate, False, norm):
+        out = _normed_linear(x2, norm.weight, norm.bias, w, bias, residual,
+                             (norm.kind, float(norm.eps)), cfg)
+    else:
+        out = _linear(x2 if norm is None else _apply_norm(x2, norm.weight, norm.bias, norm.kind,
+                                                          norm.eps),
+                      w, bias, residual, seed, cfg)
     return out.reshape(out_shape)
+
+
+def _check_norm(norm: Norm, K: int) -> None:
+    if norm.kind not in ("layer", "rms"):
+        raise ValueError(f"linear: norm.kind must be 'layer' or 'rms', got {norm.kind!r}")
+    if K == 0:
+        raise ValueError("linear: a norm needs x's last dim K >= 1, got 0")
+    if norm.weight.shape != (K,):
+        raise ValueError(f"linear: norm.weight must have shape ({K},), got {norm.weight.shape}")
+    if (norm.bias is None) != (norm.kind == "rms"):
+        raise ValueError(f"linear: norm.bias must be {'None' if norm.kind == 'rms' else f'[{K}]'} "
+                         f"for kind {norm.kind!r}")
+    if norm.bias is not None and norm.bias.shape != (K,):
+        raise ValueError(f"linear: norm.bias must have shape ({K},), got {norm.bias.shape}")
+    if not norm.eps > 0.0:
+        raise ValueError(f"linear: norm.eps must be > 0, got {norm.eps}")
+
+
+def _apply_norm(x, weight, bias, kind, eps):
+    if kind == "layer":
+        return layer_norm(x, weight, bias, eps=eps)
+    return rms_norm(x, weight, eps=eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _normed_linear(x, norm_weight, norm_bias, w, bias, residual, norm_cfg, cfg):
+    """linear(norm(x)) in one _gemv launch; norm_cfg = (kind, eps)."""
+    kind, eps = norm_cfg
+    return _gemm(x, w, False, cfg.transpose_w, x.dtype, cfg.precision, bias=bias,
+                 residual=residual, activation=cfg.activation,
+                 norm=Norm(kind, norm_weight, norm_bias, eps))
+
+
+def _normed_linear_fwd(x, norm_weight, norm_bias, w, bias, residual, norm_cfg, cfg):
+    out = _normed_linear(x, norm_weight, norm_bias, w, bias, residual, norm_cfg, cfg)
+    return out, (x, norm_weight, norm_bias, w, bias, residual)
+
+
+def _normed_linear_bwd(norm_cfg, cfg, saved, dy):
+    def unfused(x, norm_weight, norm_bias, w, bias, residual):
+        h = _apply_norm(x, norm_weight, norm_bias, *norm_cfg)
+        return _linear(h, w, bias, residual, jnp.zeros((), jnp.int32), cfg)
+    return jax.vjp(unfused, *saved)[1](dy)
+
+
+_normed_linear.defvjp(_normed_linear_fwd, _normed_linear_bwd)
 
 
 class _LinearConfig(NamedTuple):

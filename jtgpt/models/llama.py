@@ -31,7 +31,7 @@ from jtgpt.kernels.embedding import embedding
 from jtgpt.kernels.rope import RopeScaling, apply_rope
 from jtgpt.kv_cache import KVCache
 from jtgpt.layers import (Compute, Embedding, Linear, RMSNorm, causal_lm_loss, check_ids_in_range,
-                          dropout_args, dropout_seeds, lm_logits, model_inputs)
+                          dropout_args, dropout_seeds, lm_logits, model_inputs, pre_norm)
 from jtgpt.models.pretrained import (PretrainedModel, check_model_type, check_positive, check_rate,
                                      fields_from_hf, token_ids)
 
@@ -144,9 +144,10 @@ class LlamaAttention(nnx.Module):
         self.rope_theta, self.rope_scaling = config.rope_theta, config.rope_scaling
         self.precision = compute.precision
 
-    def __call__(self, x, residual, positions, attention_mask, prob_dropout, cache=None, layer=0):
+    def __call__(self, x, residual, positions, attention_mask, prob_dropout, cache=None, layer=0,
+                 norm=None):
         heads = dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads)
-        qkv = apply_rope(self.qkv_proj(x), positions, **heads, theta=self.rope_theta,
+        qkv = apply_rope(self.qkv_proj(x, norm=norm), positions, **heads, theta=self.rope_theta,
                          scaling=self.rope_scaling)
         if cache is None:
             y = flash_attention(qkv, **heads, attention_mask=attention_mask, causal=True,
@@ -162,8 +163,9 @@ class LlamaMLP(nnx.Module):
         self.gate_up_proj = Linear(d, 2 * f, param_dtype, compute, rngs, bias=False)
         self.down_proj = Linear(f, d, param_dtype, compute, rngs, bias=False)
 
-    def __call__(self, x, residual):
-        return self.down_proj(self.gate_up_proj(x, activation="swiglu"), residual=residual)
+    def __call__(self, x, residual, norm=None):
+        return self.down_proj(self.gate_up_proj(x, norm=norm, activation="swiglu"),
+                              residual=residual)
 
 
 class LlamaBlock(nnx.Module):
@@ -178,10 +180,10 @@ class LlamaBlock(nnx.Module):
 
     def __call__(self, x, positions, attention_mask, prob_dropout, cache=None, layer=0):
         """(x after the layer, the cache with this layer's keys and values or None)."""
-        h, x = self.input_layernorm(x, return_input=True)
-        x, cache = self.self_attn(h, x, positions, attention_mask, prob_dropout, cache, layer)
-        h, x = self.post_attention_layernorm(x, return_input=True)
-        return self.mlp(h, x), cache
+        h, norm, x = pre_norm(self.input_layernorm, x, fused=cache is not None)
+        x, cache = self.self_attn(h, x, positions, attention_mask, prob_dropout, cache, layer, norm)
+        h, norm, x = pre_norm(self.post_attention_layernorm, x, fused=cache is not None)
+        return self.mlp(h, x, norm), cache
 
 
 class Llama(PretrainedModel):

@@ -157,7 +157,8 @@ class PretrainedModel(nnx.Module):
         in eval mode; positions [B, T] int32 as the model's __call__ takes them."""
         x, cache = self._residual_stream(input_ids, positions, None, None,
                                          cache.add_tokens(input_ids.shape[1]))
-        logits = lm_logits(self.final_norm(x[:, -1:]), self._head_weight(), self.compute.precision)
+        logits = lm_logits(x[:, -1:], self._head_weight(), self.compute.precision,
+                           norm=self.final_norm.as_prologue())
         return logits[:, 0].astype(jnp.float32), cache
 
     # --------------------------------------------------------------------------- loading
