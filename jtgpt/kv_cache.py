@@ -14,8 +14,8 @@ one row. S, the capacity, is static (prompt + new tokens); what changes every st
 
 so one compiled decode step serves every position. A model's attention calls `attend` with its
 layer's qkv: a prompt (T > 1 tokens, into an empty cache) runs flash attention over the prompt
-and stores its keys and values; one token (T = 1) stores its own and runs the decode kernel
-(jtgpt.kernels.attention.decode_attention) over the row's slots.
+and stores its keys and values; one token (T = 1) runs the decode kernel
+(jtgpt.kernels.attention.decode_attention) over the row's slots, which also stores the token's.
 """
 from __future__ import annotations
 
@@ -65,13 +65,13 @@ class KVCache:
         qkv [B, T, (Hq + 2 Hkv) D] of the tokens `add_tokens` made room for: a prompt of T > 1
         tokens starting at slot 0 (causal flash attention over it), or T = 1 new token per row at
         slot lengths - 1 (the decode kernel over slots [0, lengths))."""
-        B, T, _ = qkv.shape
+        T = qkv.shape[1]
         heads = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, precision=precision)
-        new_kv = qkv[..., qkv.shape[-1] - self.layers[layer].shape[-1]:]
-        if T == 1:
-            kv = self.layers[layer].at[jnp.arange(B), self.lengths - 1].set(new_kv[:, 0])
-            y = decode_attention(qkv, kv, self.lengths, key_mask=self.key_mask, **heads)
+        if T == 1:  # the kernel stores the token's keys and values too
+            y, kv = decode_attention(qkv, self.layers[layer], self.lengths,
+                                     key_mask=self.key_mask, **heads)
         else:
+            new_kv = qkv[..., qkv.shape[-1] - self.layers[layer].shape[-1]:]
             kv = jax.lax.dynamic_update_slice(self.layers[layer], new_kv, (0, 0, 0))
             mask = None if self.key_mask is None else self.key_mask[:, :T]
             y = flash_attention(qkv, attention_mask=mask, causal=True, **heads)

@@ -39,8 +39,13 @@ Nothing at or past a row's length, nor at a masked slot, reaches the result: tho
 values are not loaded at all (masked loads, other=0), so a slot holding NaN or garbage there
 (padding never written, stale values past the length) changes nothing.
 
-Layout: qkv [B, 1, (Hq + 2 Hkv) D] is the new token's packed projection (as flash.py reads it);
-only its q heads are read, in place through strides. kv_cache [B, S, 2 Hkv D]: row s of batch b is
+The new token's own key and value (slot L_b - 1) come from qkv, not from the cache: the program
+whose split holds that slot puts them into its K and V tiles in place of the slot's row, and
+stores them into the slot (the cache is aliased to an output). No program reads the slot, so
+none reads what another is writing.
+
+Layout: qkv [B, 1, (Hq + 2 Hkv) D] is the new token's packed projection (as flash.py reads it),
+read in place through strides. kv_cache [B, S, 2 Hkv D]: row s of batch b is
 slot s's [k heads | v heads], the k|v tail of the packed qkv layout. out [B, 1, Hq D] (the
 output projection's input) has the memory layout of [B, Hq, 1, D], so the split kernel's store
 serves both its partial output and, with one split, the final one.
@@ -70,7 +75,7 @@ MAX_SPLITS = 32         # bounds the merge's [splits, D] tile and the partials
 # ------------------------------------------------------------------------------------- kernels
 
 @triton.jit
-def _decode_split_kernel(qkv_ptr, kv_ptr, len_ptr, mask_ptr, out_ptr, lse_ptr,
+def _decode_split_kernel(qkv_ptr, kv_ptr, len_ptr, mask_ptr, out_ptr, lse_ptr, kv_out_ptr,
                          S: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr,
                          HEAD_DIM: tl.constexpr, QK_SCALE: tl.constexpr, HAS_MASK: tl.constexpr,
                          PRECISION: tl.constexpr, NUM_SPLITS: tl.constexpr,
@@ -81,7 +86,8 @@ def _decode_split_kernel(qkv_ptr, kv_ptr, len_ptr, mask_ptr, out_ptr, lse_ptr,
     qkv_ptr: [B, 1, (HQ + 2 HKV) HEAD_DIM]; kv_ptr: [B, S, 2 HKV HEAD_DIM]; len_ptr: int32 [B];
     mask_ptr: int32 key mask [B, S] (unread unless HAS_MASK); out_ptr: [B, HQ, NUM_SPLITS,
     HEAD_DIM], fp32 partials, or the final output in qkv's dtype when NUM_SPLITS = 1; lse_ptr:
-    fp32 [B, HQ, NUM_SPLITS], log2 units.
+    fp32 [B, HQ, NUM_SPLITS], log2 units; kv_out_ptr: kv_ptr's buffer (aliased), where the
+    program whose split holds slot length - 1 stores the new token's k and v heads of its kv head.
     """
     GROUP: tl.constexpr = HQ // HKV
     QKV_ROW: tl.constexpr = (HQ + 2 * HKV) * HEAD_DIM
@@ -91,14 +97,15 @@ def _decode_split_kernel(qkv_ptr, kv_ptr, len_ptr, mask_ptr, out_ptr, lse_ptr,
     b = pid // HKV
     g = pid % HKV
 
-    # Under jax.jit a length outside [0, S] cannot be refused: the row reads nothing and its
-    # output is NaN (also through the merge: its partials are NaN), never a plausible value.
+    # Under jax.jit a length outside [1, S] cannot be refused: the row reads and writes nothing
+    # and its output is NaN (also through the merge: its partials are NaN), never a plausible value.
     length = tl.load(len_ptr + b)
-    valid = (length >= 0) & (length <= S)
+    valid = (length >= 1) & (length <= S)
     length = tl.where(valid, length, 0)
     chunk = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
     lo = split * chunk
     hi = tl.minimum(lo + chunk, length)  # lo >= hi: an empty split, the loop does not run
+    new_slot = length - 1  # the new token's: its k and v come from qkv, not from the cache
 
     rows = tl.arange(0, BLOCK_H)
     offs_n = tl.arange(0, BLOCK_N)
@@ -112,6 +119,8 @@ def _decode_split_kernel(qkv_ptr, kv_ptr, len_ptr, mask_ptr, out_ptr, lse_ptr,
               + offs_n[:, None] * KV_ROW + offs_d[None, :])
     v_ptrs = k_ptrs + HKV * HEAD_DIM
     mask_ptrs = mask_ptr + b * S
+    k_new = tl.load(qkv_ptr + b * QKV_ROW + (HQ + g) * HEAD_DIM + offs_d)
+    v_new = tl.load(qkv_ptr + b * QKV_ROW + (HQ + HKV + g) * HEAD_DIM + offs_d)
 
     acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -119,21 +128,32 @@ def _decode_split_kernel(qkv_ptr, kv_ptr, len_ptr, mask_ptr, out_ptr, lse_ptr,
     m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
+        is_new = cols == new_slot  # always visible: the token's own key
         keep = cols < hi
         if HAS_MASK:
-            keep = keep & (tl.load(mask_ptrs + cols, mask=keep, other=0) != 0)
+            keep = keep & ((tl.load(mask_ptrs + cols, mask=keep, other=0) != 0) | is_new)
         # Keys and values that are not kept are not read (other=0): a NaN there cannot leak
-        # into acc through 0 * NaN.
-        k = tl.load(k_ptrs + start_n * KV_ROW, mask=keep[:, None], other=0.0)
+        # into acc through 0 * NaN. The new token's slot is not read either: another program
+        # may be writing it.
+        cached = keep & ~is_new
+        k = tl.load(k_ptrs + start_n * KV_ROW, mask=cached[:, None], other=0.0)
+        k = tl.where(is_new[:, None], k_new[None, :], k)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         s = tl.where(keep[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * QK_SCALE)
         p = tl.math.exp2(s * QK_SCALE - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptrs + start_n * KV_ROW, mask=keep[:, None], other=0.0)
+        v = tl.load(v_ptrs + start_n * KV_ROW, mask=cached[:, None], other=0.0)
+        v = tl.where(is_new[:, None], v_new[None, :], v)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
+
+    # The split that holds the new token's slot stores its k and v heads there.
+    owns_new = valid & (lo <= new_slot) & (new_slot < hi)
+    slot_ptr = kv_out_ptr + b.to(tl.int64) * (S * KV_ROW) + new_slot * KV_ROW + g * HEAD_DIM
+    tl.store(slot_ptr + offs_d, k_new, mask=owns_new)
+    tl.store(slot_ptr + HKV * HEAD_DIM + offs_d, v_new, mask=owns_new)
 
     # l_i = 0 exactly when the split saw no key (then acc = 0): o_s = 0 and lse_s = -inf.
     seen = l_i > 0.0
@@ -205,7 +225,8 @@ def _num_splits(batch: int, num_kv_heads: int, capacity: int) -> int:
 
 def _decode(qkv, kv_cache, lengths, key_mask, *, num_heads, num_kv_heads, head_dim, sm_scale,
             precision, num_splits, block_n):
-    """out [B, 1, Hq D]: the split kernel, then (with several splits) the merge kernel."""
+    """(out [B, 1, Hq D], the cache with the new token's slot written): the split kernel, then
+    (with several splits) the merge kernel."""
     B, S = kv_cache.shape[:2]
     default_block_n, num_warps, num_stages = _block_config(head_dim, qkv.dtype, precision)
     block_n = block_n or default_block_n
@@ -216,20 +237,23 @@ def _decode(qkv, kv_cache, lengths, key_mask, *, num_heads, num_kv_heads, head_d
     split_out = final if num_splits == 1 else jax.ShapeDtypeStruct(
         (B, num_heads, num_splits, head_dim), jnp.float32)
     # Without a mask, lengths stands in for the mask pointer (HAS_MASK off: never read).
-    out, lse = triton_call(
+    out, lse, kv_cache = triton_call(
         qkv, kv_cache, lengths, lengths if key_mask is None else key_mask,
         kernel=_decode_split_kernel,
-        out_shape=(split_out, jax.ShapeDtypeStruct((B, num_heads, num_splits), jnp.float32)),
+        out_shape=(split_out, jax.ShapeDtypeStruct((B, num_heads, num_splits), jnp.float32),
+                   jax.ShapeDtypeStruct(kv_cache.shape, kv_cache.dtype)),
+        input_output_aliases={1: 2},
         grid=(num_splits, B * num_kv_heads), num_warps=num_warps, num_stages=num_stages,
         S=S, HQ=num_heads, HKV=num_kv_heads, HEAD_DIM=head_dim,
         QK_SCALE=sm_scale * math.log2(math.e), HAS_MASK=key_mask is not None,
         PRECISION=precision, NUM_SPLITS=num_splits,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n)
     if num_splits == 1:
-        return out
-    return triton_call(out, lse, kernel=_decode_merge_kernel, out_shape=final,
-                       grid=(B * num_heads,), num_warps=4, NUM_SPLITS=num_splits,
-                       HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits))
+        return out, kv_cache
+    out = triton_call(out, lse, kernel=_decode_merge_kernel, out_shape=final,
+                      grid=(B * num_heads,), num_warps=4, NUM_SPLITS=num_splits,
+                      HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits))
+    return out, kv_cache
 
 
 # -------------------------------------------------------------------------------------- public
@@ -243,27 +267,31 @@ def _check_lengths(lengths, B: int, S: int):
         raise ValueError(f"lengths must be an integer array, got {jnp.dtype(lengths.dtype).name}")
     if not isinstance(lengths, jax.core.Tracer):
         values = np.asarray(lengths)
-        if ((values < 0) | (values > S)).any():
-            raise ValueError(f"lengths must be in [0, S] = [0, {S}] (the cache's capacity), "
-                             f"got {values.tolist()}")
+        if ((values < 1) | (values > S)).any():
+            raise ValueError(f"lengths must be in [1, S] = [1, {S}] (the new token's slot is "
+                             f"lengths - 1, within the cache's capacity), got {values.tolist()}")
     return lengths.astype(jnp.int32)
 
 
 def decode_attention(qkv, kv_cache, lengths, *, num_heads, num_kv_heads=None, key_mask=None,
                      sm_scale=None, precision="ieee", num_splits=None, block_n=None):
-    """Attention of one new token per batch row over its KV cache; returns [B, 1, Hq * D] in
-    qkv.dtype (ready for the output projection GEMM).
+    """Attention of one new token per batch row over its KV cache, the token's own key and
+    value included; returns (out [B, 1, Hq * D] in qkv.dtype, ready for the output projection
+    GEMM; the cache with the token's k and v heads stored in its slot).
 
     qkv [B, 1, (Hq + 2 * Hkv) * D]: the new token's packed projection [q heads | k heads | v
-    heads], as flash_attention takes it; only the q heads are read (the caller has already
-    written the token's k and v into the cache). kv_cache [B, S, 2 * Hkv * D] in qkv's dtype:
-    row s of batch row b is slot s's [k heads | v heads]; S is the static capacity.
-    lengths [B] integer, a runtime array (new values do not recompile): row b attends to slots
-    [0, lengths[b]); 0 gives a row of zeros. Each must be in [0, S]: a ValueError when lengths is
-    concrete; under jax.jit it cannot be checked, and a row whose length is outside gets NaN.
+    heads], as flash_attention takes it. kv_cache [B, S, 2 * Hkv * D] in qkv's dtype: row s of
+    batch row b is slot s's [k heads | v heads]; S is the static capacity. The kernel writes the
+    new token's slot in place (the returned cache is the argument's buffer, which jit reuses
+    when the argument is not needed afterwards, as in a decode loop): storing the token costs no
+    launch of its own.
+    lengths [B] integer, a runtime array (new values do not recompile): row b's new token goes
+    to slot lengths[b] - 1 and attends to slots [0, lengths[b]). Each must be in [1, S]: a
+    ValueError when lengths is concrete; under jax.jit it cannot be checked, and a row whose
+    length is outside gets NaN and writes nothing.
     key_mask [B, S] int or bool, optional: nonzero = attend, 0 = skip the slot (a left-padded
-    prompt's padding). A row whose visible slots are all masked returns zeros. Slots at or past
-    lengths[b] and masked slots are never read: their contents do not matter.
+    prompt's padding); the new token always sees itself. Slots at or past lengths[b] and masked
+    slots are never read: their contents do not matter.
 
     num_heads: Hq. num_kv_heads: Hkv (default Hq); Hq must be a multiple, and query head h reads
     kv head h // (Hq // Hkv). D must be one of common.HEAD_DIMS; dtype float32, float16 or
