@@ -165,15 +165,18 @@ def run_hf_flax(weights, config, B, T, new, repeats):
 
 
 def run_hf_torch(weights, config, B, T, new, repeats, compiled=False):
-    """HF PyTorch generate, eager with its dynamic cache, or (compiled) with the static cache and
-    the forward under torch.compile (mode "reduce-overhead": CUDA graphs), HF's recipe."""
+    """HF PyTorch generate, eager with its dynamic cache, or (compiled) with the static cache, on
+    which transformers' generate compiles the decode steps' forward itself (torch.compile,
+    fullgraph, mode "reduce-overhead": CUDA graphs; `_valid_auto_compile_criteria` in 4.57). The
+    older recipe, model.forward = torch.compile(model.forward, ...), also sends the prefill
+    through the CUDA graphs, and then fails ("accessing tensor output of CUDAGraphs that has been
+    overwritten by a subsequent run", 2026-12-02)."""
     import torch
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.bfloat16,
                                                  attn_implementation="sdpa").cuda().eval()
     if compiled:
         model.generation_config.cache_implementation = "static"
-        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
     ids, _ = _prompt(B, T, config.vocab_size)
     ids_t = torch.from_numpy(ids).long().cuda()
 

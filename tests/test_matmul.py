@@ -381,7 +381,7 @@ def _built_kernels(fn, *args):
     return list(built)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("lead,K,N", GEMV_SHAPES)
 @pytest.mark.parametrize("epilogue", ["plain", "bias_gelu", "all_transposed", "swiglu_all"])
 def test_few_rows_match_reference(key, dtype, lead, K, N, epilogue):

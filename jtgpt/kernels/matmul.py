@@ -156,8 +156,8 @@ def _matmul_kernel(a_ptr, b_ptr, bias_ptr, residual_ptr, seed_ptr, out_ptr, pre_
                    stride_bk: tl.constexpr, stride_bn: tl.constexpr, K_PER_SPLIT: tl.constexpr,
                    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, SWIGLU: tl.constexpr,
                    HAS_RESIDUAL: tl.constexpr, DROPOUT_P: tl.constexpr, SAVE_PRE: tl.constexpr,
-                   FP32_IEEE: tl.constexpr, EARLY_EPILOGUE: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                   FP32_IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # The output is [M, N]; with SWIGLU, B and bias have 2N columns [gate | up], and the program
     # of output columns n.. accumulates gate columns n.. and up columns N + n.. from one A tile.
     # Grouped tile order: GROUP_M row-tiles share each column-tile of B while it sits in L2.
@@ -190,9 +190,6 @@ def _matmul_kernel(a_ptr, b_ptr, bias_ptr, residual_ptr, seed_ptr, out_ptr, pre_
     a_ptrs = a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak
     b_ptrs = b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn
 
-    if EARLY_EPILOGUE:  # small tiles (decode): these loads' latency overlaps the K loop's
-        bias, bias_up, residual = _epilogue_operands(bias_ptr, residual_ptr, offs_m, offs_n, cols,
-                                                     M, N, HAS_BIAS, SWIGLU, HAS_RESIDUAL)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # SwiGLU's up half; else unused
     # Full BLOCK_K tiles without masks, then the tail of K (if any) once, masked: masks in the
@@ -206,9 +203,9 @@ def _matmul_kernel(a_ptr, b_ptr, bias_ptr, residual_ptr, seed_ptr, out_ptr, pre_
         acc, acc_up = _accumulate(acc, acc_up, a_ptrs, b_ptrs, offs_k, k_len % BLOCK_K, True,
                                   SWIGLU, N * stride_bn, FP32_IEEE)
 
-    if not EARLY_EPILOGUE:  # large tiles: registers held across the K loop would spill
-        bias, bias_up, residual = _epilogue_operands(bias_ptr, residual_ptr, offs_m, offs_n, cols,
-                                                     M, N, HAS_BIAS, SWIGLU, HAS_RESIDUAL)
+    # Loaded after the K loop: held across it, a large tile's residual would spill.
+    bias, bias_up, residual = _epilogue_operands(bias_ptr, residual_ptr, offs_m, offs_n, cols, M,
+                                                 N, HAS_BIAS, SWIGLU, HAS_RESIDUAL)
     y = acc
     if HAS_BIAS:
         y += bias[None, :]
@@ -525,7 +522,7 @@ def _gemm(a, b, transpose_a, transpose_b, out_dtype, precision, *, bias=None, re
         stride_bk=1 if transpose_b else b_n, stride_bn=K if transpose_b else 1,
         K_PER_SPLIT=k_per_split, HAS_BIAS=bias is not None, GELU=activation == "gelu_tanh",
         SWIGLU=swiglu, HAS_RESIDUAL=residual is not None, DROPOUT_P=float(dropout_p),
-        SAVE_PRE=save_pre, FP32_IEEE=fp32_ieee, EARLY_EPILOGUE=M <= SKINNY_M, **cfg)
+        SAVE_PRE=save_pre, FP32_IEEE=fp32_ieee, **cfg)
     if splits > 1:
         out = out.sum(axis=0).astype(out_dtype)
     return (out, pre) if save_pre else out

@@ -1,10 +1,11 @@
 """Decode-time attention (flash-decoding): one new token per batch row against its KV cache.
 
-For batch row b with L_b = lengths[b] cache slots written, query head h reading kv head
-g = h // (Hq // Hkv), and the row's visible keys J_b = {j < L_b : key_mask[b, j] != 0}:
+For batch row b with L_b = lengths[b] slots (the new token's is L_b - 1), query head h reading
+kv head g = h // (Hq // Hkv), and the row's visible keys J_b = {j < L_b - 1 : key_mask[b, j] !=
+0} + {L_b - 1} (the token always sees itself):
 
     s_j   = sm_scale * q_h . k_gj                   j in J_b
-    out_h = sum_j exp(s_j - lse) v_gj,   lse = log sum_j exp(s_j)       (out_h = 0 if J_b is empty)
+    out_h = sum_j exp(s_j - lse) v_gj,   lse = log sum_j exp(s_j)
 
 Split: the row's keys [0, L_b) are cut into NUM_SPLITS chunks of c_b = BLOCK_N ceil(ceil(L_b /
 NUM_SPLITS) / BLOCK_N) keys (whole blocks; the last chunks may be short or empty), split s taking
@@ -21,8 +22,9 @@ and the merge kernel combines the splits, with M = max_s lse_s:
     out_h = sum_s exp(lse_s - M) o_s / sum_s exp(lse_s - M)
 
 exact, since exp(lse_s - M) o_s = sum_{j in J_s} exp(s_j - M) v_gj. Empty splits weigh
-exp(-inf) = 0, and a row whose splits are all empty (M = -inf) gets 0: M is then taken as 0, so
-that no -inf - (-inf) = NaN arises. lse is kept in log2 units throughout (an internal value).
+exp(-inf) = 0 (a row's splits are never all empty: one holds the new token; M = -inf would be
+taken as 0, so that no -inf - (-inf) = NaN arises). lse is kept in log2 units throughout (an
+internal value).
 With NUM_SPLITS = 1 the split's o_s is already out_h: the split kernel writes it in qkv's dtype
 and no merge kernel runs (one launch instead of two: a decode step runs ~100 kernels per token,
 and at batch 1 each launch costs about as much as a short row's attention).
