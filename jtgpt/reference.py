@@ -7,6 +7,7 @@ kernel's own, and the tests check it by its statistics instead.
 """
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 HIGHEST = jax.lax.Precision.HIGHEST  # true fp32 dots on every backend (no tf32 or bf16 passes)
 
@@ -130,6 +131,32 @@ def decode_attention(q, k, v, lengths, key_mask=None, sm_scale=None):
         visible &= key_mask.astype(bool)
     return attention(q[:, None], k, v, attention_mask=visible, causal=False,
                      sm_scale=sm_scale)[:, 0]
+
+
+def paged_attention(q, k_new, v_new, k_pages, v_pages, block_tables, cu_q, context_lens,
+                    sm_scale=None):
+    """Causal attention of a ragged batch's new tokens over their paged cache, sequence by
+    sequence: q [T, Hq, D] and k_new, v_new [T, Hkv, D] the new tokens (sequence s's at rows
+    [cu_q[s], cu_q[s + 1])); k_pages, v_pages [num_pages, P, Hkv, D]; block_tables [num_seqs,
+    max_pages]; context_lens[s] the sequence's tokens, its new ones last (all concrete). The
+    cached keys are gathered from the pages, the new ones appended, and `attention` runs causal
+    (the last query aligned with the last key) -> [T, Hq, D]; rows past cu_q[-1] are zeros."""
+    cu_q, context_lens = np.asarray(cu_q), np.asarray(context_lens)
+    tables = np.asarray(block_tables)
+    page_size = k_pages.shape[1]
+    out = jnp.zeros(q.shape, q.dtype)
+    for s in range(context_lens.size):
+        rows = slice(int(cu_q[s]), int(cu_q[s + 1]))
+        cached = int(context_lens[s]) - (rows.stop - rows.start)
+        if rows.stop == rows.start:
+            continue
+        positions = np.arange(cached)
+        pages, slots = tables[s, positions // page_size], positions % page_size
+        k = jnp.concatenate([k_pages[pages, slots], k_new[rows]])
+        v = jnp.concatenate([v_pages[pages, slots], v_new[rows]])
+        out = out.at[rows].set(attention(q[None, rows], k[None], v[None], causal=True,
+                                         sm_scale=sm_scale)[0])
+    return out
 
 
 def cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
