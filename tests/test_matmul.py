@@ -370,9 +370,9 @@ def test_empty_results_launch_no_kernel(key):
 
 # ------------------------------------------------------------------ few rows: _gemv, norm prologue
 
-# (leading dims, K, N): 1-4 rows (decode at batch 1-4) take _gemv_kernel; K and N odd, N past
-# the interpreter's 64 columns; the 5-row case is the tensor-core kernel again.
-GEMV_SHAPES = [((1,), 45, 70), ((3, 1), 45, 70), ((4,), 96, 33)]
+# (leading dims, K, N): 1 and 4 rows (decode at batch 1-4) take _gemv_kernel; K and N not
+# multiples of the interpreter's 32 x 64 tiles (70 columns: two tiles).
+GEMV_SHAPES = [((1,), 45, 70), ((4,), 96, 33)]
 
 
 def _built_kernels(fn, *args):
@@ -383,7 +383,7 @@ def _built_kernels(fn, *args):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("lead,K,N", GEMV_SHAPES)
-@pytest.mark.parametrize("epilogue", ["plain", "bias_gelu", "all_transposed", "swiglu_all"])
+@pytest.mark.parametrize("epilogue", ["bias_gelu", "all_transposed", "swiglu_all"])
 def test_few_rows_match_reference(key, dtype, lead, K, N, epilogue):
     kwargs = {"plain": {}, "bias_gelu": dict(bias=True, activation="gelu_tanh"),
               "all_transposed": EPILOGUES["all_transposed"],
