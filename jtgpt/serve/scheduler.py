@@ -1,0 +1,196 @@
+"""The continuous-batching scheduler: which requests run in the next engine step, and with which
+tokens, under a budget of sequences, tokens and KV-cache pages.
+
+Each step packs into one batch (at most `max_seqs` sequences, `max_batch_tokens` new tokens):
+1. the running sequences, oldest first: one token each when decoding, or the next chunk of a
+   prompt that did not fit into earlier steps (chunked prefill);
+2. then waiting requests, first come first served, while the budgets last. A request's prompt
+   first takes what the prefix cache holds of it (jtgpt.serve.pages), so only the rest is
+   computed.
+
+A sequence's pages are allocated as its tokens need them. When a running sequence needs a page
+and none is free, the most recently admitted running sequence is preempted: its pages go back to
+the pool and it waits again, first in line, to be recomputed from its prompt and the tokens it
+has generated so far (recompute, as vLLM's default: nothing is swapped out). The preempted
+request keeps every token it produced; recomputing them gives the same cache.
+
+The scheduler never runs the model: `schedule()` says what to compute and `update()` takes what
+came out (one new token for each sequence whose batch entry reached the end of its known tokens).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+from typing import Hashable, Sequence
+
+from jtgpt.serve.pages import OutOfPages, PageAllocator
+
+
+@dataclasses.dataclass(eq=False)  # a request is itself: compared by identity
+class Request:
+    """One request's state, as the scheduler keeps it. tokens: the prompt, then every generated
+    token; computed: how many of them have their keys and values in the cache (pages: the block
+    table)."""
+    request_id: int
+    tokens: list[int]
+    prompt_len: int
+    max_new_tokens: int
+    eos_token_ids: frozenset[int]
+    pages: list[int] = dataclasses.field(default_factory=list)
+    computed: int = 0
+    cached_keys: int = 0  # how many of its full pages were offered to the prefix cache
+    finished: bool = False
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[self.prompt_len:]
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """A sequence's part of a batch: tokens[start:start + count] are computed this step, at
+    positions start.. (the cache holds positions < start). samples: whether the model's output
+    after the entry's last token is a new token (the entry reaches the end of the known tokens)."""
+    seq: Request
+    start: int
+    count: int
+    samples: bool
+
+
+def _entry(seq: Request, count: int) -> Entry:
+    return Entry(seq, seq.computed, count, seq.computed + count == len(seq.tokens))
+
+
+class Scheduler:
+    """Admission, chunked prefill, decode and preemption over one PageAllocator."""
+
+    def __init__(self, pages: PageAllocator, *, max_seqs: int, max_batch_tokens: int,
+                 max_len: int, namespace: Hashable = None):
+        for name, value in (("max_seqs", max_seqs), ("max_batch_tokens", max_batch_tokens),
+                            ("max_len", max_len)):
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.pages = pages
+        self.max_seqs, self.max_batch_tokens, self.max_len = max_seqs, max_batch_tokens, max_len
+        self.namespace = namespace
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []  # in admission order
+        self._ids = itertools.count()
+
+    def add(self, prompt: Sequence[int], *, max_new_tokens: int,
+            eos_token_ids: Sequence[int] = ()) -> Request:
+        """A new request, waiting; ValueError if it cannot ever run (empty, too long, or more
+        pages than the whole pool)."""
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise ValueError("prompt must hold at least one token")
+        if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        total = len(prompt) + max_new_tokens
+        if total > self.max_len:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) "
+                             f"= {total} exceeds the context of {self.max_len} tokens")
+        if -(-total // self.pages.page_size) > self.pages.num_pages:
+            raise ValueError(f"{total} tokens need more pages than the pool's "
+                             f"{self.pages.num_pages}")
+        seq = Request(next(self._ids), prompt, len(prompt), max_new_tokens,
+                        frozenset(int(t) for t in eos_token_ids))
+        self.waiting.append(seq)
+        return seq
+
+    def abort(self, seq: Request) -> None:
+        """Stop seq wherever it is; its pages go back to the pool."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        self._release(seq)
+        seq.finished = True
+
+    def schedule(self) -> list[Entry]:
+        """This step's batch (module docstring); empty when nothing can run."""
+        batch, budget = [], self.max_batch_tokens
+        for seq in list(self.running):
+            if seq not in self.running:  # preempted while making room for an older one
+                continue
+            count = min(len(seq.tokens) - seq.computed, budget)
+            if count == 0 or not self._make_room(seq, seq.computed + count):
+                continue
+            batch.append(_entry(seq, count))
+            budget -= count
+        while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
+            seq = self.waiting[0]
+            matched = self.pages.match_prefix(seq.tokens, self.namespace)
+            seq.pages, seq.computed = matched, len(matched) * self.pages.page_size
+            seq.cached_keys = len(matched)
+            count = min(len(seq.tokens) - seq.computed, budget)
+            try:
+                seq.pages += self.pages.allocate(self._pages_for(seq.computed + count)
+                                                 - len(seq.pages))
+            except OutOfPages:
+                self._release(seq)  # try again next step, still first in line
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            batch.append(_entry(seq, count))
+            budget -= count
+        return batch
+
+    def update(self, batch: Sequence[Entry], new_tokens: dict[int, int]) -> list[Request]:
+        """After the step ran `batch`: each entry's tokens are in the cache, and each sampling
+        entry's sequence gets new_tokens[request_id]. Full pages go to the prefix cache; the
+        sequences that finished (eos, max_new_tokens) leave with their pages released, and are
+        returned."""
+        finished = []
+        for entry in batch:
+            seq = entry.seq
+            if seq.finished or seq not in self.running:
+                continue  # aborted or preempted meanwhile
+            seq.computed = entry.start + entry.count
+            self._offer_full_pages(seq)
+            if entry.samples:
+                token = int(new_tokens[seq.request_id])
+                seq.tokens.append(token)
+                if token in seq.eos_token_ids or len(seq.generated) >= seq.max_new_tokens:
+                    self.running.remove(seq)
+                    self._release(seq)
+                    seq.finished = True
+                    finished.append(seq)
+        return finished
+
+    # ---------------------------------------------------------------------------- internals
+
+    def _pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.pages.page_size)
+
+    def _make_room(self, seq: Request, tokens: int) -> bool:
+        """Pages for seq's first `tokens` tokens, preempting younger running sequences if need
+        be; False if seq itself had to be preempted (it was the youngest)."""
+        need = self._pages_for(tokens) - len(seq.pages)
+        while need > self.pages.num_free_pages:
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        seq.pages += self.pages.allocate(max(0, need))
+        return True
+
+    def _preempt(self, seq: Request) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        self.waiting.appendleft(seq)
+
+    def _release(self, seq: Request) -> None:
+        self.pages.release(seq.pages)
+        seq.pages, seq.computed, seq.cached_keys = [], 0, 0
+
+    def _offer_full_pages(self, seq: Request) -> None:
+        """Every page of seq now full of computed tokens goes to the prefix cache."""
+        full = seq.computed // self.pages.page_size
+        if full <= seq.cached_keys:
+            return
+        keys = self.pages.page_keys(seq.tokens[:full * self.pages.page_size], self.namespace)
+        for i in range(seq.cached_keys, full):
+            self.pages.cache_page(seq.pages[i], keys[i])
+        seq.cached_keys = full

@@ -1,0 +1,161 @@
+"""The continuous-batching scheduler (jtgpt.serve.scheduler) driven by a fake model: budgets,
+chunked prefill, prefix sharing, preemption by recompute, aborts, and that a request's tokens
+do not depend on what it was batched with. The fake model's next token is a function of the whole
+sequence so far, and a fake KV cache (a token per page slot) checks that every step's context
+is in the sequence's pages."""
+import random
+
+import pytest
+
+from jtgpt.serve import PageAllocator
+from jtgpt.serve.scheduler import Scheduler
+
+V = 50
+
+
+def next_token(tokens):
+    return hash(tuple(tokens)) % V
+
+
+class FakeEngine:
+    """Runs the scheduler's batches: writes each entry's tokens into a slot store by page, checks
+    that the positions before the entry are in the sequence's pages, and samples next_token."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+        self.slots = {}  # (page, slot) -> token
+        self.steps = 0
+
+    def step(self):
+        batch = self.scheduler.schedule()
+        P = self.scheduler.pages.page_size
+        assert len(batch) <= self.scheduler.max_seqs
+        assert sum(e.count for e in batch) <= self.scheduler.max_batch_tokens
+        new = {}
+        for entry in batch:
+            seq = entry.seq
+            assert len(seq.pages) * P >= entry.start + entry.count
+            for position in range(entry.start):  # the cache holds the context
+                assert self.slots[seq.pages[position // P], position % P] == seq.tokens[position]
+            for position in range(entry.start, entry.start + entry.count):
+                self.slots[seq.pages[position // P], position % P] = seq.tokens[position]
+            if entry.samples:
+                new[seq.request_id] = next_token(seq.tokens)
+        self.steps += 1
+        return batch, self.scheduler.update(batch, new)
+
+    def run(self, limit=10_000):
+        done = []
+        while self.scheduler.waiting or self.scheduler.running:
+            done += self.step()[1]
+            assert self.steps < limit
+        return done
+
+
+def alone(prompt, max_new_tokens, eos=()):
+    tokens = list(prompt)
+    for _ in range(max_new_tokens):
+        tokens.append(next_token(tokens))
+        if tokens[-1] in eos:
+            break
+    return tokens[len(prompt):]
+
+
+def test_one_step_packs_prefill_chunks_and_decodes():
+    pool = PageAllocator(num_pages=32, page_size=4)
+    sched = Scheduler(pool, max_seqs=8, max_batch_tokens=16, max_len=64)
+    a = sched.add(list(range(10)), max_new_tokens=3)
+    b = sched.add(list(range(3)), max_new_tokens=3)
+    c = sched.add(list(range(20)), max_new_tokens=3)
+    engine = FakeEngine(sched)
+    batch, _ = engine.step()
+    assert [(e.seq, e.start, e.count, e.samples) for e in batch] == [
+        (a, 0, 10, True), (b, 0, 3, True), (c, 0, 3, False)]  # c: a chunk of its prompt
+    batch, _ = engine.step()
+    assert [(e.seq, e.start, e.count) for e in batch] == [(a, 10, 1), (b, 3, 1), (c, 3, 14)]
+    batch, _ = engine.step()
+    assert [(e.seq, e.start, e.count, e.samples) for e in batch] == [
+        (a, 11, 1, True), (b, 4, 1, True), (c, 17, 3, True)]
+
+
+def test_a_common_prefix_is_computed_once():
+    pool = PageAllocator(num_pages=32, page_size=4)
+    sched = Scheduler(pool, max_seqs=8, max_batch_tokens=64, max_len=64)
+    prefix = list(range(20, 33))  # 13 tokens: 3 full pages
+    first = sched.add(prefix + [1], max_new_tokens=2)
+    engine = FakeEngine(sched)
+    engine.run()
+    second = sched.add(prefix + [2, 3], max_new_tokens=2)
+    batch, _ = engine.step()
+    assert [(e.seq, e.start) for e in batch] == [(second, 12)]
+    assert first.generated == alone(prefix + [1], 2)
+    engine.run()
+    assert second.generated == alone(prefix + [2, 3], 2)
+    assert pool.num_free_pages == 32
+
+
+def test_preemption_recomputes_and_loses_nothing():
+    """A pool too small for all: sequences are preempted and recomputed, and each request's
+    tokens equal its tokens run alone; every page comes back."""
+    pool = PageAllocator(num_pages=12, page_size=4)
+    sched = Scheduler(pool, max_seqs=6, max_batch_tokens=32, max_len=48)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(V) for _ in range(rng.randrange(3, 12))] for _ in range(6)]
+    requests = [sched.add(p, max_new_tokens=12) for p in prompts]
+    preempted = 0
+    engine = FakeEngine(sched)
+    while sched.waiting or sched.running:
+        running_before = set(map(id, sched.running))
+        engine.step()
+        preempted += len(running_before & set(map(id, sched.waiting)))
+    assert preempted > 0
+    for prompt, request in zip(prompts, requests):
+        assert request.generated == alone(prompt, 12)
+    assert pool.num_free_pages == 12
+
+
+def test_eos_and_random_arrivals():
+    """Requests arriving between steps with eos tokens and random lengths: the same tokens as
+    alone, stopped at eos or max_new_tokens."""
+    pool = PageAllocator(num_pages=40, page_size=8)
+    sched = Scheduler(pool, max_seqs=4, max_batch_tokens=24, max_len=80)
+    rng = random.Random(1)
+    engine, cases = FakeEngine(sched), []
+    for _ in range(12):
+        prompt = [rng.randrange(V) for _ in range(rng.randrange(1, 30))]
+        n, eos = rng.randrange(1, 20), {rng.randrange(V) for _ in range(3)}
+        cases.append((prompt, n, eos, sched.add(prompt, max_new_tokens=n, eos_token_ids=eos)))
+        for _ in range(rng.randrange(0, 4)):
+            engine.step()
+    engine.run()
+    for prompt, n, eos, request in cases:
+        assert request.finished and request.generated == alone(prompt, n, eos)
+    assert pool.num_free_pages == 40
+
+
+def test_abort_frees_pages():
+    pool = PageAllocator(num_pages=16, page_size=4)
+    sched = Scheduler(pool, max_seqs=4, max_batch_tokens=64, max_len=64)
+    running = sched.add(list(range(9)), max_new_tokens=20)
+    engine = FakeEngine(sched)
+    engine.step()
+    waiting = sched.add(list(range(5)), max_new_tokens=2)
+    assert pool.num_free_pages < 16
+    sched.abort(running)
+    sched.abort(waiting)
+    assert pool.num_free_pages == 16 and not sched.running and not sched.waiting
+    assert engine.step()[0] == []
+
+
+@pytest.mark.parametrize("prompt,max_new,match", [
+    ([], 4, "at least one token"),
+    ([1, 2], 0, "max_new_tokens"),
+    (list(range(60)), 10, "exceeds the context of 64"),
+    (list(range(40)), 10, "more pages than the pool"),
+])
+def test_requests_that_can_never_run_are_refused(prompt, max_new, match):
+    sched = Scheduler(PageAllocator(num_pages=8, page_size=4), max_seqs=4, max_batch_tokens=16,
+                      max_len=64)
+    with pytest.raises(ValueError, match=match):
+        sched.add(prompt, max_new_tokens=max_new)
+    assert not sched.waiting
