@@ -451,10 +451,10 @@ def _gemv(a, b, transpose_b, out_dtype, *, bias, residual, activation, norm):
 
     At a few rows the product is W streamed once, and what costs is keeping every SM's loads in
     flight: many programs of few columns each, long K steps. Measured on an H200 (bf16, one row,
-    GPU time of Llama-3.2-1B's and GPT-2's decode GEMMs): tensor-core tiles reached 1.4-3.1 TB/s,
-    these 2.6-4.0 TB/s on the K-contiguous [N, K] weights with 2 columns a program, and 0.5-1.1
-    TB/s (from 0.4-0.8) on GPT-2's small [K, N] ones, where a column is strided and 8-16 columns
-    a program make each row's load one contiguous 16-32 byte piece."""
+    GPU time of Llama-3.2-1B's and GPT-2's decode GEMMs): tensor-core tiles reached 1.0-3.1 TB/s
+    on Llama's, these 2.1-4.0 TB/s on the K-contiguous [N, K] weights with 2 columns a program,
+    and 0.5-1.1 TB/s (from 0.4-0.8) on GPT-2's small [K, N] ones, where a column is strided and
+    8-16 columns a program make each row's load one contiguous 16-32 byte piece."""
     M, K = a.shape
     b_n = b.shape[0] if transpose_b else b.shape[1]
     N = b_n // 2 if activation == "swiglu" else b_n
