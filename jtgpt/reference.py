@@ -135,28 +135,29 @@ def decode_attention(q, k, v, lengths, key_mask=None, sm_scale=None):
 
 def paged_attention(q, k_new, v_new, k_pages, v_pages, block_tables, cu_q, context_lens,
                     sm_scale=None):
-    """Causal attention of a ragged batch's new tokens over their paged cache, sequence by
-    sequence: q [T, Hq, D] and k_new, v_new [T, Hkv, D] the new tokens (sequence s's at rows
-    [cu_q[s], cu_q[s + 1])); k_pages, v_pages [num_pages, P, Hkv, D]; block_tables [num_seqs,
-    max_pages]; context_lens[s] the sequence's tokens, its new ones last (all concrete). The
-    cached keys are gathered from the pages, the new ones appended, and `attention` runs causal
-    (the last query aligned with the last key) -> [T, Hq, D]; rows past cu_q[-1] are zeros."""
-    cu_q, context_lens = np.asarray(cu_q), np.asarray(context_lens)
-    tables = np.asarray(block_tables)
+    """Causal attention of a ragged batch's new tokens over their paged cache: q [T, Hq, D] and
+    k_new, v_new [T, Hkv, D] the new tokens (sequence s's at rows [cu_q[s], cu_q[s + 1]));
+    k_pages, v_pages [num_pages, P, Hkv, D]; block_tables [num_seqs, max_pages]; context_lens[s]
+    the sequence's tokens, its new ones last (all concrete). Each sequence's keys are gathered
+    (cached positions from its pages, then its new tokens), and each new token runs `attention`
+    over the positions up to its own -> [T, Hq, D]; rows past cu_q[-1] are zeros."""
+    cu_q, context_lens, tables = np.asarray(cu_q), np.asarray(context_lens), np.asarray(block_tables)
+    counts = np.diff(cu_q)
+    rows = int(cu_q[-1])
+    seq = np.repeat(np.arange(counts.size), counts)  # of each new token
+    cached = context_lens - counts
+    position = cached[seq] + np.arange(rows) - cu_q[seq]
+    j = np.arange(max(int(context_lens.max()), 1))  # key positions
     page_size = k_pages.shape[1]
-    out = jnp.zeros(q.shape, q.dtype)
-    for s in range(context_lens.size):
-        rows = slice(int(cu_q[s]), int(cu_q[s + 1]))
-        cached = int(context_lens[s]) - (rows.stop - rows.start)
-        if rows.stop == rows.start:
-            continue
-        positions = np.arange(cached)
-        pages, slots = tables[s, positions // page_size], positions % page_size
-        k = jnp.concatenate([k_pages[pages, slots], k_new[rows]])
-        v = jnp.concatenate([v_pages[pages, slots], v_new[rows]])
-        out = out.at[rows].set(attention(q[None, rows], k[None], v[None], causal=True,
-                                         sm_scale=sm_scale)[0])
-    return out
+    pages = tables[:, np.minimum(j // page_size, tables.shape[1] - 1)]  # [S, C]
+    new_row = np.clip(cu_q[:-1, None] + j[None, :] - cached[:, None], 0, max(rows - 1, 0))
+    from_page = (j[None, :] < cached[:, None])[..., None, None]
+    k = jnp.where(from_page, k_pages[pages, j % page_size], k_new[new_row])  # [S, C, Hkv, D]
+    v = jnp.where(from_page, v_pages[pages, j % page_size], v_new[new_row])
+    visible = j[None, :] <= position[:, None]
+    out = attention(q[:rows, None], k[seq], v[seq], attention_mask=visible, causal=False,
+                    sm_scale=sm_scale)[:, 0]
+    return jnp.zeros(q.shape, q.dtype).at[:rows].set(out)
 
 
 def cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
