@@ -83,6 +83,17 @@ def _gelu_gate(y):
 
 
 @triton.jit
+def _activation(y, y_up, GELU: tl.constexpr, SWIGLU: tl.constexpr):
+    """gelu_tanh(y), swiglu: silu(y) * y_up (y the gate half), or y (module docstring)."""
+    if GELU:
+        gate, _ = _gelu_gate(y)
+        y = y * gate
+    if SWIGLU:
+        y = y * _sigmoid(y, 1.0) * y_up
+    return y
+
+
+@triton.jit
 def _dropout_keep(seed_ptr, offs_m, col0, N: tl.constexpr, DROPOUT_P: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Which elements of the [M, N] output's tile (rows offs_m, columns col0 + [0, BLOCK_N))
@@ -220,11 +231,7 @@ def _matmul_kernel(a_ptr, b_ptr, bias_ptr, residual_ptr, seed_ptr, out_ptr, pre_
             tl.store(pre_ptr + N + pre_offsets, acc_up.to(pre_ptr.dtype.element_ty), mask=in_bounds)
         else:
             tl.store(pre_ptr + out_offsets, y.to(pre_ptr.dtype.element_ty), mask=in_bounds)
-    if GELU:
-        gate, _ = _gelu_gate(y)
-        y = y * gate
-    if SWIGLU:
-        y = y * _sigmoid(y, 1.0) * acc_up
+    y = _activation(y, acc_up, GELU, SWIGLU)
     if DROPOUT_P > 0.0:
         keep = _dropout_keep(seed_ptr, offs_m, pid_n * BLOCK_N, N, DROPOUT_P, BLOCK_M, BLOCK_N)
         y = tl.where(keep, y * (1.0 / (1.0 - DROPOUT_P)), 0.0)
@@ -261,9 +268,9 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, norm_w_ptr, norm_b_ptr, o
             mean = tl.sum(row, axis=1) / K
             row = tl.where((ks < K)[None, :], row - mean[:, None], 0.0)
         rstd = tl.rsqrt(tl.sum(row * row, axis=1) / K + NORM_EPS)  # RMSNorm: mean(x^2)
-    if HAS_BIAS or HAS_RESIDUAL:  # loaded first: their latency overlaps the K loop's
-        bias, bias_up, residual = _epilogue_operands(bias_ptr, residual_ptr, offs_m, offs_n, cols,
-                                                     M, N, HAS_BIAS, SWIGLU, HAS_RESIDUAL)
+    # Loaded first: their latency overlaps the K loop's (a few rows: no registers to spare).
+    bias, bias_up, residual = _epilogue_operands(bias_ptr, residual_ptr, offs_m, offs_n, cols, M,
+                                                 N, HAS_BIAS, SWIGLU, HAS_RESIDUAL)
     acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)  # SwiGLU's up half
     for k0 in range(0, K, BLOCK_K):
@@ -293,11 +300,7 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, norm_w_ptr, norm_b_ptr, o
         y += bias[None, :]
         if SWIGLU:
             y_up += bias_up[None, :]
-    if GELU:
-        gate, _ = _gelu_gate(y)
-        y = y * gate
-    if SWIGLU:
-        y = y * _sigmoid(y, 1.0) * y_up
+    y = _activation(y, y_up, GELU, SWIGLU)
     if HAS_RESIDUAL:
         y += residual
     out_offsets = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]

@@ -93,3 +93,13 @@ def checked_key_mask(name: str, mask, shape: tuple[int, int]):
     if not (jnp.issubdtype(dtype, jnp.integer) or dtype == jnp.bool_):
         raise ValueError(f"{name} must be int or bool (1 = token, 0 = padding), got {dtype.name}")
     return mask.astype(jnp.int32)
+
+
+def check_split_options(num_splits, block_n) -> None:
+    """The override arguments of the split (flash-decoding) kernels: num_splits a positive int,
+    block_n a power of two >= 16 (tl.dot's smallest), each or None (the default)."""
+    if num_splits is not None and not (isinstance(num_splits, int) and num_splits >= 1):
+        raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
+    if block_n is not None and not (isinstance(block_n, int) and block_n >= 16
+                                    and block_n & (block_n - 1) == 0):
+        raise ValueError(f"block_n must be a power of two >= 16, got {block_n!r}")

@@ -66,7 +66,8 @@ import triton.language as tl
 
 from jtgpt.call import on_gpu, triton_call
 from jtgpt.kernels import packed_qkv_heads
-from jtgpt.kernels.attention.common import MAX_GRID_Y, checked_key_mask, checked_scale
+from jtgpt.kernels.attention.common import (MAX_GRID_Y, check_split_options,
+                                            checked_key_mask, checked_scale)
 from jtgpt.kernels.matmul import NUM_SMS
 
 PROGRAMS_PER_SM = 2     # split-kernel programs to aim for per SM (two hide each other's loads)
@@ -210,7 +211,8 @@ def _block_config(head_dim: int, dtype, precision: str) -> tuple[int, int, int]:
 
 
 def _num_splits(batch: int, num_kv_heads: int, capacity: int) -> int:
-    """How many splits the keys of each (batch row, kv head) are cut into; static: a function of
+    """How many splits the keys of each (batch row, kv head) are cut into (paged.py's query
+    tiles too: batch is then the tiles, capacity a table's positions); static: a function of
     the shapes only, so a new length never recompiles.
 
     Enough programs for PROGRAMS_PER_SM per SM (FlashAttention-2's split heuristic also aims for
@@ -324,11 +326,7 @@ def decode_attention(qkv, kv_cache, lengths, *, num_heads, num_kv_heads=None, ke
     key_mask = checked_key_mask("key_mask", key_mask, (B, S))
     if B * num_kv_heads > MAX_GRID_Y:
         raise ValueError(f"batch * num_kv_heads = {B} * {num_kv_heads} exceeds {MAX_GRID_Y}")
-    if num_splits is not None and not (isinstance(num_splits, int) and num_splits >= 1):
-        raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
-    if block_n is not None and not (isinstance(block_n, int) and block_n >= 16
-                                    and block_n & (block_n - 1) == 0):
-        raise ValueError(f"block_n must be a power of two >= 16, got {block_n!r}")
+    check_split_options(num_splits, block_n)
     return _decode(qkv, kv_cache, lengths, key_mask, num_heads=num_heads,
                    num_kv_heads=num_kv_heads, head_dim=head_dim, sm_scale=sm_scale,
                    precision=precision, num_splits=num_splits, block_n=block_n)

@@ -45,10 +45,8 @@ import triton.language as tl
 
 from jtgpt.call import on_gpu, triton_call
 from jtgpt.kernels import packed_qkv_heads
-from jtgpt.kernels.attention.common import MAX_GRID_Y, checked_scale
-from jtgpt.kernels.attention.decode import (MAX_SPLITS, MIN_SPLIT_KEYS, PROGRAMS_PER_SM,
-                                            _block_config, _decode_merge_kernel)
-from jtgpt.kernels.matmul import NUM_SMS
+from jtgpt.kernels.attention.common import MAX_GRID_Y, check_split_options, checked_scale
+from jtgpt.kernels.attention.decode import _block_config, _decode_merge_kernel, _num_splits
 
 TILE_ROWS = 64  # q rows (tokens x grouped heads) of a tile on the GPU; 16 in the interpreter
 
@@ -185,14 +183,6 @@ def _paged_split_kernel(qkv_ptr, pages_ptr, tables_ptr, cu_q_ptr, ctx_ptr, tile_
                  mask=writes[:, None])
 
 
-def _num_splits(num_tiles: int, num_kv_heads: int, max_keys: int) -> int:
-    """Splits per tile from the static shapes, as decode.py chooses them."""
-    if not on_gpu():
-        return 1
-    wanted = triton.cdiv(PROGRAMS_PER_SM * NUM_SMS, num_tiles * num_kv_heads)
-    return max(1, min(wanted, max_keys // MIN_SPLIT_KEYS, MAX_SPLITS))
-
-
 def _check_concrete_lengths(cu_q, context_lens, T: int, capacity: int) -> None:
     """When cu_q and context_lens are concrete: offsets within qkv's T rows, and each sequence's
     context holding its new tokens and fitting its block table (traced ones cannot be checked)."""
@@ -260,11 +250,7 @@ def paged_attention(qkv, pages, block_tables, cu_q, context_lens, tile_seqs, til
         raise ValueError(f"need at least one tile and at most {MAX_GRID_Y} kv heads, got "
                          f"{tile_seqs.shape[0]} tiles, {num_kv_heads} kv heads")
     _check_concrete_lengths(cu_q, context_lens, T, table_width * page_size)
-    if block_n is not None and not (isinstance(block_n, int) and block_n >= 16
-                                    and block_n & (block_n - 1) == 0):
-        raise ValueError(f"block_n must be a power of two >= 16, got {block_n!r}")
-    if num_splits is not None and not (isinstance(num_splits, int) and num_splits >= 1):
-        raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
+    check_split_options(num_splits, block_n)
     default_block_n, num_warps, num_stages = _block_config(head_dim, qkv.dtype, precision)
     block_n = block_n or default_block_n
     num_tiles = tile_seqs.shape[0]
