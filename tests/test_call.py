@@ -145,3 +145,35 @@ def test_bf16_dot_multiplies_values_not_bits(key):
     c = triton_call(a, b, kernel=dot_kernel, out_shape=jax.ShapeDtypeStruct((16, 16), jnp.float32),
                     grid=(1,), N=16)
     assert_close(c, a.astype(jnp.float32) @ b.astype(jnp.float32), rtol=1e-5)
+
+
+def test_gpu_kernels_leave_their_triton_ir_out_of_the_call():
+    """jaxlib hashes a launch's whole serialized call on the host at every launch: the kernel
+    object jax-triton builds gets the PTX but not the Triton IR; the rest of jaxlib's library is
+    jaxlib's."""
+    from jtgpt.call import _KernelCallLib
+
+    class FakeLib:
+        TritonKernel = staticmethod(lambda *args: args)
+        get_compute_capability = "jaxlib's own"
+
+    lib = _KernelCallLib(FakeLib())
+    assert lib.TritonKernel("k", 4, 1, 0, "ptx", "ttir", 90) == ("k", 4, 1, 0, "ptx", "", 90)
+    assert lib.get_compute_capability == "jaxlib's own"
+
+
+def test_gpu_kernels_build_without_line_info(monkeypatch):
+    """Within _without_line_info Triton builds without line information (smaller PTX), unless
+    TRITON_DISABLE_LINE_INFO says otherwise; the knob comes back as it was."""
+    from jtgpt.call import _without_line_info
+    compilation = triton.knobs.compilation
+    monkeypatch.delenv("TRITON_DISABLE_LINE_INFO", raising=False)
+    with compilation.scope():
+        del compilation.disable_line_info  # the default: line information on
+        assert compilation.disable_line_info is False
+        with _without_line_info():
+            assert compilation.disable_line_info is True
+        assert compilation.disable_line_info is False
+        monkeypatch.setenv("TRITON_DISABLE_LINE_INFO", "0")
+        with _without_line_info():
+            assert compilation.disable_line_info is False
