@@ -23,7 +23,8 @@ from transformers.generation import (MinPLogitsWarper, RepetitionPenaltyLogitsPr
                                      TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 from transformers.generation.utils import GenerationMixin
 
-from jtgpt.sampling import Sampling, mark_seen, process_logits, seen_tokens, select_tokens
+from jtgpt.sampling import (RowFilters, RowSampling, Sampling, mark_seen, process_logits,
+                            process_logits_rows, seen_tokens, select_tokens, select_tokens_rows)
 
 B, T = 3, 12
 
@@ -171,7 +172,7 @@ def _tie_rows():
 # too; top_p's ascending cumulative sums over the seven 2s are 0.037 j, j = 1..7, then 1. In row
 # 1 the candidates are 6, the 3s and two 1s, with six more 1s: sums 0.0056 j over the eight 1s,
 # then 0.086, 0.128, 0.169 over the 3s, then 1.
-@pytest.mark.parametrize("s", [
+TIE_SETTINGS = [
     Sampling(do_sample=True, top_k=6),               # row 0 keeps 8 tokens, row 1 all 12
     Sampling(do_sample=True, top_p=0.95),
     Sampling(do_sample=True, top_p=0.9),
@@ -181,7 +182,10 @@ def _tie_rows():
     Sampling(do_sample=True, top_k=6, top_p=0.85),   # row 0: both extras and 2 candidates
     Sampling(do_sample=True, top_k=6, top_p=0.5),    # only the top token is left
     Sampling(do_sample=True, min_p=0.04),            # keeps the runs of 2s and 3s whole
-], ids=repr)
+]
+
+
+@pytest.mark.parametrize("s", TIE_SETTINGS, ids=repr)
 def test_ties_match_hugging_face_with_a_stable_sort(s):
     logits, ids = _tie_rows()
     expected = hf_process(logits, ids, s)
@@ -363,3 +367,241 @@ def test_bad_call_arguments_raise():
         seen_tokens(np.zeros((2, 3), np.float32), 10)
     with pytest.raises(ValueError, match="tokens"):
         mark_seen(np.zeros((2, 10), bool), np.zeros((3,), np.int32))
+
+
+# ------------------------------------------------------------------------------- per row
+
+@functools.partial(jax.jit, static_argnums=2)  # rows and keys traced, filters static
+def _choose_rows(logits, rows, filters, seen, keys):
+    processed = process_logits_rows(logits, rows, filters, seen)
+    return processed, select_tokens_rows(processed, rows, filters, keys)
+
+
+def _mixed_logits(n, V, seed):
+    """fp32 [n, V], 3 N(0, 1) (no zeros), with in every third row (from 0) one token 200 above
+    the rest, so that every other token's probability underflows to 0, and every third row (from
+    1) rounded to integers: long runs of equal logits, which top_k's k-th value and top_p's cut
+    fall into."""
+    logits = (3 * np.random.default_rng(seed).standard_normal((n, V))).astype(np.float32)
+    logits[0::3, 7] = logits[0::3].max(axis=-1) + 200
+    logits[1::3] = np.round(logits[1::3]) + 0.5  # halves: still no zeros
+    return logits
+
+
+def _rows_match_the_static_path(logits, settings, seen=None, keys=None):
+    """process_logits_rows and select_tokens_rows on the batch (jitted: rows traced, filters
+    static) against each row alone, process_logits then select_tokens with the row's key:
+    (processed logits, tokens, filters). keys: default jax.random.split(jax.random.key(0), S)."""
+    S = len(settings)
+    rows, filters = RowSampling.of(settings), RowFilters.of(settings, logits.shape[1])
+    keys = jax.random.split(jax.random.key(0), S) if keys is None else keys
+    processed, tokens = map(np.asarray, _choose_rows(logits, rows, filters, seen, keys))
+    assert tokens.dtype == np.int32 and tokens.shape == (S,)
+    for i, s in enumerate(settings):
+        alone = process_logits(logits[i:i + 1], s, None if seen is None else seen[i:i + 1])
+        assert_same_as_hf(processed[i:i + 1], np.asarray(alone), what=f"row {i}: {s}")
+        assert tokens[i] == int(select_tokens(alone, s, keys[i])[0]), f"row {i}: {s}"
+    return processed, tokens, filters
+
+
+# Every top_p row has a top_k (of several sizes): top_p works on the candidates. Few distinct
+# top_k with top_p, since process_logits compiles its top_p once per k.
+ON_CANDIDATES = [
+    Sampling(),
+    Sampling(temperature=0.5, top_k=5, top_p=0.5, min_p=0.5, repetition_penalty=1.5),  # greedy
+    Sampling(do_sample=True, top_k=1),
+    Sampling(do_sample=True, top_k=10),
+    Sampling(do_sample=True, top_k=40, top_p=0.9),
+    Sampling(do_sample=True, top_k=40, top_p=0.5),
+    Sampling(do_sample=True, top_k=40, top_p=0.9999),  # keeps all 40
+    Sampling(do_sample=True, temperature=0.7, top_k=10, top_p=0.3),
+    Sampling(do_sample=True, top_k=300),  # >= V: off
+    Sampling(do_sample=True, top_k=0, top_p=1.0, min_p=0.0),  # all off
+    Sampling(do_sample=True, min_p=0.1),
+    Sampling(do_sample=True, top_k=10, min_p=0.2),
+    Sampling(do_sample=True, temperature=1.6, top_k=10, top_p=0.8, repetition_penalty=1.2),
+    Sampling(do_sample=True, temperature=0.7),
+    Sampling(do_sample=True, top_k=40, top_p=0.6, min_p=0.05, repetition_penalty=0.8),
+    Sampling(repetition_penalty=0.7),
+]
+# The same with rows of top_p alone: top_p sorts every row, after top_k's filter.
+SORTED = ON_CANDIDATES + [
+    Sampling(do_sample=True, top_p=0.8),
+    Sampling(do_sample=True, temperature=1.3, top_p=0.6, min_p=0.1, repetition_penalty=1.5),
+    Sampling(do_sample=True, top_k=300, top_p=0.3),  # top_k >= V: top_p alone
+]
+
+
+@pytest.mark.parametrize("settings, sorts", [(ON_CANDIDATES, False), (SORTED, True)],
+                         ids=["top_p_on_candidates", "top_p_sorts"])
+def test_each_row_with_its_own_settings_equals_the_static_path(settings, sorts):
+    """Every row as process_logits and select_tokens give it alone: the same tokens filtered out,
+    the same values elsewhere, the same token, in a batch whose other rows use processors it
+    does not and other top_k. Rows whose top_k, top_p and min_p are off keep every token, even
+    where all but one probability underflows to 0 (_mixed_logits)."""
+    V = 257
+    logits = _mixed_logits(len(settings), V, seed=3)
+    seen = np.asarray(seen_tokens(np.random.default_rng(4).integers(0, V, (len(settings), T)), V))
+    ours, _, filters = _rows_match_the_static_path(logits, settings, seen)
+    assert filters == RowFilters(sample=True, repetition_penalty=True, temperature=True,
+                                 top_k_cap=64, top_p=True, top_p_sorts=sorts, min_p=True)
+    off = [i for i, s in enumerate(settings)
+           if (f := RowFilters.of([s], V)).top_k_cap is None and not (f.top_p or f.min_p)]
+    assert any(i % 3 == 0 for i in off), "an off row whose tail underflows (_mixed_logits)"
+    assert np.isfinite(ours[off]).all()
+
+
+def test_each_row_equals_the_static_path_with_top_k_over_chunks():
+    """V = 5000: top_k's cap (64) found in two stages over chunks of the row (_top_k_values).
+    Three settings, each on the 3 rows of the V = 5000 case of the Hugging Face test, compared
+    by blocks of 3 rows with process_logits on them (the shapes that test compiles)."""
+    together = next(s for s, V in TOGETHER if V == 5000)
+    cases = [together, Sampling(do_sample=True, top_k=7), Sampling(repetition_penalty=1.2)]
+    logits, ids = random_case(zlib.crc32(repr(together).encode()), 5000)
+    seen = seen_tokens(ids, 5000)
+    settings = [s for s in cases for _ in logits]
+    rows, filters = RowSampling.of(settings), RowFilters.of(settings, 5000)
+    assert filters.top_k_cap == 64 and not filters.top_p_sorts
+    ours = np.asarray(_choose_rows(np.tile(logits, (3, 1)), rows, filters, np.tile(seen, (3, 1)),
+                                   jax.random.split(jax.random.key(0), 9))[0])
+    for j, s in enumerate(cases):
+        assert_same_as_hf(ours[3 * j:3 * j + 3], np.asarray(process_logits(logits, s, seen)),
+                          repr(s))
+
+
+@pytest.mark.parametrize("with_top_p_alone", [True, False], ids=["top_p_sorts", "on_candidates"])
+def test_ties_per_row_equal_the_static_path(with_top_p_alone):
+    """The 4 tie rows (_tie_rows) under each tie setting and a top_k of 3 (cap 8: some ties of a
+    row's k-th value are among the cap's largest values but outside its own top k), all in one
+    batch, with and without the settings of top_p alone (which make top_p sort every row). Each
+    block of 4 rows against process_logits on the 4 tie rows with its setting."""
+    cases = [s for s in TIE_SETTINGS if with_top_p_alone or s.top_k or s.top_p is None]
+    cases.append(Sampling(do_sample=True, top_k=3, top_p=0.9))
+    tie_logits, _ = _tie_rows()
+    settings = [s for s in cases for _ in tie_logits]
+    rows, filters = RowSampling.of(settings), RowFilters.of(settings, 12)
+    assert filters.top_k_cap == 8 and filters.top_p_sorts == with_top_p_alone
+    keys = jax.random.split(jax.random.key(0), len(settings))
+    ours = np.asarray(_choose_rows(np.tile(tie_logits, (len(cases), 1)), rows, filters, None,
+                                   keys)[0])
+    for j, s in enumerate(cases):
+        assert_same_as_hf(ours[4 * j:4 * j + 4], np.asarray(process_logits(tie_logits, s)), repr(s))
+
+
+def test_each_rows_token_is_its_own_draw():
+    """On the top_p_on_candidates batch (the same compiled program): each row's token is the one
+    it gets alone with its key (_rows_match_the_static_path); greedy rows take the first maximum
+    on ties; the same keys give the same tokens, other keys other draws in sampled rows only."""
+    settings, V = ON_CANDIDATES, 257
+    logits = _mixed_logits(len(settings), V, seed=5)
+    logits[0, 100] = logits[0, 7]  # row 0, greedy without penalty: its maximum tied at 7 and 100
+    seen = np.asarray(seen_tokens(np.random.default_rng(6).integers(0, V, (len(settings), T)), V))
+    keys = jax.random.split(jax.random.key(1), len(settings))
+    _, tokens, _ = _rows_match_the_static_path(logits, settings, seen, keys)
+    assert tokens[0] == 7
+    rows = RowSampling.of(settings)
+    filters = RowFilters.of(settings, V)
+    again = np.asarray(_choose_rows(logits, rows, filters, seen, keys)[1])
+    np.testing.assert_array_equal(again, tokens)
+    other = np.asarray(_choose_rows(logits, rows, filters, seen,
+                                    jax.random.split(jax.random.key(2), len(settings)))[1])
+    sampled = np.asarray(rows.do_sample)
+    np.testing.assert_array_equal(other[~sampled], tokens[~sampled])
+    assert (other[sampled] != tokens[sampled]).sum() >= 3
+
+
+def test_row_sampling_holds_each_rows_settings():
+    rows = RowSampling.of([Sampling(do_sample=True, temperature=0.7, top_k=5, top_p=0.9,
+                                    min_p=0.1, repetition_penalty=1.3),
+                           Sampling(temperature=0.5, top_k=5, top_p=0.5, min_p=0.5),  # greedy
+                           Sampling(do_sample=True, top_p=1.0, min_p=0.0)])
+    assert [a.dtype for a in rows] == [np.bool_, np.float32, np.int32, np.float32, np.float32,
+                                       np.float32]
+    np.testing.assert_array_equal(rows.do_sample, [True, False, True])
+    np.testing.assert_array_equal(rows.temperature, np.float32([0.7, 1.0, 1.0]))
+    np.testing.assert_array_equal(rows.top_k, [5, 0, 0])
+    # 1 - p and log(m) in double, then rounded, as process_logits has them: not fp32 arithmetic
+    np.testing.assert_array_equal(rows.top_p_threshold, np.float32([1.0 - 0.9, 0.0, 0.0]))
+    assert rows.top_p_threshold[0] != np.float32(1) - np.float32(0.9)
+    np.testing.assert_array_equal(rows.log_min_p, np.float32([math.log(0.1), -np.inf, -np.inf]))
+    np.testing.assert_array_equal(rows.repetition_penalty, np.float32([1.3, 1.0, 1.0]))
+
+
+def test_row_filters_say_what_any_row_uses():
+    of = RowFilters.of
+    greedy = Sampling(temperature=0.5, top_k=5, top_p=0.5, min_p=0.5)
+    assert of([Sampling(), greedy], 100) == RowFilters()
+    assert of([Sampling(do_sample=True, top_k=100, top_p=1.0, min_p=0.0)], 100) == \
+        RowFilters(sample=True)
+    assert of([greedy, Sampling(repetition_penalty=1.0)], 100) == \
+        RowFilters(repetition_penalty=True)  # seen is required even for 1.0, as process_logits
+    # the cap: the least power of two >= every sampled row's top_k below V, at most V
+    for ks, cap in [([1], 1), ([2], 2), ([33], 64), ([64, 3], 64), ([65], 100), ([99], 100),
+                    ([100, 7], 8), ([0, 300], None)]:
+        settings = [Sampling(do_sample=True, top_k=k) for k in ks] + [Sampling(top_k=99)]
+        assert of(settings, 100).top_k_cap == cap, ks
+    assert of([Sampling(do_sample=True, temperature=0.7)], 100) == \
+        RowFilters(sample=True, temperature=True)
+    assert of([Sampling(do_sample=True, top_k=5, top_p=0.9), Sampling(do_sample=True, min_p=0.1)],
+              100) == RowFilters(sample=True, top_k_cap=8, top_p=True, min_p=True)
+    assert of([Sampling(do_sample=True, top_k=5), Sampling(do_sample=True, top_k=100, top_p=0.9)],
+              100) == RowFilters(sample=True, top_k_cap=8, top_p=True, top_p_sorts=True)
+    hash(of([Sampling(do_sample=True, top_k=5)], 100))  # a static jit argument
+    for bad, match in [(dict(top_k_cap=0), "top_k_cap"), (dict(top_k_cap=True), "top_k_cap"),
+                       (dict(top_p=True), "top_k_cap"), (dict(top_p_sorts=True), "top_p")]:
+        with pytest.raises(ValueError, match=match):
+            RowFilters(sample=True, **bad)
+    with pytest.raises(ValueError, match="vocab_size"):
+        of([Sampling()], 0)
+    with pytest.raises(ValueError, match="sampling"):
+        of([{"do_sample": True}], 100)
+
+
+def test_bad_row_arguments_raise():
+    penalty = [Sampling(repetition_penalty=1.1)] * 2
+    rows, filters = RowSampling.of(penalty), RowFilters.of(penalty, 10)
+    logits = jnp.ones((2, 10))
+    with pytest.raises(ValueError, match="seen must be a bool array .* when "
+                                         "filters.repetition_penalty is set, got None"):
+        process_logits_rows(logits, rows, filters)
+    with pytest.raises(ValueError, match=r"seen .*got int32\[2, 10\]"):
+        process_logits_rows(logits, rows, filters, np.zeros((2, 10), np.int32))
+    with pytest.raises(ValueError, match=r"rows.do_sample must be a bool array \[S\] = \[3\], "
+                                         r"got bool\[2\]"):
+        process_logits_rows(jnp.ones((3, 10)), rows, filters)
+    for field, value, word in [("top_k", np.zeros(2, np.float32), "integer"),
+                               ("do_sample", np.zeros(2, np.int32), "bool"),
+                               ("temperature", np.ones(2, np.int32), "float"),
+                               ("log_min_p", [0.0, 0.0], "float")]:
+        with pytest.raises(ValueError, match=f"rows.{field} must be a {word} array"):
+            process_logits_rows(logits, rows._replace(**{field: value}), filters)
+    with pytest.raises(ValueError, match="rows must be a jtgpt.sampling.RowSampling"):
+        process_logits_rows(logits, tuple(rows), filters)
+    with pytest.raises(ValueError, match="filters must be a jtgpt.sampling.RowFilters"):
+        select_tokens_rows(logits, rows, penalty[0])
+    with pytest.raises(ValueError, match="logits"):
+        process_logits_rows(jnp.ones(10), rows, filters)
+    sampled = [Sampling(do_sample=True)] * 2
+    rows, filters = RowSampling.of(sampled), RowFilters.of(sampled, 10)
+    for keys in [jax.random.split(jax.random.key(0), 3), jax.random.split(jax.random.PRNGKey(0)),
+                 None]:
+        with pytest.raises(ValueError, match=r"keys must be a jax key array \[S\] = \[2\]"):
+            select_tokens_rows(logits, rows, filters, keys)
+    select_tokens_rows(logits, RowSampling.of([Sampling()] * 2), RowFilters(), None)  # no keys
+
+
+def test_filters_that_do_not_cover_the_rows_raise():
+    """Filters built for other settings would silently skip a processor some row uses."""
+    logits = jnp.ones((2, 100))
+    for used, given, missing in [
+            (Sampling(do_sample=True, top_k=20), Sampling(do_sample=True, top_k=10),
+             "filters.top_k_cap >= 20"),
+            (Sampling(do_sample=True, top_p=0.9), Sampling(do_sample=True, top_k=5, top_p=0.9),
+             "filters.top_p_sorts"),
+            (Sampling(do_sample=True, temperature=0.5), Sampling(do_sample=True), "temperature"),
+            (Sampling(do_sample=True, min_p=0.1), Sampling(do_sample=True), "filters.min_p"),
+            (Sampling(repetition_penalty=1.2), Sampling(), "filters.repetition_penalty"),
+            (Sampling(do_sample=True), Sampling(), "filters.sample")]:
+        with pytest.raises(ValueError, match=f"filters do not cover rows: rows need .*{missing}"):
+            process_logits_rows(logits, RowSampling.of([Sampling(), used]),
+                                RowFilters.of([Sampling(), given], 100), np.zeros((2, 100), bool))
