@@ -20,11 +20,28 @@ and stores its keys and values; one token (T = 1) runs the decode kernel
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from jtgpt.kernels.attention import decode_attention, flash_attention
+
+
+@dataclasses.dataclass(frozen=True)
+class KVSpec:
+    """What a model's KV cache holds: per layer, each token's keys and values of num_kv_heads
+    heads of head_dim in dtype (num_heads query heads read them)."""
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: Any
+
+    @property
+    def token_width(self) -> int:
+        """Values a token takes in one layer: its k and v heads."""
+        return 2 * self.num_kv_heads * self.head_dim
 
 
 @jax.tree_util.register_dataclass
@@ -35,11 +52,11 @@ class KVCache:
     lengths: jax.Array             # [B] int32
 
     @classmethod
-    def empty(cls, batch: int, capacity: int, *, num_layers: int, num_kv_heads: int,
-              head_dim: int, dtype) -> KVCache:
+    def empty(cls, batch: int, capacity: int, spec: KVSpec) -> KVCache:
         """A cache of `capacity` slots per row, none written yet."""
-        kv = jnp.zeros((batch, capacity, 2 * num_kv_heads * head_dim), dtype)
-        return cls(layers=(kv,) * num_layers, key_mask=None, lengths=jnp.zeros((batch,), jnp.int32))
+        kv = jnp.zeros((batch, capacity, spec.token_width), spec.dtype)
+        return cls(layers=(kv,) * spec.num_layers, key_mask=None,
+                   lengths=jnp.zeros((batch,), jnp.int32))
 
     @property
     def capacity(self) -> int:

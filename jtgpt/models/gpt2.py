@@ -24,7 +24,7 @@ from flax import nnx
 
 from jtgpt.kernels.attention import flash_attention
 from jtgpt.kernels.embedding import embedding
-from jtgpt.kv_cache import KVCache
+from jtgpt.kv_cache import KVCache, KVSpec
 from jtgpt.layers import (Compute, Embedding, LayerNorm, Linear, causal_lm_loss, check_ids_in_range,
                           dropout_args, dropout_seeds, lm_logits, model_inputs, pre_norm)
 from jtgpt.models.pretrained import (PretrainedModel, check_model_type, check_positive, check_rate,
@@ -217,9 +217,19 @@ class GPT(PretrainedModel):
         if capacity > self.config.n_positions:
             raise ValueError(f"prompt length + max_new_tokens = {capacity} exceeds GPT-2's "
                              f"n_positions={self.config.n_positions}")
+        return KVCache.empty(batch, capacity, self.kv_spec)
+
+    @property
+    def kv_spec(self) -> KVSpec:
+        """What its KV cache holds (jtgpt.kv_cache.KVSpec)."""
         c = self.config
-        return KVCache.empty(batch, capacity, num_layers=c.n_layer, num_kv_heads=c.n_head,
-                             head_dim=c.n_embd // c.n_head, dtype=self.compute.dtype)
+        return KVSpec(num_layers=c.n_layer, num_heads=c.n_head, num_kv_heads=c.n_head,
+                      head_dim=c.n_embd // c.n_head, dtype=self.compute.dtype)
+
+    @property
+    def max_context(self) -> int:
+        """The most tokens a sequence can hold: the position table's n_positions."""
+        return self.config.n_positions
 
     def _residual_stream(self, ids, positions, mask, dropout_key, cache=None):
         """(the residual stream after the last block [B, T, n_embd], the cache with the tokens'

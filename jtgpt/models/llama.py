@@ -29,7 +29,7 @@ from flax import nnx
 from jtgpt.kernels.attention import flash_attention
 from jtgpt.kernels.embedding import embedding
 from jtgpt.kernels.rope import RopeScaling, apply_rope
-from jtgpt.kv_cache import KVCache
+from jtgpt.kv_cache import KVCache, KVSpec
 from jtgpt.layers import (Compute, Embedding, Linear, RMSNorm, causal_lm_loss, check_ids_in_range,
                           dropout_args, dropout_seeds, lm_logits, model_inputs, pre_norm)
 from jtgpt.models.pretrained import (PretrainedModel, check_model_type, check_positive, check_rate,
@@ -237,10 +237,20 @@ class Llama(PretrainedModel):
 
     def empty_cache(self, batch: int, capacity: int) -> KVCache:
         """A KV cache for `batch` rows of up to `capacity` tokens (prompt + new ones)."""
+        return KVCache.empty(batch, capacity, self.kv_spec)
+
+    @property
+    def kv_spec(self) -> KVSpec:
+        """What its KV cache holds (jtgpt.kv_cache.KVSpec)."""
         c = self.config
-        return KVCache.empty(batch, capacity, num_layers=c.num_hidden_layers,
-                             num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
-                             dtype=self.compute.dtype)
+        return KVSpec(num_layers=c.num_hidden_layers, num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
+                      head_dim=c.head_dim, dtype=self.compute.dtype)
+
+    @property
+    def max_context(self) -> int:
+        """The context a sequence is meant to hold: max_position_embeddings (RoPE itself takes
+        any position)."""
+        return self.config.max_position_embeddings
 
     def _residual_stream(self, ids, positions, mask, dropout_key, cache=None):
         """(the residual stream after the last layer [B, T, hidden_size], the cache with the

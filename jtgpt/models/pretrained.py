@@ -28,7 +28,6 @@ from flax import nnx
 
 from jtgpt import checkpoint
 from jtgpt import generate as generation
-from jtgpt.kv_cache import KVCache
 from jtgpt.layers import lm_logits
 
 
@@ -121,9 +120,10 @@ class PretrainedModel(nnx.Module):
     """Base of jtgpt's models: from_pretrained, state_dict, load_state_dict and save_pretrained
     over Hugging Face's tensor names. A subclass sets the class attributes below, has a `config`
     with `from_hf()` / `to_hf()`, and may override `packed_tensors` and `flax_names`. For
-    generation it has `empty_cache(batch, capacity)`, `_residual_stream(ids, positions, mask,
-    dropout_key, cache)` (the blocks, returning the residual stream and the cache), `final_norm`
-    and `_head_weight()`."""
+    generation it has `empty_cache(batch, capacity)`, `kv_spec` and `max_context` (its cache's
+    shape, for serving's page pool), `_residual_stream(ids, positions, mask, dropout_key, cache)`
+    (the blocks, returning the residual stream and the cache), `final_norm` and
+    `_head_weight()`."""
 
     config_class: ClassVar[type]
     base_prefix: ClassVar[str]          # "transformer." / "model.": the base model's names
@@ -150,14 +150,17 @@ class PretrainedModel(nnx.Module):
         """generate's new tokens as they are produced, chunk by chunk: jtgpt.generate.stream."""
         return generation.stream(self, input_ids, attention_mask, **options)
 
-    def next_token_logits(self, input_ids, positions, cache: KVCache):
+    def next_token_logits(self, input_ids, positions, cache, rows=None):
         """(fp32 logits [B, vocab_size] of the token after input_ids [B, T], the cache holding
-        their keys and values): a prompt (T > 1, into an empty cache; its padding is the cache's
-        key_mask) or one new token per row (T = 1). Generation's forward pass (jtgpt.generate),
-        in eval mode; positions [B, T] int32 as the model's __call__ takes them."""
+        their keys and values): a prompt (T > 1, into an empty KVCache; its padding is the
+        cache's key_mask) or one new token per row (T = 1). Generation's forward pass
+        (jtgpt.generate), in eval mode; positions [B, T] int32 as the model's __call__ takes
+        them. rows (int [N]): the logits after these of the B * T tokens instead, [N, vocab_size]
+        (a serving batch: input_ids [1, T] of many sequences in a PagedKVCache)."""
         x, cache = self._residual_stream(input_ids, positions, None, None,
                                          cache.add_tokens(input_ids.shape[1]))
-        logits = lm_logits(x[:, -1:], self._head_weight(), self.compute.precision,
+        h = x[:, -1:] if rows is None else x.reshape(-1, x.shape[-1])[rows][:, None]
+        logits = lm_logits(h, self._head_weight(), self.compute.precision,
                            norm=self.final_norm.as_prologue())
         return logits[:, 0].astype(jnp.float32), cache
 

@@ -66,7 +66,7 @@ class Scheduler:
     """Admission, chunked prefill, decode and preemption over one PageAllocator."""
 
     def __init__(self, pages: PageAllocator, *, max_seqs: int, max_batch_tokens: int,
-                 max_len: int, namespace: Hashable = None):
+                 max_len: int, namespace: Hashable = None, prefix_caching: bool = True):
         for name, value in (("max_seqs", max_seqs), ("max_batch_tokens", max_batch_tokens),
                             ("max_len", max_len)):
             if not (isinstance(value, int) and value >= 1):
@@ -74,6 +74,7 @@ class Scheduler:
         self.pages = pages
         self.max_seqs, self.max_batch_tokens, self.max_len = max_seqs, max_batch_tokens, max_len
         self.namespace = namespace
+        self.prefix_caching = prefix_caching  # off: no page is matched or offered to the cache
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []  # in admission order
         self._ids = itertools.count()
@@ -121,7 +122,8 @@ class Scheduler:
             budget -= count
         while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
             seq = self.waiting[0]
-            matched = self.pages.match_prefix(seq.tokens, self.namespace)
+            matched = (self.pages.match_prefix(seq.tokens, self.namespace)
+                       if self.prefix_caching else [])
             seq.pages, seq.computed = matched, len(matched) * self.pages.page_size
             seq.cached_keys = len(matched)
             count = min(len(seq.tokens) - seq.computed, budget)
@@ -148,7 +150,8 @@ class Scheduler:
             if seq.finished or seq not in self.running:
                 continue  # aborted or preempted meanwhile
             seq.computed = entry.start + entry.count
-            self._offer_full_pages(seq)
+            if self.prefix_caching:
+                self._offer_full_pages(seq)
             if entry.samples:
                 token = int(new_tokens[seq.request_id])
                 seq.tokens.append(token)

@@ -1,0 +1,362 @@
+"""The serving engine: continuous batching over a paged KV cache, one compiled step per batch.
+
+Three rooms, each readable alone: the scheduler (jtgpt.serve.scheduler) decides which requests
+run in a step and with which tokens; the page allocator (jtgpt.serve.pages) says which pages hold
+them and shares prompt prefixes; this module packs the scheduler's batch into fixed-shape arrays
+and runs the model on them, then hands the sampled tokens back.
+
+    engine = Engine(model, page_size=16, max_seqs=64, max_batch_tokens=2048)
+    rid = engine.add_request(prompt_ids, max_new_tokens=64, temperature=0.8, do_sample=True)
+    while engine.has_unfinished:
+        for rid, tokens in engine.step().items(): ...
+    engine.pop_finished()   # {request id: "stop" | "length" | "abort"}
+
+A step: schedule() gives entries (a sequence, the positions [start, start + count) it computes
+now); their tokens go flat into input_ids [1, T], each sequence's block table into a row of
+block_tables, and the model (PretrainedModel.next_token_logits on a PagedKVCache) computes every
+entry's tokens in one pass, prefill chunks and decode tokens alike, storing their keys and values
+into their pages. Each entry that reached the end of its known tokens gets a new token, chosen
+with its own request's sampling settings (jtgpt.sampling's per-row path) and key:
+fold_in(key(seed), number of tokens generated before), so a request's tokens do not depend on what
+it was batched with, nor on a preemption that recomputed it.
+
+Shapes. T is rounded up to a power of two (at most max_batch_tokens), the sequences to min(T,
+max_seqs), the block-table width to a power of two of pages: a long run compiles a bounded number
+of programs (about log2(max_batch_tokens) x log2(max_len / page_size), times the sampling
+processors in use; `num_compiled`). A decode step of up to 4 sequences stays at 1-4 rows, so its
+GEMMs take the GEMV path as in generate. Every integer array of a step travels to the device in
+one buffer, the sampling settings in a second one: a step costs two host-to-device copies.
+
+The engine snapshots the model's parameters when it is made, and is not thread-safe: one thread
+drives it (jtgpt.serve.server runs it in its own thread).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jtgpt.kernels.attention import paged
+from jtgpt.sampling import RowFilters, RowSampling, Sampling, process_logits_rows, select_tokens_rows
+from jtgpt.serve.paged_cache import PagedKVCache
+from jtgpt.serve.pages import PageAllocator
+from jtgpt.serve.scheduler import Entry, Request, Scheduler
+
+MEMORY_FRACTION = 0.8  # of the free device memory the pool takes (num_pages=None): the rest is
+#                        the step's activations and logits
+FINISH_REASONS = ("stop", "length", "abort")
+
+
+class _Shapes(NamedTuple):
+    """A step's static shapes: one compiled program per distinct value (and RowFilters)."""
+    tokens: int  # T: rows of input_ids
+    seqs: int    # S: sequences (block-table rows)
+    table: int   # pages a block-table row holds
+    tiles: int   # the attention kernel's tiles
+    seen: int    # token ids per row for the repetition penalty (0: no row uses it)
+
+    def int_fields(self) -> list[tuple[str, int]]:
+        """The int32 buffer's fields, in order, and their sizes."""
+        T, S = self.tokens, self.seqs
+        return [("ids", T), ("positions", T), ("block_tables", S * self.table), ("cu_q", S + 1),
+                ("context_lens", S), ("tile_seqs", self.tiles), ("tile_starts", self.tiles),
+                ("sample_rows", S), ("seeds", S), ("generated", S), ("top_k", S),
+                ("do_sample", S), ("seen_ids", S * self.seen)]
+
+
+FLOAT_FIELDS = ("temperature", "top_p_threshold", "log_min_p", "repetition_penalty")
+
+
+def _power_of_two(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+def _unpack(ints, shapes: _Shapes) -> dict[str, jax.Array]:
+    fields, offset = {}, 0
+    for name, size in shapes.int_fields():
+        fields[name] = ints[offset:offset + size]
+        offset += size
+    fields["block_tables"] = fields["block_tables"].reshape(shapes.seqs, shapes.table)
+    fields["seen_ids"] = fields["seen_ids"].reshape(shapes.seqs, shapes.seen)
+    return fields
+
+
+def _run_batch(graphdef, treedef, params, pages, ints, floats, *, shapes: _Shapes,
+               filters: RowFilters):
+    """(the next token of each block-table row int32 [S], the pages with the batch's keys and
+    values): the model over one packed batch, then each row's sampling."""
+    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
+    b = _unpack(ints, shapes)
+    cache = PagedKVCache(pages, b["block_tables"], b["cu_q"], b["context_lens"], b["tile_seqs"],
+                         b["tile_starts"])
+    logits, cache = model.next_token_logits(b["ids"][None], b["positions"][None], cache,
+                                            rows=b["sample_rows"])
+    rows = RowSampling(b["do_sample"] != 0, floats[0], b["top_k"], *floats[1:])
+    seen = None
+    if shapes.seen:  # -1 pads a row's ids: sent past the vocabulary, where the scatter drops it
+        S, V = logits.shape
+        ids = jnp.where(b["seen_ids"] < 0, V, b["seen_ids"])
+        seen = jnp.zeros((S, V), jnp.bool_).at[jnp.arange(S)[:, None], ids].set(True, mode="drop")
+    keys = jax.vmap(lambda seed, n: jax.random.fold_in(jax.random.key(seed), n))(
+        b["seeds"], b["generated"])
+    tokens = select_tokens_rows(process_logits_rows(logits, rows, filters, seen), rows, filters,
+                                keys)
+    return tokens, cache.layers
+
+
+class _Settings(NamedTuple):
+    """A request's sampling: validated settings and its seed."""
+    sampling: Sampling
+    seed: int
+
+
+class Engine:
+    """Continuous batching of generation requests over a paged KV cache (module docstring).
+
+    page_size: token slots a page holds; num_pages: pages per layer in the pool (None: as many as
+    MEMORY_FRACTION of the free device memory holds); max_seqs: sequences in a step;
+    max_batch_tokens: tokens computed in a step (prefill chunks + decode tokens); max_len: the
+    context of a request, prompt + new tokens (default the model's max_context, capped by the
+    pool); prefix_caching: share the pages of common prompt prefixes between requests; seed: where
+    the seeds of requests that give none come from.
+    """
+
+    def __init__(self, model, *, page_size: int = 16, num_pages: int | None = None,
+                 max_seqs: int = 64, max_batch_tokens: int = 2048, max_len: int | None = None,
+                 prefix_caching: bool = True, seed: int = 0):
+        for name, value in (("page_size", page_size), ("max_seqs", max_seqs),
+                            ("max_batch_tokens", max_batch_tokens)):
+            _check_positive(name, value)
+        self.model = model
+        self.spec = model.kv_spec
+        max_len = model.max_context if max_len is None else max_len
+        _check_positive("max_len", max_len)
+        if max_len > model.max_context:
+            raise ValueError(f"max_len ({max_len}) exceeds the model's context of "
+                             f"{model.max_context} tokens")
+        if num_pages is None:
+            num_pages = _pages_from_memory(self.spec, page_size,
+                                           max_seqs * -(-max_len // page_size))
+        _check_positive("num_pages", num_pages)
+        self.page_size = page_size
+        self.max_len = min(max_len, num_pages * page_size)
+        self.pages = PageAllocator(num_pages, page_size)
+        namespace = (type(model).__name__, model.config, jnp.dtype(self.spec.dtype).name)
+        self.scheduler = Scheduler(self.pages, max_seqs=max_seqs,
+                                   max_batch_tokens=max_batch_tokens, max_len=self.max_len,
+                                   namespace=namespace, prefix_caching=prefix_caching)
+        graphdef, state = nnx.split(model)
+        self._params, treedef = jax.tree.flatten(state)
+        self._step = jax.jit(functools.partial(_run_batch, graphdef, treedef),
+                             static_argnames=("shapes", "filters"), donate_argnums=(1,))
+        self._kv = PagedKVCache.empty_pages(num_pages, page_size, self.spec)
+        self._block_q = paged.query_block(self.spec.num_heads, self.spec.num_kv_heads)
+        self._live: dict[int, Request] = {}
+        self._settings: dict[int, _Settings] = {}
+        self._finished: dict[int, str] = {}
+        self._issued = 0
+        self._seeds = np.random.default_rng(seed)
+
+    # -------------------------------------------------------------------------------- state
+
+    @property
+    def num_pages(self) -> int:
+        return self.pages.num_pages
+
+    @property
+    def num_free_pages(self) -> int:
+        """Pages no live request holds (prefix-cache pages without a holder count as free)."""
+        return self.pages.num_free_pages
+
+    @property
+    def has_unfinished(self) -> bool:
+        """Some request is waiting or running."""
+        return bool(self._live)
+
+    @property
+    def num_compiled(self) -> int:
+        """Programs the step has compiled so far (one per distinct batch shape and filters)."""
+        return self._step._cache_size()
+
+    # ----------------------------------------------------------------------------- requests
+
+    def add_request(self, prompt_ids: Sequence[int], *, max_new_tokens: int = 16,
+                    do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                    top_p: float | None = None, min_p: float | None = None,
+                    repetition_penalty: float | None = None, eos_token_id=None,
+                    seed: int | None = None) -> int:
+        """A new request's id. Sampling arguments as model.generate's; eos_token_id an int or a
+        list (None: the model config's; [] never stops); seed makes a sampled request
+        reproducible (None: one drawn from the engine's seed). ValueError, naming the argument,
+        for anything the request cannot run with."""
+        sampling = Sampling(do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
+        prompt = _token_list("prompt_ids", prompt_ids, self.model.config.vocab_size)
+        eos = self.model.config.eos_token_id if eos_token_id is None else eos_token_id
+        eos = () if eos is None else (eos,) if isinstance(eos, (int, np.integer)) else tuple(eos)
+        eos = _token_list("eos_token_id", eos, self.model.config.vocab_size, allow_empty=True)
+        if seed is None:
+            seed = int(self._seeds.integers(2 ** 31))
+        elif isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) \
+                or not 0 <= seed < 2 ** 31:
+            raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        seq = self.scheduler.add(prompt, max_new_tokens=int(max_new_tokens), eos_token_ids=eos)
+        self._live[seq.request_id] = seq
+        self._issued = seq.request_id + 1  # the scheduler numbers requests 0, 1, ...
+        self._settings[seq.request_id] = _Settings(sampling, int(seed))
+        return seq.request_id
+
+    def abort(self, request_id: int) -> None:
+        """Stop a request wherever it is (its pages go back to the pool); a finished one is left
+        as it is. ValueError for an id the engine never gave."""
+        seq = self._live.pop(request_id, None)
+        if seq is None:
+            if not (isinstance(request_id, int) and 0 <= request_id < self._issued):
+                raise ValueError(f"request_id {request_id!r} is not a request of this engine")
+            return
+        self.scheduler.abort(seq)
+        del self._settings[request_id]
+        self._finished[request_id] = "abort"
+
+    def pop_finished(self) -> dict[int, str]:
+        """The requests that finished since the last call: id -> "stop" (emitted an eos),
+        "length" (max_new_tokens) or "abort"."""
+        finished, self._finished = self._finished, {}
+        return finished
+
+    # --------------------------------------------------------------------------------- step
+
+    def step(self) -> dict[int, list[int]]:
+        """Run one batch; the new tokens of each request that got some (module docstring)."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return {}
+        shapes, filters, ints, floats = self._pack(batch)
+        tokens, self._kv = self._step(self._params, self._kv, ints, floats, shapes=shapes,
+                                      filters=filters)
+        tokens = np.asarray(tokens)
+        new = {e.seq.request_id: int(tokens[i]) for i, e in enumerate(batch) if e.samples}
+        for seq in self.scheduler.update(batch, new):
+            rid = seq.request_id
+            self._finished[rid] = "stop" if seq.tokens[-1] in seq.eos_token_ids else "length"
+            del self._live[rid], self._settings[rid]
+        return {rid: [token] for rid, token in new.items()}
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens=16, *,
+                 progress: bool = True, **sampling) -> list[list[int]]:
+        """The new tokens of each prompt (token id lists), all served together; max_new_tokens an
+        int or one per prompt, sampling as add_request's. Needs an idle engine. progress: a tqdm
+        bar over the finished requests."""
+        if self.has_unfinished:
+            raise ValueError("generate needs an idle engine: requests added with add_request are "
+                             "still running")
+        prompts = list(prompts)
+        limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, (int, np.integer)) \
+            else list(max_new_tokens)
+        if len(limits) != len(prompts):
+            raise ValueError(f"max_new_tokens must be an int or one per prompt ({len(prompts)}), "
+                             f"got {len(limits)}")
+        ids = []
+        try:
+            for prompt, limit in zip(prompts, limits):
+                ids.append(self.add_request(prompt, max_new_tokens=limit, **sampling))
+        except ValueError as e:
+            for rid in ids:
+                self.abort(rid)
+            self.pop_finished()
+            raise ValueError(f"prompt {len(ids)}: {e}") from e
+        from tqdm.auto import tqdm
+        out = {rid: [] for rid in ids}
+        with tqdm(total=len(ids), disable=not progress, unit="request") as bar:
+            while self.has_unfinished:
+                for rid, tokens in self.step().items():
+                    out[rid] += tokens
+                bar.update(len(self.pop_finished()))
+        return [out[rid] for rid in ids]
+
+    # ---------------------------------------------------------------------------- internals
+
+    def _pack(self, batch: list[Entry]):
+        """(shapes, filters, the int32 buffer, the fp32 buffer [4, S]) of a batch."""
+        P = self.page_size
+        counts = [e.count for e in batch]
+        T = min(_power_of_two(sum(counts)), self.scheduler.max_batch_tokens)
+        S = min(T, self.scheduler.max_seqs)
+        width = min(_power_of_two(max(len(e.seq.pages) for e in batch)), -(-self.max_len // P))
+        settings = [self._settings[e.seq.request_id] for e in batch]
+        filters = RowFilters.of([s.sampling for s in settings], self.model.config.vocab_size)
+        penalised = [sorted(set(e.seq.tokens)) if s.sampling.repetition_penalty is not None
+                     else [] for e, s in zip(batch, settings)]
+        seen = _power_of_two(max(map(len, penalised))) if filters.repetition_penalty else 0
+        cu_q = np.zeros(S + 1, np.int32)
+        cu_q[1:len(batch) + 1] = np.cumsum(counts)
+        cu_q[len(batch) + 1:] = cu_q[len(batch)]
+        tile_seqs, tile_starts = paged.plan_tiles(cu_q, self._block_q,
+                                                  paged.max_tiles(T, S, self._block_q))
+        shapes = _Shapes(T, S, width, tile_seqs.size, seen)
+        f = {name: np.zeros(size, np.int32) for name, size in shapes.int_fields()}
+        f["cu_q"], f["tile_seqs"], f["tile_starts"] = cu_q, tile_seqs, tile_starts
+        f["seen_ids"].fill(-1)
+        tables, seen_ids = f["block_tables"].reshape(S, width), f["seen_ids"].reshape(S, seen)
+        rows = RowSampling.of([s.sampling for s in settings])
+        floats = np.array([1.0, 0.0, -np.inf, 1.0], np.float32)[:, None].repeat(S, 1)  # all off
+        for i, name in enumerate(FLOAT_FIELDS):
+            floats[i, :len(batch)] = getattr(rows, name)
+        f["do_sample"][:len(batch)], f["top_k"][:len(batch)] = rows.do_sample, rows.top_k
+        for i, (e, s) in enumerate(zip(batch, settings)):
+            lo, hi = cu_q[i], cu_q[i + 1]
+            f["ids"][lo:hi] = e.seq.tokens[e.start:e.start + e.count]
+            f["positions"][lo:hi] = np.arange(e.start, e.start + e.count)
+            tables[i, :len(e.seq.pages)] = e.seq.pages
+            f["context_lens"][i] = e.start + e.count
+            f["sample_rows"][i] = hi - 1
+            f["seeds"][i], f["generated"][i] = s.seed, len(e.seq.generated)
+            seen_ids[i, :len(penalised[i])] = penalised[i]
+        ints = np.concatenate([f[name] for name, _ in shapes.int_fields()])
+        return shapes, filters, ints, floats
+
+
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _token_list(name: str, ids, vocab_size: int, allow_empty: bool = False) -> list[int]:
+    """ids as a list of ints, each in [0, vocab_size); ValueError naming `name` otherwise."""
+    try:
+        ids = np.asarray(ids)
+    except ValueError as e:
+        raise ValueError(f"{name} must be a list of token ids, got {ids!r}") from e
+    if ids.ndim != 1 or not (np.issubdtype(ids.dtype, np.integer) or ids.size == 0):
+        raise ValueError(f"{name} must be a flat list of int token ids, got {ids.dtype} "
+                         f"shape {list(ids.shape)}")
+    if ids.size == 0 and not allow_empty:
+        raise ValueError(f"{name} must hold at least one token")
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+        raise ValueError(f"{name}[{int(np.argmax(bad))}] = {ids[bad][0]} is outside "
+                         f"[0, {vocab_size})")
+    return [int(t) for t in ids]
+
+
+def _pages_from_memory(spec, page_size: int, most: int) -> int:
+    """Pages per layer that MEMORY_FRACTION of the free device memory holds (on a device without
+    memory statistics, the CPU: a quarter of the available RAM), at most `most`."""
+    page_bytes = spec.num_layers * page_size * spec.token_width * jnp.dtype(spec.dtype).itemsize
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        free = MEMORY_FRACTION * (stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 4
+    pages = min(int(free // page_bytes), most)
+    if pages < 1:
+        raise ValueError(f"the free device memory holds no page of {page_bytes} bytes: pass "
+                         f"num_pages, or free memory")
+    return pages

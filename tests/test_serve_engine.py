@@ -1,0 +1,167 @@
+"""The serving engine (jtgpt.serve.Engine) on tiny random GPT-2 and Llama models (fp32): each
+request's greedy tokens equal model.generate on its prompt alone, with more requests than the pool
+holds at once (waiting, chunked prefill, preemption); prefix-cache hits give the tokens misses
+give; every page comes back; aborts; finish reasons; sampled requests reproducible and independent
+of their batch; a bounded number of compiled programs; bad arguments refused."""
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import jtgpt
+from jtgpt.serve import Engine
+
+CONFIGS = {
+    "gpt2": jtgpt.GPTConfig(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                            eos_token_id=1, bos_token_id=1),
+    "llama": jtgpt.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=40,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               max_position_embeddings=64, eos_token_id=1, bos_token_id=1),
+}
+
+
+def _spread_weights(model):
+    """Every parameter random and O(1) (norm weights around 1) so that greedy choices are far
+    from ties: the engine's kernels round differently from generate's."""
+    state = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(0), len(leaves))
+    leaves = [1.0 + 0.2 * jax.random.normal(k, x.shape) if x.ndim == 1
+              else jax.random.normal(k, x.shape) / x.shape[-1] ** 0.5 for k, x in zip(keys, leaves)]
+    nnx.update(model, jax.tree.unflatten(treedef, leaves))
+    return model
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def model(request):
+    cls = jtgpt.GPT if request.param == "gpt2" else jtgpt.Llama
+    return _spread_weights(cls(CONFIGS[request.param]))
+
+
+def _prompts(count, lengths, seed=0, prefix=()):
+    rng = np.random.default_rng(seed)
+    return [list(prefix) + rng.integers(2, 97, int(rng.choice(lengths))).tolist()
+            for _ in range(count)]
+
+
+def _alone(model, prompt, new, **options):
+    out = model.generate(np.array([prompt]), max_new_tokens=new, **options)
+    return np.asarray(out)[0, len(prompt):].tolist()
+
+
+def test_greedy_equals_generate_with_a_pool_too_small_for_all(model):
+    # 6 requests of up to 19 + 5 tokens: 2 pages of 4 slots... a 10-page pool holds about two
+    # at once; 16 tokens a step chunk the longer prompts.
+    engine = Engine(model, page_size=4, num_pages=10, max_seqs=3, max_batch_tokens=16)
+    preempted = []
+    preempt = engine.scheduler._preempt
+    engine.scheduler._preempt = lambda seq: (preempted.append(seq), preempt(seq))
+    prompts = _prompts(6, [3, 9, 19])
+    out = engine.generate(prompts, max_new_tokens=5, eos_token_id=[], progress=False)
+    for prompt, tokens in zip(prompts, out):
+        assert tokens == _alone(model, prompt, 5, eos_token_id=[], pad_token_id=0)
+    assert preempted, "the pool was meant to run out and preempt"
+    assert engine.num_free_pages == engine.num_pages and not engine.has_unfinished
+
+
+def test_prefix_cache_hits_give_the_same_tokens(model):
+    prefix = list(range(2, 14))  # 3 full pages of 4
+    prompts = _prompts(3, [2, 5], seed=1, prefix=prefix)
+    engines = {on: Engine(model, page_size=4, num_pages=40, max_seqs=4, max_batch_tokens=32,
+                          prefix_caching=on) for on in (True, False)}
+    first = engines[True].generate(prompts[:1], max_new_tokens=3, eos_token_id=[],
+                                   progress=False)
+    assert engines[True].pages.num_cached_pages >= 3
+    hits = engines[True].generate(prompts, max_new_tokens=3, eos_token_id=[], progress=False)
+    misses = engines[False].generate(prompts, max_new_tokens=3, eos_token_id=[], progress=False)
+    assert hits == misses and hits[0] == first[0]
+    assert engines[False].pages.num_cached_pages == 0
+    for engine in engines.values():
+        assert engine.num_free_pages == engine.num_pages
+
+
+def test_step_reports_tokens_finish_reasons_and_aborts(model):
+    engine = Engine(model, page_size=4, num_pages=24, max_seqs=4, max_batch_tokens=32)
+    prompt = _prompts(1, [6], seed=2)[0]
+    expected = _alone(model, prompt, 4, eos_token_id=[], pad_token_id=0)
+    eos = expected[1]  # the second token: the request stops there
+    stops = engine.add_request(prompt, max_new_tokens=4, eos_token_id=eos)
+    runs = engine.add_request(prompt, max_new_tokens=4, eos_token_id=[])
+    aborted = engine.add_request(prompt, max_new_tokens=4)
+    got, finished = {stops: [], runs: []}, {}
+    first = engine.step()
+    assert set(first) == {stops, runs, aborted}  # a prefill of each: its first token
+    engine.abort(aborted)
+    for rid in (stops, runs):
+        got[rid] += first[rid]
+    while engine.has_unfinished:
+        for rid, tokens in engine.step().items():
+            assert rid != aborted
+            got[rid] += tokens
+        finished.update(engine.pop_finished())
+    assert got[stops] == expected[:expected.index(eos) + 1]
+    assert got[runs] == expected
+    assert finished == {stops: "stop", runs: "length", aborted: "abort"}
+    assert engine.num_free_pages == engine.num_pages
+    engine.abort(stops)  # finished already: nothing happens
+    with pytest.raises(ValueError, match="request_id 99"):
+        engine.abort(99)
+
+
+def test_sampled_tokens_follow_the_seed_not_the_batch(model):
+    engine = Engine(model, page_size=4, num_pages=40, max_seqs=4, max_batch_tokens=32)
+    prompt, others = _prompts(1, [5], seed=3)[0], _prompts(3, [2, 8], seed=4)
+    options = dict(do_sample=True, temperature=1.3, top_k=20, top_p=0.9, seed=7)
+    alone = engine.generate([prompt], max_new_tokens=6, progress=False, **options)[0]
+    ids = [engine.add_request(p, max_new_tokens=6, temperature=0.0) for p in others[:2]]
+    rid = engine.add_request(prompt, max_new_tokens=6, eos_token_id=None, **options)
+    ids.append(engine.add_request(others[2], max_new_tokens=3, repetition_penalty=1.5))
+    got = []
+    while engine.has_unfinished:
+        got += engine.step().get(rid, [])
+    assert got == alone  # (both stop after the config's eos, if it comes)
+    other = engine.generate([prompt], max_new_tokens=6, progress=False, **{**options, "seed": 8})
+    assert other != alone  # (6 draws from ~20 tokens: equal by chance about never)
+
+
+def test_a_long_run_compiles_a_bounded_number_of_programs(model):
+    engine = Engine(model, page_size=4, num_pages=64, max_seqs=4, max_batch_tokens=16)
+    engine.generate(_prompts(10, list(range(1, 30)), seed=5), max_new_tokens=list(range(1, 11)),
+                    eos_token_id=[], progress=False)
+    # token buckets 1, 2, 4, 8, 16 x table widths 1, 2, 4, 8 (sequences of up to 40 tokens)
+    assert 1 <= engine.num_compiled <= 5 * 4
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prompt_ids=[]), "prompt_ids must hold at least one token"),
+    (dict(prompt_ids=[5, 97]), r"prompt_ids\[1\] = 97 is outside \[0, 97\)"),
+    (dict(prompt_ids=[[1, 2]]), "prompt_ids must be a flat list"),
+    (dict(prompt_ids=[5] * 60, max_new_tokens=10), "exceeds the context of 64 tokens"),
+    (dict(prompt_ids=[5], max_new_tokens=0), "max_new_tokens must be a positive int"),
+    (dict(prompt_ids=[5], temperature=-1.0, do_sample=True), "temperature must be"),
+    (dict(prompt_ids=[5], top_p=1.5), "top_p must be"),
+    (dict(prompt_ids=[5], eos_token_id=[200]), "eos_token_id"),
+    (dict(prompt_ids=[5], seed=-1), "seed must be"),
+])
+def test_bad_requests_are_refused(model, kwargs, match):
+    engine = Engine(model, page_size=4, num_pages=32, max_seqs=2, max_batch_tokens=8)
+    with pytest.raises(ValueError, match=match):
+        engine.add_request(**kwargs)
+    assert not engine.has_unfinished
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(page_size=0), "page_size must be a positive int"),
+    (dict(max_seqs=1.5), "max_seqs must be a positive int"),
+    (dict(max_len=65), "exceeds the model's context of 64"),
+    (dict(num_pages=0), "num_pages must be a positive int"),
+])
+def test_bad_engine_options_are_refused(model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Engine(model, **kwargs)
+
+
+def test_num_pages_none_sizes_the_pool_from_memory(model):
+    engine = Engine(model, page_size=4, max_seqs=2, max_batch_tokens=8)
+    assert engine.num_pages == 2 * 16  # capped at what max_seqs sequences of max_len need
+    assert engine.max_len == 64 and engine.num_free_pages == engine.num_pages
