@@ -6,6 +6,15 @@
 tokenizes the prompt with the checkpoint's Hugging Face tokenizer (its tokenizer.json), streams
 the generated text to stdout as it is produced, and reports tokens/s on stderr at the end.
 --temperature 0 is greedy decoding; any other temperature samples (with --top-k, --top-p).
+
+    jtgpt serve --model NAME_OR_PATH [--host 127.0.0.1] [--port 8000] [--dtype bfloat16]
+                [--max-seqs 64] [--max-batch-tokens 2048] [--page-size 16] [--num-pages N]
+                [--served-model-name NAME]
+
+serves the checkpoint over an OpenAI-compatible HTTP API (jtgpt.serve.server: /v1/completions,
+/v1/chat/completions, /v1/models, /health) on the continuous-batching engine (jtgpt.serve.Engine),
+with the same tokenizer, and the chat template of its tokenizer_config.json. Needs the `serve`
+extra (pip install 'jtgpt[serve]').
 """
 from __future__ import annotations
 
@@ -53,6 +62,18 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    srv = commands.add_parser("serve", help="an OpenAI-compatible HTTP server")
+    srv.add_argument("--model", required=True, help="checkpoint directory or Hugging Face repo id")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    srv.add_argument("--max-seqs", type=int, default=64, help="sequences in one engine step")
+    srv.add_argument("--max-batch-tokens", type=int, default=2048, help="tokens in one step")
+    srv.add_argument("--page-size", type=int, default=16, help="tokens per KV-cache page")
+    srv.add_argument("--num-pages", type=int, default=None,
+                     help="KV-cache pages (default: the engine's choice)")
+    srv.add_argument("--served-model-name", default=None,
+                     help="the model name clients ask for (default: --model as given)")
     return parser
 
 
@@ -91,11 +112,32 @@ def generate_command(args, out=sys.stdout, err=sys.stderr) -> None:
               f"{first[0] - start:.2f} s (compilation and prompt){rate}\n")
 
 
+def serve_command(args) -> None:
+    try:
+        import uvicorn
+        from jtgpt.serve import Engine, server
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(f"{e.name} is not installed: jtgpt serve needs the serve extra "
+                                  f"(pip install 'jtgpt[serve]')") from e
+    import jtgpt
+    directory = checkpoint.resolve(args.model)  # in generate_command's order, with its errors
+    tokenizer = load_tokenizer(args.model, directory)
+    chat_template = server.load_chat_template(args.model, directory)
+    model = jtgpt.from_pretrained(directory, dtype=jnp.dtype(args.dtype))
+    engine = Engine(model, page_size=args.page_size, num_pages=args.num_pages,
+                    max_seqs=args.max_seqs, max_batch_tokens=args.max_batch_tokens)
+    app = server.create_app(engine, tokenizer, args.served_model_name or args.model,
+                            chat_template=chat_template)
+    uvicorn.run(app, host=args.host, port=args.port)
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    command = {"generate": generate_command, "serve": serve_command}[args.command]
     try:
-        generate_command(args)
-    except (FileNotFoundError, PermissionError, ConnectionError, ValueError) as e:
+        command(args)
+    except (FileNotFoundError, PermissionError, ConnectionError, ValueError,
+            ModuleNotFoundError) as e:
         print(f"jtgpt {args.command}: error: {e}", file=sys.stderr)
         return 1
     return 0
