@@ -44,15 +44,16 @@ cumulative sum is below it, so that not even the tokens whose probability underf
 log(min_p) = -inf; greedy rows keep the penalised logits. The thresholds 1 - top_p and
 log(min_p) are computed in double on the host, as the static path has them. top_k: one
 _top_k_values at a static cap, the least power of two >= every row's k (at most V), then each
-row's k-th value (take_along_axis): the cost of top_k at the cap whatever the rows' k (in two
-stages for a cap up to 128, as a sort of the row above). top_p after top_k: where every top_p
-row has a top_k, on the cap's candidates as in the static path, each row taking its own k
-largest (the others weigh 0); if some row uses top_p alone, every row is sorted (at V = 128256,
-B = 64: 1.17 ms against 0.57 for top_k with top_p), after top_k's filter, whose -inf add nothing
-to the cumulative sums. The values are the static path's to an ulp (a traced temperature is a
-true division), the tokens kept the same but where fp32 rounding of the sums, taken in another
-order, decides next to top_p's threshold. Sampled rows draw with their own keys: a categorical
-over each row alone (vmapped), the random bits select_tokens draws for that row.
+row's k-th value (take_along_axis): the cost of top_k at the cap whatever the rows' k (two
+stages over chunks for a cap up to 128; above, lax.top_k sorts the row). top_p after top_k:
+where every top_p row has a top_k, on the cap's candidates as in the static path, each row
+taking its own k largest (the others weigh 0); if some row uses top_p alone, every row is sorted
+(at V = 128256, B = 64: 1.17 ms against 0.57 for top_k with top_p), after top_k's filter, whose
+-inf add nothing to the cumulative sums. The values are the static path's to an ulp (a traced
+temperature is a true division), the tokens kept the same but where fp32 rounding of the sums,
+taken in another order, decides next to top_p's threshold. Sampled rows draw with their own
+keys: a categorical over each row alone (vmapped), the random bits select_tokens draws for that
+row.
 
 Ties. top_k and min_p test values only, so ties are treated as in Hugging Face. top_p can cut
 through a run of equal logits, keeping some of them: as many as Hugging Face keeps, but which
@@ -445,8 +446,8 @@ def process_logits_rows(logits, rows: RowSampling, filters: RowFilters, seen=Non
     y = x / column(rows.temperature) if filters.temperature else x
     V = x.shape[-1]
     top_k = column(rows.top_k)
-    # Rows without top_p get a negative threshold, which removes nothing: not even the tokens
-    # whose probability underflows to 0 (their cumulative sum, 0, is <= any positive threshold).
+    # Rows without top_p get a negative threshold, which removes nothing. Not 0: that would
+    # remove the tokens whose probability underflows to 0, their cumulative sum being 0.
     threshold = column(jnp.where(rows.top_p_threshold > 0, rows.top_p_threshold, -1.0))
     if filters.top_k_cap is not None:
         cap = filters.top_k_cap

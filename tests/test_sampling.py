@@ -2,7 +2,8 @@
 torch on CPU), composed as `generate` composes them, on the same random fp32 logits and input
 ids: the same tokens filtered out (-inf), the same values elsewhere. Also: greedy choices, the
 sampled frequencies against the filtered softmax (a chi-square test), keys, jax.jit, the seen
-masks and the argument checks.
+masks and the argument checks; then the per-row path (every row its own settings) against the
+static one, row by row.
 
 Random logits have no ties. The tie tests use rows of at most 16 values, the longest that
 torch's CPU sort kept stable (torch 2.13), so that Hugging Face's choice among equal logits is
@@ -485,7 +486,8 @@ def test_ties_per_row_equal_the_static_path(with_top_p_alone):
     ours = np.asarray(_choose_rows(np.tile(tie_logits, (len(cases), 1)), rows, filters, None,
                                    keys)[0])
     for j, s in enumerate(cases):
-        assert_same_as_hf(ours[4 * j:4 * j + 4], np.asarray(process_logits(tie_logits, s)), repr(s))
+        expected = np.asarray(process_logits(tie_logits, s))
+        assert_same_as_hf(ours[4 * j:4 * j + 4], expected, repr(s))
 
 
 def test_each_rows_token_is_its_own_draw():
