@@ -33,6 +33,7 @@ drives it (jtgpt.serve.server runs it in its own thread).
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 from typing import NamedTuple, Sequence
@@ -111,9 +112,11 @@ def _run_batch(graphdef, treedef, params, pages, ints, floats, *, shapes: _Shape
 
 
 class _Settings(NamedTuple):
-    """A request's sampling: validated settings and its seed."""
+    """A request's sampling: validated settings, its seed, and its row of RowSampling's arrays
+    (made once, at add_request: a step only copies them)."""
     sampling: Sampling
     seed: int
+    row: tuple
 
 
 class Engine:
@@ -210,7 +213,8 @@ class Engine:
         seq = self.scheduler.add(prompt, max_new_tokens=int(max_new_tokens), eos_token_ids=eos)
         self._live[seq.request_id] = seq
         self._issued = seq.request_id + 1  # the scheduler numbers requests 0, 1, ...
-        self._settings[seq.request_id] = _Settings(sampling, int(seed))
+        row = tuple(a[0] for a in RowSampling.of([sampling]))
+        self._settings[seq.request_id] = _Settings(sampling, int(seed), row)
         return seq.request_id
 
     def abort(self, request_id: int) -> None:
@@ -305,20 +309,25 @@ class Engine:
         f["cu_q"], f["tile_seqs"], f["tile_starts"] = cu_q, tile_seqs, tile_starts
         f["seen_ids"].fill(-1)
         tables, seen_ids = f["block_tables"].reshape(S, width), f["seen_ids"].reshape(S, seen)
-        rows = RowSampling.of([s.sampling for s in settings])
+        n = len(batch)
+        rows = RowSampling(*map(np.array, zip(*(s.row for s in settings))))
         floats = np.array([1.0, 0.0, -np.inf, 1.0], np.float32)[:, None].repeat(S, 1)  # all off
         for i, name in enumerate(FLOAT_FIELDS):
-            floats[i, :len(batch)] = getattr(rows, name)
-        f["do_sample"][:len(batch)], f["top_k"][:len(batch)] = rows.do_sample, rows.top_k
-        for i, (e, s) in enumerate(zip(batch, settings)):
-            lo, hi = cu_q[i], cu_q[i + 1]
-            f["ids"][lo:hi] = e.seq.tokens[e.start:e.start + e.count]
-            f["positions"][lo:hi] = np.arange(e.start, e.start + e.count)
+            floats[i, :n] = getattr(rows, name)
+        f["do_sample"][:n], f["top_k"][:n] = rows.do_sample, rows.top_k
+        starts = np.array([e.start for e in batch], np.int32)
+        used = int(cu_q[n])
+        f["ids"][:used] = np.fromiter(itertools.chain.from_iterable(
+            e.seq.tokens[e.start:e.start + e.count] for e in batch), np.int32, used)
+        f["positions"][:used] = np.arange(used) - np.repeat(cu_q[:n] - starts, counts)
+        f["context_lens"][:n] = starts + counts
+        f["sample_rows"][:n] = cu_q[1:n + 1] - 1
+        f["seeds"][:n] = [s.seed for s in settings]
+        f["generated"][:n] = [len(e.seq.tokens) - e.seq.prompt_len for e in batch]
+        for i, e in enumerate(batch):
             tables[i, :len(e.seq.pages)] = e.seq.pages
-            f["context_lens"][i] = e.start + e.count
-            f["sample_rows"][i] = hi - 1
-            f["seeds"][i], f["generated"][i] = s.seed, len(e.seq.generated)
-            seen_ids[i, :len(penalised[i])] = penalised[i]
+            if penalised[i]:
+                seen_ids[i, :len(penalised[i])] = penalised[i]
         ints = np.concatenate([f[name] for name, _ in shapes.int_fields()])
         return shapes, filters, ints, floats
 
