@@ -38,6 +38,13 @@ def model(request):
     return _spread_weights(cls(CONFIGS[request.param]))
 
 
+@pytest.fixture(scope="module")
+def gpt2():
+    """For the engine's own mechanics, which do not depend on the model family (the greedy test
+    runs both): one family keeps the interpreter's time down."""
+    return _spread_weights(jtgpt.GPT(CONFIGS["gpt2"]))
+
+
 def _prompts(count, lengths, seed=0, prefix=()):
     rng = np.random.default_rng(seed)
     return [list(prefix) + rng.integers(2, 97, int(rng.choice(lengths))).tolist()
@@ -64,10 +71,10 @@ def test_greedy_equals_generate_with_a_pool_too_small_for_all(model):
     assert engine.num_free_pages == engine.num_pages and not engine.has_unfinished
 
 
-def test_prefix_cache_hits_give_the_same_tokens(model):
+def test_prefix_cache_hits_give_the_same_tokens(gpt2):
     prefix = list(range(2, 14))  # 3 full pages of 4
     prompts = _prompts(3, [2, 5], seed=1, prefix=prefix)
-    engines = {on: Engine(model, page_size=4, num_pages=40, max_seqs=4, max_batch_tokens=32,
+    engines = {on: Engine(gpt2, page_size=4, num_pages=40, max_seqs=4, max_batch_tokens=32,
                           prefix_caching=on) for on in (True, False)}
     first = engines[True].generate(prompts[:1], max_new_tokens=3, eos_token_id=[],
                                    progress=False)
@@ -80,10 +87,10 @@ def test_prefix_cache_hits_give_the_same_tokens(model):
         assert engine.num_free_pages == engine.num_pages
 
 
-def test_step_reports_tokens_finish_reasons_and_aborts(model):
-    engine = Engine(model, page_size=4, num_pages=24, max_seqs=4, max_batch_tokens=32)
+def test_step_reports_tokens_finish_reasons_and_aborts(gpt2):
+    engine = Engine(gpt2, page_size=4, num_pages=24, max_seqs=4, max_batch_tokens=32)
     prompt = _prompts(1, [6], seed=2)[0]
-    expected = _alone(model, prompt, 4, eos_token_id=[], pad_token_id=0)
+    expected = _alone(gpt2, prompt, 4, eos_token_id=[], pad_token_id=0)
     eos = expected[1]  # the second token: the request stops there
     stops = engine.add_request(prompt, max_new_tokens=4, eos_token_id=eos)
     runs = engine.add_request(prompt, max_new_tokens=4, eos_token_id=[])
@@ -108,8 +115,8 @@ def test_step_reports_tokens_finish_reasons_and_aborts(model):
         engine.abort(99)
 
 
-def test_sampled_tokens_follow_the_seed_not_the_batch(model):
-    engine = Engine(model, page_size=4, num_pages=40, max_seqs=4, max_batch_tokens=32)
+def test_sampled_tokens_follow_the_seed_not_the_batch(gpt2):
+    engine = Engine(gpt2, page_size=4, num_pages=40, max_seqs=4, max_batch_tokens=32)
     prompt, others = _prompts(1, [5], seed=3)[0], _prompts(3, [2, 8], seed=4)
     options = dict(do_sample=True, temperature=1.3, top_k=20, top_p=0.9, seed=7)
     alone = engine.generate([prompt], max_new_tokens=6, progress=False, **options)[0]
@@ -124,8 +131,8 @@ def test_sampled_tokens_follow_the_seed_not_the_batch(model):
     assert other != alone  # (6 draws from ~20 tokens: equal by chance about never)
 
 
-def test_a_long_run_compiles_a_bounded_number_of_programs(model):
-    engine = Engine(model, page_size=4, num_pages=64, max_seqs=4, max_batch_tokens=16)
+def test_a_long_run_compiles_a_bounded_number_of_programs(gpt2):
+    engine = Engine(gpt2, page_size=4, num_pages=64, max_seqs=4, max_batch_tokens=16)
     engine.generate(_prompts(10, list(range(1, 30)), seed=5), max_new_tokens=list(range(1, 11)),
                     eos_token_id=[], progress=False)
     # token buckets 1, 2, 4, 8, 16 x table widths 1, 2, 4, 8 (sequences of up to 40 tokens)
