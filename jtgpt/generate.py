@@ -113,16 +113,29 @@ def _arguments(model, input_ids, attention_mask, max_new_tokens, sampling, eos_t
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if sampling.do_sample and key is None:
         raise ValueError("key (a jax.random key) is required when do_sample=True")
-    # As Hugging Face's generation config: the model's eos, and pad defaulting to the first eos.
-    eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
-    eos = () if eos is None else (eos,) if isinstance(eos, (int, np.integer)) else tuple(eos)
+    # As Hugging Face's generation config: pad defaulting to the first eos.
+    eos = eos_token_ids(model.config, eos_token_id)
     pad = model.config.pad_token_id if pad_token_id is None else pad_token_id
     pad = (eos[0] if eos else 0) if pad is None else pad
-    for name, value in [*(("eos_token_id", e) for e in eos), ("pad_token_id", pad)]:
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
-                or not 0 <= value < vocab_size:
-            raise ValueError(f"{name} must be token ids in [0, {vocab_size}), got {value!r}")
-    return ids, mask, _Tokens(ids.shape[1], tuple(int(e) for e in eos), int(pad))
+    _check_token_id("pad_token_id", pad, vocab_size)
+    return ids, mask, _Tokens(ids.shape[1], eos, int(pad))
+
+
+def eos_token_ids(config, eos_token_id) -> tuple[int, ...]:
+    """The tokens that end a sequence: eos_token_id an int or a list, None meaning the model
+    config's (as Hugging Face's generation config), [] none. ValueError for ids outside the
+    vocabulary."""
+    eos = config.eos_token_id if eos_token_id is None else eos_token_id
+    eos = () if eos is None else (eos,) if isinstance(eos, (int, np.integer)) else tuple(eos)
+    for value in eos:
+        _check_token_id("eos_token_id", value, config.vocab_size)
+    return tuple(int(e) for e in eos)
+
+
+def _check_token_id(name: str, value, vocab_size: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+            or not 0 <= value < vocab_size:
+        raise ValueError(f"{name} must be token ids in [0, {vocab_size}), got {value!r}")
 
 
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_sample=False,

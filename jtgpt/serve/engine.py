@@ -43,7 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jtgpt.generate import eos_token_ids
 from jtgpt.kernels.attention import paged
+from jtgpt.layers import check_ids_in_range
 from jtgpt.sampling import RowFilters, RowSampling, Sampling, process_logits_rows, select_tokens_rows
 from jtgpt.serve.paged_cache import PagedKVCache
 from jtgpt.serve.pages import PageAllocator
@@ -199,10 +201,8 @@ class Engine:
         reproducible (None: one drawn from the engine's seed). ValueError, naming the argument,
         for anything the request cannot run with."""
         sampling = Sampling(do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
-        prompt = _token_list("prompt_ids", prompt_ids, self.model.config.vocab_size)
-        eos = self.model.config.eos_token_id if eos_token_id is None else eos_token_id
-        eos = () if eos is None else (eos,) if isinstance(eos, (int, np.integer)) else tuple(eos)
-        eos = _token_list("eos_token_id", eos, self.model.config.vocab_size, allow_empty=True)
+        prompt = _prompt_list(prompt_ids, self.model.config.vocab_size)
+        eos = eos_token_ids(self.model.config, eos_token_id)
         if seed is None:
             seed = int(self._seeds.integers(2 ** 31))
         elif isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) \
@@ -337,22 +337,19 @@ def _check_positive(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-def _token_list(name: str, ids, vocab_size: int, allow_empty: bool = False) -> list[int]:
-    """ids as a list of ints, each in [0, vocab_size); ValueError naming `name` otherwise."""
+def _prompt_list(prompt_ids, vocab_size: int) -> list[int]:
+    """prompt_ids as a list of ints, each in [0, vocab_size); ValueError naming it otherwise."""
     try:
-        ids = np.asarray(ids)
+        ids = np.asarray(prompt_ids)
     except ValueError as e:
-        raise ValueError(f"{name} must be a list of token ids, got {ids!r}") from e
+        raise ValueError(f"prompt_ids must be a list of token ids, got {prompt_ids!r}") from e
     if ids.ndim != 1 or not (np.issubdtype(ids.dtype, np.integer) or ids.size == 0):
-        raise ValueError(f"{name} must be a flat list of int token ids, got {ids.dtype} "
+        raise ValueError(f"prompt_ids must be a flat list of int token ids, got {ids.dtype} "
                          f"shape {list(ids.shape)}")
-    if ids.size == 0 and not allow_empty:
-        raise ValueError(f"{name} must hold at least one token")
-    bad = (ids < 0) | (ids >= vocab_size)
-    if bad.any():
-        raise ValueError(f"{name}[{int(np.argmax(bad))}] = {ids[bad][0]} is outside "
-                         f"[0, {vocab_size})")
-    return [int(t) for t in ids]
+    if ids.size == 0:
+        raise ValueError("prompt_ids must hold at least one token")
+    check_ids_in_range("prompt_ids", ids, vocab_size)
+    return ids.tolist()
 
 
 def _pages_from_memory(spec, page_size: int, most: int) -> int:
