@@ -19,7 +19,7 @@ one pointer per output, then the `constexprs` as keyword arguments. An output al
 (`input_output_aliases`) is that input's buffer: the kernel's pointers to both are one address,
 and whatever the kernel does not write keeps the input's values. Shapes and strides should go
 in as constexprs: jax-triton 0.3 does not specialise integer scalars, and a GEMM with runtime
-sizes ran 3.3x slower (DESIGN.md section 4). Values that change between calls of one compiled
+sizes ran 3.3x slower on an H100. Values that change between calls of one compiled
 program (a decode position) go in as arrays instead.
 """
 from __future__ import annotations
@@ -31,6 +31,7 @@ import inspect
 import os
 import re
 import subprocess
+import threading
 from typing import Any, Sequence
 
 import jax
@@ -95,7 +96,7 @@ def _gpu_call(args, kernel, out_shapes, grid, num_warps, num_stages, aliases, co
     # jax-triton numbers the aliased inputs among the array arguments only.
     array_aliases = {sum(hasattr(a, "shape") for a in args[:i]): o for i, o in aliases.items()}
     # jax-triton 0.4 renamed `out_shape` to `out_type`; 0.3.1 is the one that works with the
-    # triton 3.6 of the GPU image (DESIGN.md section 4), so both are supported.
+    # triton 3.6 this project pins, so both are supported.
     params = inspect.signature(jax_triton.triton_call).parameters
     out_kw = "out_type" if "out_type" in params else "out_shape"
     outs = jax_triton.triton_call(*args, kernel=kernel, grid=grid, num_warps=num_warps,
@@ -309,6 +310,12 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------------------- CPU
 
+# Triton's interpreter patches triton.language's functions while a kernel runs and restores them
+# after, so two threads interpreting at once (a server's engine thread and a caller) break each
+# other with "Did you forget to add @triton.jit ?". One kernel at a time, process-wide.
+_INTERPRETER_LOCK = threading.Lock()
+
+
 def _cpu_call(args, kernel, out_shapes, grid, num_warps, num_stages, aliases, constexprs):
     is_array = [hasattr(a, "shape") and hasattr(a, "dtype") for a in args]
     arrays = [a for a, arr in zip(args, is_array) if arr]
@@ -320,8 +327,9 @@ def _cpu_call(args, kernel, out_shapes, grid, num_warps, num_stages, aliases, co
         outs = [_poisoned(torch, s) for s in out_shapes]
         for i, o in aliases.items():
             outs[o] = kernel_args[i]  # in place: the kernel gets the input's buffer twice
-        _interpreted(kernel)[grid](*kernel_args, *outs, num_warps=num_warps, num_stages=num_stages,
-                                   **constexprs)
+        with _INTERPRETER_LOCK:
+            _interpreted(kernel)[grid](*kernel_args, *outs, num_warps=num_warps,
+                                       num_stages=num_stages, **constexprs)
         return tuple(_to_numpy(o, s.dtype) for o, s in zip(outs, out_shapes))
 
     return jax.pure_callback(host, tuple(out_shapes), *arrays, vmap_method="sequential")
