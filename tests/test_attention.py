@@ -278,7 +278,7 @@ BWD_KERNELS = {"_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"}
 
 @pytest.mark.parametrize("dtype,precision,D", [
     (jnp.bfloat16, "ieee", 64), (jnp.bfloat16, "ieee", 128),
-    (jnp.float32, "tf32", 64), (jnp.float32, "ieee", 128)], ids=str)
+    (jnp.float32, "tf32", 64)], ids=str)
 def test_backward_builds_for_hopper(dtype, precision, D, monkeypatch, tmp_path):
     """The backward kernels of causal (GPT-2), padded + dropout, and non-causal attention build
     for sm_90: registers and shared memory fit an H100 SM; bf16 dQ does not spill and dK/dV only
