@@ -11,8 +11,9 @@ Workloads (fixed seed; every request arrives at t = 0, an offline batch):
   number of tokens.
 - shared prefix: --prefix-requests requests of one 512-token system prompt + 32 own tokens, 32 new
   tokens each; the engine with prefix caching on and off.
-- decode step: 64 requests of prompt 128 + 256 new, the engine's step time once every request is
-  decoding, against `generate`'s step at B = 64 (the paged indirection's cost).
+- decode step: 64 requests of prompt 128 + 256 new, the engine's time per decode step once every
+  request is decoding (a call's time / the steps it ran: --decode-steps), against `generate`'s
+  step at B = 64.
 
 Competitors on the mixed workload: the engine; jtgpt `generate` in static batches of
 --max-seqs requests in arrival order (left-padded to the batch's longest prompt, rounded up to a
@@ -22,7 +23,7 @@ in the same static batches, on the first --hf-requests requests (it is ~10x slow
 tokens a request asked for count as output. Time to first token: from t = 0 to the step that
 produced it (for static batches, the end of the request's batch: generate returns all at once);
 inter-token latency: between a request's consecutive tokens (static batches: their batch's
-decode time / steps). KV memory: the most pages the engine's requests held at once x page bytes,
+decode time / steps; the engine: the tokens of one multi-step call arrive together, 0 apart). KV memory: the most pages the engine's requests held at once x page bytes,
 against the static cache of the largest batch.
 """
 import argparse
@@ -79,7 +80,7 @@ def run_engine(engine, prompts, new_lens):
         s0 = time.perf_counter()
         out = engine.step()
         now = time.perf_counter()
-        steps.append((now - s0, len(out)))
+        steps.append((now - s0, len(out), max(map(len, out.values()), default=0)))
         peak = max(peak, engine.num_pages - engine.num_free_pages)
         for rid, tokens in out.items():
             stamps[rid] += [now - t0] * len(tokens)
@@ -168,7 +169,7 @@ def bench_model(name, config, args, on_gpu):
     model = (jtgpt.GPT if isinstance(config, GPTConfig) else jtgpt.Llama)(config, dtype=dtype)
     P = 16
     engine_options = dict(page_size=P, max_seqs=args.max_seqs, max_batch_tokens=args.max_batch_tokens,
-                          max_len=min(model.max_context, 1024))
+                          max_len=min(model.max_context, 1024), decode_steps=args.decode_steps)
     lines = [f"### {name}\n"]
     n = args.requests if on_gpu else 6
     prompts, new_lens = mixed_workload(n, config.vocab_size, max_prompt=512 if on_gpu else 40,
@@ -223,7 +224,7 @@ def bench_model(name, config, args, on_gpu):
     engine = Engine(model, **engine_options)
     run_engine(engine, other_tokens(ids.tolist(), config.vocab_size), [new] * B)
     steps = run_engine(engine, ids.tolist(), [new] * B)["steps"]
-    decode = [t for t, count in steps if count == B]  # every request decoding
+    decode = [t / k for t, count, k in steps if count == B]  # every request decoding, k steps
     decode = decode[len(decode) // 4:]  # past the first steps' warm-up
     engine_step = statistics.median(decode)
     timed = {}
@@ -248,6 +249,7 @@ def main():
     p.add_argument("--hf-requests", type=int, default=128)
     p.add_argument("--max-seqs", type=int, default=64)
     p.add_argument("--max-batch-tokens", type=int, default=2048)
+    p.add_argument("--decode-steps", type=int, default=8, help="the engine's decode_steps")
     p.add_argument("--markdown", help="also write the tables to this file")
     args = p.parse_args()
     configs = {"gpt2": GPTConfig(), "llama": PRESETS["llama-3.2-1b"]} if on_gpu else TINY

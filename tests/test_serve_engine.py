@@ -116,24 +116,31 @@ def test_step_reports_tokens_finish_reasons_and_aborts(gpt2):
 
 
 def test_sampled_tokens_follow_the_seed_not_the_batch(gpt2):
+    """Alone and one decode step a call, or batched with others and up to 8 steps a call (the
+    default): the same tokens."""
     engine = Engine(gpt2, page_size=4, num_pages=40, max_seqs=4, max_batch_tokens=32)
     prompt, others = _prompts(1, [5], seed=3)[0], _prompts(3, [2, 8], seed=4)
-    options = dict(do_sample=True, temperature=1.3, top_k=20, top_p=0.9, seed=7)
-    alone = engine.generate([prompt], max_new_tokens=6, progress=False, **options)[0]
+    options = dict(do_sample=True, temperature=1.3, top_k=20, top_p=0.9, repetition_penalty=1.2,
+                   seed=7)
+    single = Engine(gpt2, page_size=4, num_pages=40, max_seqs=4, max_batch_tokens=32,
+                    decode_steps=1)
+    alone = single.generate([prompt], max_new_tokens=6, progress=False, **options)[0]
     ids = [engine.add_request(p, max_new_tokens=6, temperature=0.0) for p in others[:2]]
     rid = engine.add_request(prompt, max_new_tokens=6, eos_token_id=None, **options)
     ids.append(engine.add_request(others[2], max_new_tokens=3, repetition_penalty=1.5))
-    got = []
+    got, calls = [], 0
     while engine.has_unfinished:
         got += engine.step().get(rid, [])
+        calls += 1
     assert got == alone  # (both stop after the config's eos, if it comes)
+    assert calls < 6  # some calls ran several decode steps
     other = engine.generate([prompt], max_new_tokens=6, progress=False, **{**options, "seed": 8})
     assert other != alone  # (6 draws from ~20 tokens: equal by chance about never)
 
 
 def test_a_long_run_compiles_a_bounded_number_of_programs(gpt2):
     engine = Engine(gpt2, page_size=4, num_pages=64, max_seqs=4, max_batch_tokens=16)
-    engine.generate(_prompts(10, list(range(1, 30)), seed=5), max_new_tokens=list(range(1, 11)),
+    engine.generate(_prompts(8, list(range(1, 30)), seed=5), max_new_tokens=list(range(1, 9)),
                     eos_token_id=[], progress=False)
     # token buckets 1, 2, 4, 8, 16 x table widths 1, 2, 4, 8 (sequences of up to 40 tokens)
     assert 1 <= engine.num_compiled <= 5 * 4
@@ -162,6 +169,7 @@ def test_bad_requests_are_refused(model, kwargs, match):
     (dict(max_seqs=1.5), "max_seqs must be a positive int"),
     (dict(max_len=65), "exceeds the model's context of 64"),
     (dict(num_pages=0), "num_pages must be a positive int"),
+    (dict(decode_steps=0), "decode_steps must be a positive int"),
 ])
 def test_bad_engine_options_are_refused(model, kwargs, match):
     with pytest.raises(ValueError, match=match):

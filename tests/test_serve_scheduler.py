@@ -19,28 +19,34 @@ def next_token(tokens):
 
 class FakeEngine:
     """Runs the scheduler's batches: writes each entry's tokens into a slot store by page, checks
-    that the positions before the entry are in the sequence's pages, and samples next_token."""
+    that the positions before the entry are in the sequence's pages, and samples next_token,
+    `entry.steps` times (each step's token the next one's input, as the engine's device loop)."""
 
-    def __init__(self, scheduler):
+    def __init__(self, scheduler, decode_steps=1):
         self.scheduler = scheduler
+        self.decode_steps = decode_steps
         self.slots = {}  # (page, slot) -> token
         self.steps = 0
 
     def step(self):
-        batch = self.scheduler.schedule()
+        batch = self.scheduler.schedule(self.decode_steps)
         P = self.scheduler.pages.page_size
         assert len(batch) <= self.scheduler.max_seqs
         assert sum(e.count for e in batch) <= self.scheduler.max_batch_tokens
         new = {}
         for entry in batch:
-            seq = entry.seq
-            assert len(seq.pages) * P >= entry.start + entry.count
+            seq, tokens = entry.seq, list(entry.seq.tokens)
+            assert entry.steps == 1 or (entry.count == 1 and entry.samples)
+            assert len(seq.pages) * P >= entry.start + entry.count + entry.steps - 1
             for position in range(entry.start):  # the cache holds the context
                 assert self.slots[seq.pages[position // P], position % P] == seq.tokens[position]
-            for position in range(entry.start, entry.start + entry.count):
-                self.slots[seq.pages[position // P], position % P] = seq.tokens[position]
-            if entry.samples:
-                new[seq.request_id] = next_token(seq.tokens)
+            for j in range(entry.steps):
+                first = entry.start if j == 0 else entry.start + entry.count + j - 1
+                for position in range(first, entry.start + entry.count + j):
+                    self.slots[seq.pages[position // P], position % P] = tokens[position]
+                if entry.samples:
+                    tokens.append(next_token(tokens))
+            new[seq.request_id] = tokens[len(seq.tokens):]
         self.steps += 1
         return batch, self.scheduler.update(batch, new)
 
@@ -114,13 +120,14 @@ def test_preemption_recomputes_and_loses_nothing():
     assert pool.num_free_pages == 12
 
 
-def test_eos_and_random_arrivals():
+@pytest.mark.parametrize("decode_steps", [1, 4])
+def test_eos_and_random_arrivals(decode_steps):
     """Requests arriving between steps with eos tokens and random lengths: the same tokens as
-    alone, stopped at eos or max_new_tokens."""
+    alone, stopped at eos or max_new_tokens, one decode step a batch or up to 4."""
     pool = PageAllocator(num_pages=40, page_size=8)
     sched = Scheduler(pool, max_seqs=4, max_batch_tokens=24, max_len=80)
     rng = random.Random(1)
-    engine, cases = FakeEngine(sched), []
+    engine, cases = FakeEngine(sched, decode_steps), []
     for _ in range(12):
         prompt = [rng.randrange(V) for _ in range(rng.randrange(1, 30))]
         n, eos = rng.randrange(1, 20), {rng.randrange(V) for _ in range(3)}
@@ -131,6 +138,34 @@ def test_eos_and_random_arrivals():
     for prompt, n, eos, request in cases:
         assert request.finished and request.generated == alone(prompt, n, eos)
     assert pool.num_free_pages == 40
+
+
+def test_multi_step_decode_runs_only_decode_batches_with_lookahead_pages():
+    pool = PageAllocator(num_pages=5, page_size=4)
+    sched = Scheduler(pool, max_seqs=4, max_batch_tokens=16, max_len=64)
+    a = sched.add(list(range(3)), max_new_tokens=6)
+    engine = FakeEngine(sched, decode_steps=4)
+    batch, _ = engine.step()
+    assert [(e.start, e.count, e.steps) for e in batch] == [(0, 3, 1)]  # a prefill: one step
+    batch, _ = engine.step()
+    assert [(e.start, e.steps) for e in batch] == [(3, 4)] and len(a.pages) == 2
+    b = sched.add(list(range(10)), max_new_tokens=9)
+    batch, _ = engine.step()  # b's prefill joins: one step; a's last token then
+    assert [(e.seq, e.steps) for e in batch] == [(a, 1), (b, 1)] and a.finished
+    batch, _ = engine.step()  # b needs a 4th page for 4 steps: 2 of 5 are free
+    assert [(e.seq, e.start, e.steps) for e in batch] == [(b, 10, 4)] and len(b.pages) == 4
+    c = sched.add(list(range(3)), max_new_tokens=3)
+    engine.step()  # c's prefill takes a page; b has one token left of its pages' 16 slots
+    batch, _ = engine.step()  # 2 steps would need b's 5th page, and none is free: one step
+    assert [(e.seq, e.steps) for e in batch] == [(b, 1), (c, 1)]
+    engine.run()
+    assert b.generated == alone(list(range(10)), 9) and c.generated == alone(list(range(3)), 3)
+    assert pool.num_free_pages == 5
+    d = sched.add([7, 8], max_new_tokens=3)
+    engine.step()
+    batch, _ = engine.step()  # d has 2 tokens left: 2 steps, not 4
+    assert [(e.seq, e.steps) for e in batch] == [(d, 2)] and d.finished
+    assert d.generated == alone([7, 8], 3)
 
 
 def test_abort_frees_pages():

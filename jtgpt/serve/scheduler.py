@@ -14,6 +14,15 @@ the pool and it waits again, first in line, to be recomputed from its prompt and
 has generated so far (recompute, as vLLM's default: nothing is swapped out). The preempted
 request keeps every token it produced; recomputing them gives the same cache.
 
+Multi-step decode. When every entry of a batch is one decode token, `schedule(decode_steps=k)`
+lets the batch run up to k steps on the device without coming back (each step's tokens fed to
+the next, vLLM's multi-step scheduling): the host's schedule, pack and dispatch are paid once for
+k tokens a sequence. The steps stop at the first request's max_new_tokens, and run only if the
+pool has the pages for all of them (lookahead pages, allocated now, never by preempting); a
+request that emits eos in the middle keeps the tokens up to it, and the rest of the run's work
+on it is thrown away. Waiting requests join at the next schedule(), so a run delays them by at
+most k steps.
+
 The scheduler never runs the model: `schedule()` says what to compute and `update()` takes what
 came out (one new token for each sequence whose batch entry reached the end of its known tokens).
 """
@@ -51,11 +60,14 @@ class Request:
 class Entry:
     """A sequence's part of a batch: tokens[start:start + count] are computed this step, at
     positions start.. (the cache holds positions < start). samples: whether the model's output
-    after the entry's last token is a new token (the entry reaches the end of the known tokens)."""
+    after the entry's last token is a new token (the entry reaches the end of the known tokens).
+    steps: decode steps the entry runs (module docstring; > 1 only for a one-token decode entry):
+    step j computes position start + j and samples one token, fed to step j + 1."""
     seq: Request
     start: int
     count: int
     samples: bool
+    steps: int = 1
 
 
 def _entry(seq: Request, count: int) -> Entry:
@@ -109,8 +121,9 @@ class Scheduler:
         self._release(seq)
         seq.finished = True
 
-    def schedule(self) -> list[Entry]:
-        """This step's batch (module docstring); empty when nothing can run."""
+    def schedule(self, decode_steps: int = 1) -> list[Entry]:
+        """This step's batch (module docstring), its entries running up to decode_steps steps
+        when all of them decode; empty when nothing can run."""
         batch, budget = [], self.max_batch_tokens
         for seq in list(self.running):
             if seq not in self.running:  # preempted while making room for an older one
@@ -137,35 +150,55 @@ class Scheduler:
             self.running.append(seq)
             batch.append(_entry(seq, count))
             budget -= count
+        if decode_steps > 1:
+            batch = self._look_ahead(batch, decode_steps)
         return batch
 
-    def update(self, batch: Sequence[Entry], new_tokens: dict[int, int]) -> list[Request]:
+    def update(self, batch: Sequence[Entry], new_tokens: dict[int, Sequence[int]]
+               ) -> list[Request]:
         """After the step ran `batch`: each entry's tokens are in the cache, and each sampling
-        entry's sequence gets new_tokens[request_id]. Full pages go to the prefix cache; the
-        sequences that finished (eos, max_new_tokens) leave with their pages released, and are
-        returned."""
+        entry's sequence gets new_tokens[request_id] (one token a step it ran), up to its first
+        eos or its max_new_tokens. Full pages go to the prefix cache; the sequences that finished
+        leave with their pages released, and are returned."""
         finished = []
         for entry in batch:
             seq = entry.seq
             if seq.finished or seq not in self.running:
                 continue  # aborted or preempted meanwhile
-            seq.computed = entry.start + entry.count
+            if entry.samples:
+                for token in new_tokens[seq.request_id][:entry.steps]:
+                    seq.tokens.append(int(token))
+                    if token in seq.eos_token_ids or len(seq.generated) >= seq.max_new_tokens:
+                        seq.finished = True
+                        break
+            # The cache holds the entry's positions, the newest token not yet (a run's steps past
+            # an eos computed tokens that seq does not have).
+            seq.computed = min(entry.start + entry.count + entry.steps - 1, len(seq.tokens) - 1)
             if self.prefix_caching:
                 self._offer_full_pages(seq)
-            if entry.samples:
-                token = int(new_tokens[seq.request_id])
-                seq.tokens.append(token)
-                if token in seq.eos_token_ids or len(seq.generated) >= seq.max_new_tokens:
-                    self.running.remove(seq)
-                    self._release(seq)
-                    seq.finished = True
-                    finished.append(seq)
+            if seq.finished:
+                self.running.remove(seq)
+                self._release(seq)
+                finished.append(seq)
         return finished
 
     # ---------------------------------------------------------------------------- internals
 
     def _pages_for(self, tokens: int) -> int:
         return -(-tokens // self.pages.page_size)
+
+    def _look_ahead(self, batch: list[Entry], decode_steps: int) -> list[Entry]:
+        """The batch with steps > 1 (module docstring) if every entry decodes one token and the
+        pool holds the lookahead pages; else the batch as it is."""
+        if not batch or not all(e.count == 1 and e.samples for e in batch):
+            return batch
+        steps = min(decode_steps, *(e.seq.max_new_tokens - len(e.seq.generated) for e in batch))
+        need = [max(0, self._pages_for(e.start + steps) - len(e.seq.pages)) for e in batch]
+        if steps < 2 or sum(need) > self.pages.num_free_pages:
+            return batch
+        for e, n in zip(batch, need):
+            e.seq.pages += self.pages.allocate(n)
+        return [dataclasses.replace(e, steps=steps) for e in batch]
 
     def _make_room(self, seq: Request, tokens: int) -> bool:
         """Pages for seq's first `tokens` tokens, preempting younger running sequences if need
