@@ -153,6 +153,18 @@ def test_a_duplicate_page_stays_uncached():
     assert pool.num_cached_pages == 1 and pool.num_free_pages == 4
 
 
+def test_page_keys_are_whole_prefixes_built_at_once_or_page_by_page():
+    pool = PageAllocator(num_pages=4, page_size=P)
+    tokens = [random.Random(1).randrange(100) for _ in range(4000 * P)]  # a long chain
+    keys = pool.page_keys(tokens, "ns")
+    again = pool.page_keys(tokens[:2000 * P], "ns")
+    again += pool.page_keys(tokens[2000 * P:], "ns", parent=again[-1])
+    assert keys == again and hash(keys[-1]) == hash(again[-1])  # no recursion, however long
+    assert keys[-1] != pool.page_keys([101] + tokens[1:], "ns")[-1]  # the first token differs
+    assert keys[-1] != pool.page_keys(tokens, "other")[-1]
+    assert keys[1] != keys[0] and keys[0] != tokens[:P]
+
+
 def test_random_traffic_returns_every_page():
     """Random prompts with common prefixes, sequences finishing in random order, pages running
     out: reference counts never go negative, no page is held twice by one sequence, and when all

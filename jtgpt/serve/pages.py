@@ -18,14 +18,40 @@ Prefix cache. Only full pages are cached. Page i of a sequence is keyed by
 the whole prefix up to the page's end (P = page_size; namespace tells models and dtypes apart: two
 pages are interchangeable only if the same model computed them in the same dtype). The dictionary
 compares keys for equality, not only by hash, so a hash collision can never hand out a page that
-holds other tokens. A key's parent part is the parent page's own key object, so a key costs O(P)
-memory however long the prefix, and equality checks along a matched chain stop at the shared
-parent object (Python compares identical tuple elements by identity first).
+holds other tokens. A key (PageKey) holds its parent key object and its hash, computed once from
+the parent's: making, hashing and comparing a key along a chain costs O(P), however long the
+prefix (a nested tuple would re-hash its whole chain on every lookup: O(prefix) a page).
 """
 from __future__ import annotations
 
 import collections
 from typing import Hashable, Sequence
+
+
+class PageKey:
+    """The prefix-cache key of a full page: its tokens after the parent key's prefix (None: the
+    sequence's first page), in a namespace (module docstring). Equal keys hold equal prefixes."""
+    __slots__ = ("parent", "tokens", "namespace", "_hash")
+
+    def __init__(self, parent: PageKey | None, tokens: tuple[int, ...], namespace: Hashable):
+        self.parent, self.tokens, self.namespace = parent, tokens, namespace
+        self._hash = hash((hash(namespace) if parent is None else parent._hash, tokens))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        a, b = self, other
+        while a is not b:  # down both chains, until they meet at one object (a matched parent)
+            if not isinstance(b, PageKey) or a._hash != b._hash or a.tokens != b.tokens:
+                return False
+            if a.parent is None or b.parent is None:
+                return a.parent is b.parent and a.namespace == b.namespace
+            a, b = a.parent, b.parent
+        return True
+
+    def __repr__(self) -> str:
+        return f"PageKey(tokens={self.tokens}, parent={'None' if self.parent is None else '...'})"
 
 
 class OutOfPages(RuntimeError):
@@ -46,8 +72,8 @@ class PageAllocator:
         self._blank = collections.deque(range(num_pages))  # free, not in the prefix cache
         # Free pages still in the prefix cache, least recently released first (an ordered set).
         self._cached_free: collections.OrderedDict[int, None] = collections.OrderedDict()
-        self._page_of_key: dict[tuple, int] = {}
-        self._key_of_page: dict[int, tuple] = {}
+        self._page_of_key: dict[PageKey, int] = {}
+        self._key_of_page: dict[int, PageKey] = {}
 
     # ------------------------------------------------------------------------------ counts
 
@@ -115,14 +141,20 @@ class PageAllocator:
 
     # ------------------------------------------------------------------------ prefix cache
 
-    def page_keys(self, tokens: Sequence[int], namespace: Hashable = None) -> list[tuple]:
-        """The prefix-cache keys of the full pages of `tokens` (module docstring), in order."""
+    def page_keys(self, tokens: Sequence[int], namespace: Hashable = None,
+                  parent: PageKey | None = None) -> list[PageKey]:
+        """The prefix-cache keys of the full pages of `tokens` (module docstring), in order;
+        tokens continue the prefix of `parent` (None: they start the sequence)."""
         P = self.page_size
-        keys, parent = [], None
+        keys = []
         for start in range(0, len(tokens) - P + 1, P):
-            parent = (parent, tuple(int(t) for t in tokens[start:start + P]), namespace)
+            parent = PageKey(parent, tuple(map(int, tokens[start:start + P])), namespace)
             keys.append(parent)
         return keys
+
+    def key_of(self, page: int) -> PageKey | None:
+        """The key page is cached under (None: not in the prefix cache)."""
+        return self._key_of_page.get(self._checked(page))
 
     def match_prefix(self, tokens: Sequence[int], namespace: Hashable = None) -> list[int]:
         """The cached pages holding the longest cached prefix of `tokens` in whole pages, each
@@ -132,7 +164,7 @@ class PageAllocator:
         pages, parent = [], None
         P = self.page_size
         for start in range(0, len(tokens) - P, P):  # never the page ending at the last token
-            key = (parent, tuple(int(t) for t in tokens[start:start + P]), namespace)
+            key = PageKey(parent, tuple(map(int, tokens[start:start + P])), namespace)
             page = self._page_of_key.get(key)
             if page is None:
                 break
@@ -144,7 +176,7 @@ class PageAllocator:
             self._refs[page] += 1
         return pages
 
-    def cache_page(self, page: int, key: tuple) -> int:
+    def cache_page(self, page: int, key: PageKey) -> int:
         """Offer held page, now full, to the prefix cache under key (from `page_keys`); returns
         the page that holds key in the cache: page itself, or an earlier page with the same
         tokens (then page stays uncached and the caller may keep using either). A page whose
@@ -157,7 +189,7 @@ class PageAllocator:
             return cached
         if page in self._key_of_page:
             raise ValueError(f"page {page} is cached already, under another key")
-        if key[0] is not None and key[0] not in self._page_of_key:
+        if key.parent is not None and key.parent not in self._page_of_key:
             return page
         self._page_of_key[key] = page
         self._key_of_page[page] = key

@@ -33,7 +33,7 @@ import dataclasses
 import itertools
 from typing import Hashable, Sequence
 
-from jtgpt.serve.pages import OutOfPages, PageAllocator
+from jtgpt.serve.pages import OutOfPages, PageAllocator, PageKey
 
 
 @dataclasses.dataclass(eq=False)  # a request is itself: compared by identity
@@ -49,6 +49,7 @@ class Request:
     pages: list[int] = dataclasses.field(default_factory=list)
     computed: int = 0
     cached_keys: int = 0  # how many of its full pages were offered to the prefix cache
+    last_key: PageKey | None = None  # the prefix-cache key of page cached_keys - 1
     finished: bool = False
 
     @property
@@ -139,6 +140,7 @@ class Scheduler:
                        if self.prefix_caching else [])
             seq.pages, seq.computed = matched, len(matched) * self.pages.page_size
             seq.cached_keys = len(matched)
+            seq.last_key = self.pages.key_of(matched[-1]) if matched else None
             count = min(len(seq.tokens) - seq.computed, budget)
             try:
                 seq.pages += self.pages.allocate(self._pages_for(seq.computed + count)
@@ -219,14 +221,16 @@ class Scheduler:
 
     def _release(self, seq: Request) -> None:
         self.pages.release(seq.pages)
-        seq.pages, seq.computed, seq.cached_keys = [], 0, 0
+        seq.pages, seq.computed, seq.cached_keys, seq.last_key = [], 0, 0, None
 
     def _offer_full_pages(self, seq: Request) -> None:
         """Every page of seq now full of computed tokens goes to the prefix cache."""
-        full = seq.computed // self.pages.page_size
+        P = self.pages.page_size
+        full = seq.computed // P
         if full <= seq.cached_keys:
             return
-        keys = self.pages.page_keys(seq.tokens[:full * self.pages.page_size], self.namespace)
-        for i in range(seq.cached_keys, full):
-            self.pages.cache_page(seq.pages[i], keys[i])
-        seq.cached_keys = full
+        keys = self.pages.page_keys(seq.tokens[seq.cached_keys * P:full * P], self.namespace,
+                                    parent=seq.last_key)
+        for page, key in zip(seq.pages[seq.cached_keys:full], keys):
+            self.pages.cache_page(page, key)
+        seq.cached_keys, seq.last_key = full, keys[-1]
