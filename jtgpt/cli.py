@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jtgpt import checkpoint
+from jtgpt.text import TextStream
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -88,23 +89,17 @@ def generate_command(args, out=sys.stdout, err=sys.stderr) -> None:
     greedy = args.temperature == 0
     options = dict(do_sample=not greedy, temperature=1.0 if greedy else args.temperature,
                    top_k=args.top_k, top_p=args.top_p, key=jax.random.key(args.seed))
-    text = tokenizer.decode(prompt)
-    out.write(text)
+    out.write(tokenizer.decode(prompt))
     out.flush()
-    new, start, first = [], time.perf_counter(), None
+    text, start, first = TextStream(tokenizer, prompt), time.perf_counter(), None
     for chunk in model.stream([prompt], max_new_tokens=args.max_new_tokens, **options):
         if first is None:  # the first chunk waits for the compilation and the prefill
             first = (time.perf_counter(), len(chunk[0]))
-        new.extend(int(t) for t in chunk[0])
-        # Decode everything so far and print what is new: a token can end inside a character,
-        # and how a token reads (its leading space) can depend on the one before it.
-        full = tokenizer.decode(prompt + new)
-        if not full.endswith("\ufffd"):
-            out.write(full[len(text):])
-            out.flush()
-            text = full
+        out.write(text.add([int(t) for t in chunk[0]], final=False)[0])
+        out.flush()
     end = time.perf_counter()
-    out.write("\n")
+    out.write(text.add([], final=True)[0] + "\n")
+    new = text.tokens
     rate = ""
     if len(new) > first[1]:
         rate = f", then {(len(new) - first[1]) / (end - first[0]):.1f} tokens/s"

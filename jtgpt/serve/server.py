@@ -18,10 +18,8 @@ with `loop.call_soon_threadsafe`. A failing step fails the requests in flight wi
 engine does not say which one broke it) and the thread goes on serving new ones; a request the
 engine accepted always ends with its finish reason or an error.
 
-Text. The completion's text is decoded the way `jtgpt generate` prints it: all tokens so far
-(after the prompt) are decoded and the new suffix is sent, held back while it ends in U+FFFD (a
-character split across tokens) or could still be the start of a stop string. Special tokens (the
-eos) are skipped, as vLLM does.
+Text. The completion's text comes from jtgpt.text.TextStream, as `jtgpt generate` prints it:
+stop strings end it, and text that could still begin one is held back.
 
 Disconnects. When a client goes away (mid-stream, or while waiting for a non-streamed answer),
 the coroutine serving it is cancelled and its cleanup aborts the request in the engine, which
@@ -46,6 +44,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
+
+from jtgpt.text import TextStream
 
 logger = logging.getLogger("jtgpt.serve")
 
@@ -196,46 +196,6 @@ class EngineThread:
 
 
 # ------------------------------------------------------------------------------------- text
-
-class Text:
-    """A completion's text, from its tokens as they come: `add` returns the text to send next
-    (module docstring), and whether a stop string ended the completion (the text stops before it).
-    """
-
-    def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str]):
-        self.tokens: list[int] = []
-        self._tokenizer, self._prompt, self._stop = tokenizer, list(prompt_ids), stop
-        self._start = len(self._decode(self._prompt))
-        self._sent = 0  # characters of the completion sent so far
-
-    def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True)
-
-    def add(self, tokens: list[int], final: bool) -> tuple[str, bool]:
-        """final: these are the request's last tokens, so nothing is held back."""
-        self.tokens += tokens
-        # Decode everything: a token can end inside a character, and how a token reads (its
-        # leading space) can depend on the one before it.
-        text = self._decode(self._prompt + self.tokens)[self._start:]
-        # Text already sent never holds the start of a stop string (it was held back), so
-        # searching the rest finds the first occurrence.
-        hits = [i for i in (text.find(s, self._sent) for s in self._stop) if i >= 0]
-        stopped = bool(hits)
-        if stopped:
-            text, final = text[:min(hits)], True
-        if not final:
-            if text.endswith("\ufffd"):
-                return "", False
-            text = text[:len(text) - self._held(text)]
-        new, self._sent = text[self._sent:], max(self._sent, len(text))
-        return new, stopped
-
-    def _held(self, text: str) -> int:
-        """How many unsent characters at the end of text could begin a stop string."""
-        longest = min(max((len(s) - 1 for s in self._stop), default=0), len(text) - self._sent)
-        return next((k for k in range(longest, 0, -1)
-                     if any(s.startswith(text[-k:]) for s in self._stop)), 0)
-
 
 # ---------------------------------------------------------------------------------- requests
 
@@ -467,7 +427,7 @@ def create_app(engine, tokenizer, model_name: str, *,
             raise
         if isinstance(event, Failed):
             raise APIError(event.message, status=event.status)
-        text = Text(tokenizer, prompt, [body.stop] if isinstance(body.stop, str)
+        text = TextStream(tokenizer, prompt, [body.stop] if isinstance(body.stop, str)
                     else body.stop or [])
         pieces = _pieces(runner, stream, text)
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
@@ -506,7 +466,7 @@ def create_app(engine, tokenizer, model_name: str, *,
     return app
 
 
-async def _pieces(runner: EngineThread, stream: Stream, text: Text
+async def _pieces(runner: EngineThread, stream: Stream, text: TextStream
                   ) -> AsyncIterator[tuple[str, str | None]]:
     """(new text, None), ..., (last text, finish reason) of an accepted request. If this is
     closed or cancelled before the engine finished the request (or a stop string ended it
