@@ -3,6 +3,8 @@ request's greedy tokens equal model.generate on its prompt alone, with more requ
 holds at once (waiting, chunked prefill, preemption); prefix-cache hits give the tokens misses
 give; every page comes back; aborts; finish reasons; sampled requests reproducible and independent
 of their batch; a bounded number of compiled programs; bad arguments refused."""
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -88,7 +90,7 @@ def test_prefix_cache_hits_give_the_same_tokens(gpt2):
 
 
 def test_step_reports_tokens_finish_reasons_and_aborts(gpt2):
-    engine = Engine(gpt2, page_size=4, num_pages=24, max_seqs=4, max_batch_tokens=32)
+    engine = Engine(gpt2, page_size=4, num_pages=40, max_seqs=4, max_batch_tokens=32)
     prompt = _prompts(1, [6], seed=2)[0]
     expected = _alone(gpt2, prompt, 4, eos_token_id=[], pad_token_id=0)
     eos = expected[1]  # the second token: the request stops there
@@ -138,12 +140,17 @@ def test_sampled_tokens_follow_the_seed_not_the_batch(gpt2):
     assert other != alone  # (6 draws from ~20 tokens: equal by chance about never)
 
 
-def test_a_long_run_compiles_a_bounded_number_of_programs(gpt2):
-    engine = Engine(gpt2, page_size=4, num_pages=64, max_seqs=4, max_batch_tokens=16)
+def test_a_long_run_compiles_a_bounded_number_of_programs():
+    # A model of its own structure: no other test's engine shares its compiled step.
+    model = jtgpt.GPT(dataclasses.replace(CONFIGS["gpt2"], n_positions=48))
+    engine = Engine(model, page_size=4, num_pages=64, max_seqs=4, max_batch_tokens=16)
     engine.generate(_prompts(8, list(range(1, 30)), seed=5), max_new_tokens=list(range(1, 9)),
                     eos_token_id=[], progress=False)
     # token buckets 1, 2, 4, 8, 16 x table widths 1, 2, 4, 8 (sequences of up to 40 tokens)
     assert 1 <= engine.num_compiled <= 5 * 4
+    assert engine._step._cache_size() == engine.num_compiled  # one compile a bucket, no retrace
+    again = Engine(model, page_size=4, num_pages=64, max_seqs=4, max_batch_tokens=16)
+    assert again._step is engine._step  # a second engine of the model starts warm
 
 
 @pytest.mark.parametrize("kwargs, match", [

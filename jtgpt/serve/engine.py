@@ -134,6 +134,15 @@ def _run_batch(graphdef, treedef, max_steps, params, pages, ints, floats, *, sha
     return state[-1], state[0]
 
 
+@functools.cache
+def _jitted_step(graphdef, treedef, decode_steps: int):
+    """_run_batch jitted for one model structure: engines of the same model (or of models of
+    the same config and dtype, whose parameters are the arguments) share its compiled programs,
+    so a second engine starts warm."""
+    return jax.jit(functools.partial(_run_batch, graphdef, treedef, decode_steps),
+                   static_argnames=("shapes", "filters"), donate_argnums=(1,))
+
+
 class _Settings(NamedTuple):
     """A request's sampling: validated settings, its seed, and its row of RowSampling's arrays
     (made once, at add_request: a step only copies them)."""
@@ -182,8 +191,8 @@ class Engine:
         graphdef, state = nnx.split(model)
         self._params, treedef = jax.tree.flatten(state)
         self.decode_steps = decode_steps
-        self._step = jax.jit(functools.partial(_run_batch, graphdef, treedef, decode_steps),
-                             static_argnames=("shapes", "filters"), donate_argnums=(1,))
+        self._step = _jitted_step(graphdef, treedef, decode_steps)
+        self._programs: set[tuple[_Shapes, RowFilters]] = set()
         self._kv = PagedKVCache.empty_pages(num_pages, page_size, self.spec)
         self._block_q = paged.query_block(self.spec.num_heads, self.spec.num_kv_heads)
         self._live: dict[int, Request] = {}
@@ -210,8 +219,9 @@ class Engine:
 
     @property
     def num_compiled(self) -> int:
-        """Programs the step has compiled so far (one per distinct batch shape and filters)."""
-        return self._step._cache_size()
+        """Programs this engine's steps have needed so far: one per distinct batch shape and
+        filters (compiled once for all engines of models of the same structure)."""
+        return len(self._programs)
 
     # ----------------------------------------------------------------------------- requests
 
@@ -267,6 +277,7 @@ class Engine:
         if not batch:
             return {}
         shapes, filters, ints, floats = self._pack(batch)
+        self._programs.add((shapes, filters))
         tokens, self._kv = self._step(self._params, self._kv, ints, floats, shapes=shapes,
                                       filters=filters)
         tokens = np.asarray(tokens).T  # [S, max_steps]: a row's tokens, step by step
