@@ -13,7 +13,7 @@ Workloads (fixed seed; every request arrives at t = 0, an offline batch):
   tokens each; the engine with prefix caching on and off.
 - decode step: 64 requests of prompt 128 + 256 new, the engine's time per decode step once every
   request is decoding (a call's time / the steps it ran: --decode-steps), against `generate`'s
-  step at B = 64.
+  step at B = 64. --profile adds both one's GPU kernel tables (jax.profiler).
 
 Competitors on the mixed workload: the engine; jtgpt `generate` in static batches of
 --max-seqs requests in arrival order (left-padded to the batch's longest prompt, rounded up to a
@@ -39,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # run from a checkout too
 import jtgpt  # noqa: E402
-from common import stage  # noqa: E402
+from common import gpu_kernel_table, stage  # noqa: E402
 from jtgpt.models.gpt2 import GPTConfig  # noqa: E402
 from jtgpt.models.llama import PRESETS, LlamaConfig  # noqa: E402
 from jtgpt.serve import Engine  # noqa: E402
@@ -236,6 +236,22 @@ def bench_model(name, config, args, on_gpu):
     generate_step = (timed[new] - timed[1]) / (new - 1)
     lines.append(f"Decode step at B={B} (prompt {T} + {new}): engine {engine_step * 1e3:.3f} ms, "
                  f"generate {generate_step * 1e3:.3f} ms: {engine_step / generate_step:.2f}x.\n")
+    if args.profile and on_gpu:
+        k = args.decode_steps
+        prompts = other_tokens(ids.tolist(), config.vocab_size, seed=7)
+        for p in prompts:
+            engine.add_request(p, max_new_tokens=1 + 2 * k, eos_token_id=[])
+        started = set()
+        while len(started) < B:  # the prefill steps: every request's first token
+            started |= set(engine.step())
+        lines += [f"GPU kernels of the engine's decode, per call of {k} steps at B={B}:\n",
+                  gpu_kernel_table(engine.step, steps=2, top=25),
+                  f"\nGPU kernels of generate at B={B}, prompt {T} + {k} new (its prefill "
+                  f"included):\n",
+                  gpu_kernel_table(lambda: model.generate(ids, max_new_tokens=k, eos_token_id=[],
+                                                          pad_token_id=0), steps=1, top=25), ""]
+        while engine.has_unfinished:
+            engine.step()
     return "\n".join(lines)
 
 
@@ -250,6 +266,8 @@ def main():
     p.add_argument("--max-seqs", type=int, default=64)
     p.add_argument("--max-batch-tokens", type=int, default=2048)
     p.add_argument("--decode-steps", type=int, default=8, help="the engine's decode_steps")
+    p.add_argument("--profile", action="store_true",
+                   help="also the GPU kernel tables of the B=64 decode, engine and generate")
     p.add_argument("--markdown", help="also write the tables to this file")
     args = p.parse_args()
     configs = {"gpt2": GPTConfig(), "llama": PRESETS["llama-3.2-1b"]} if on_gpu else TINY
