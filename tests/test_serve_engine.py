@@ -118,15 +118,13 @@ def test_step_reports_tokens_finish_reasons_and_aborts(gpt2):
 
 
 def test_sampled_tokens_follow_the_seed_not_the_batch(gpt2):
-    """Alone and one decode step a call, or batched with others and up to 8 steps a call (the
-    default): the same tokens."""
+    """Alone (a prefill, then its 5 decode steps in one call) or batched with others (the others'
+    shorter budgets cut its decode steps into more calls): the same tokens."""
     engine = Engine(gpt2, page_size=4, num_pages=40, max_seqs=4, max_batch_tokens=32)
     prompt, others = _prompts(1, [5], seed=3)[0], _prompts(3, [2, 8], seed=4)
     options = dict(do_sample=True, temperature=1.3, top_k=20, top_p=0.9, repetition_penalty=1.2,
                    seed=7)
-    single = Engine(gpt2, page_size=4, num_pages=40, max_seqs=4, max_batch_tokens=32,
-                    decode_steps=1)
-    alone = single.generate([prompt], max_new_tokens=6, progress=False, **options)[0]
+    alone = engine.generate([prompt], max_new_tokens=6, progress=False, **options)[0]
     ids = [engine.add_request(p, max_new_tokens=6, temperature=0.0) for p in others[:2]]
     rid = engine.add_request(prompt, max_new_tokens=6, eos_token_id=None, **options)
     ids.append(engine.add_request(others[2], max_new_tokens=3, repetition_penalty=1.5))
