@@ -59,13 +59,13 @@ def _alone(model, prompt, new, **options):
 
 
 def test_greedy_equals_generate_with_a_pool_too_small_for_all(model):
-    # 6 requests of up to 19 + 5 tokens: 2 pages of 4 slots... a 10-page pool holds about two
-    # at once; 16 tokens a step chunk the longer prompts.
+    # 4 requests of up to 19 + 5 tokens (6 pages of 4 slots) for 3 sequence slots: one waits, a
+    # 10-page pool runs out (one is preempted), and 16 tokens a step chunk the 19-token prompt.
     engine = Engine(model, page_size=4, num_pages=10, max_seqs=3, max_batch_tokens=16)
     preempted = []
     preempt = engine.scheduler._preempt
     engine.scheduler._preempt = lambda seq: (preempted.append(seq), preempt(seq))
-    prompts = _prompts(6, [3, 9, 19])
+    prompts = _prompts(4, [3, 9, 19])
     out = engine.generate(prompts, max_new_tokens=5, eos_token_id=[], progress=False)
     for prompt, tokens in zip(prompts, out):
         assert tokens == _alone(model, prompt, 5, eos_token_id=[], pad_token_id=0)
