@@ -51,7 +51,8 @@ from flax import nnx
 from jtgpt.generate import eos_token_ids
 from jtgpt.kernels.attention import paged
 from jtgpt.layers import check_ids_in_range
-from jtgpt.sampling import RowFilters, RowSampling, Sampling, process_logits_rows, select_tokens_rows
+from jtgpt.sampling import (RowFilters, RowSampling, Sampling, mark_seen, process_logits_rows,
+                            seen_tokens, select_tokens_rows)
 from jtgpt.serve.paged_cache import PagedKVCache
 from jtgpt.serve.pages import PageAllocator
 from jtgpt.serve.scheduler import Entry, Request, Scheduler
@@ -107,10 +108,7 @@ def _run_batch(graphdef, treedef, max_steps, params, pages, ints, floats, *, sha
     S, T, V = shapes.seqs, shapes.tokens, model.config.vocab_size
     live = b["context_lens"] > 0  # block-table rows that hold a sequence
     fed = jnp.where(live, b["sample_rows"], T)  # where a row's token goes next step (T: nowhere)
-    seen = None
-    if shapes.seen:  # -1 pads a row's ids: sent past the vocabulary, where the scatter drops it
-        ids = jnp.where(b["seen_ids"] < 0, V, b["seen_ids"])
-        seen = jnp.zeros((S, V), jnp.bool_).at[jnp.arange(S)[:, None], ids].set(True, mode="drop")
+    seen = seen_tokens(b["seen_ids"], V) if shapes.seen else None
 
     def step(j, state):
         pages, ids, positions, context_lens, seen, out = state
@@ -123,7 +121,7 @@ def _run_batch(graphdef, treedef, max_steps, params, pages, ints, floats, *, sha
         tokens = select_tokens_rows(process_logits_rows(logits, rows, filters, seen), rows,
                                     filters, keys)
         if seen is not None:
-            seen = seen.at[jnp.arange(S), tokens].set(True)
+            seen = mark_seen(seen, tokens)
         return (cache.layers, ids.at[fed].set(tokens, mode="drop"),
                 positions.at[fed].add(1, mode="drop"), context_lens + live, seen,
                 out.at[j].set(tokens))
@@ -343,7 +341,6 @@ class Engine:
         shapes = _Shapes(T, S, width, tile_seqs.size, seen)
         f = {name: np.zeros(size, np.int32) for name, size in shapes.int_fields()}
         f["cu_q"], f["tile_seqs"], f["tile_starts"] = cu_q, tile_seqs, tile_starts
-        f["seen_ids"].fill(-1)
         tables, seen_ids = f["block_tables"].reshape(S, width), f["seen_ids"].reshape(S, seen)
         n = len(batch)
         rows = RowSampling(*map(np.array, zip(*(s.row for s in settings))))
@@ -364,6 +361,9 @@ class Engine:
         for i, e in enumerate(batch):
             tables[i, :len(e.seq.pages)] = e.seq.pages
             if penalised[i]:
+                # Padded with a repeat of its first id, which marks nothing new. The other
+                # rows' zeros mark token 0, under their penalty of 1: no change.
+                seen_ids[i] = penalised[i][0]
                 seen_ids[i, :len(penalised[i])] = penalised[i]
         ints = np.concatenate([f[name] for name, _ in shapes.int_fields()])
         return shapes, filters, ints, floats
