@@ -24,7 +24,8 @@ on it is thrown away. Waiting requests join at the next schedule(), so a run del
 most k steps.
 
 The scheduler never runs the model: `schedule()` says what to compute and `update()` takes what
-came out (one new token for each sequence whose batch entry reached the end of its known tokens).
+came out (for each sequence whose batch entry reached the end of its known tokens, one new token
+a step the entry ran).
 """
 from __future__ import annotations
 
