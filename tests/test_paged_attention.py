@@ -18,7 +18,7 @@ from jtgpt.kernels.attention import paged
 BATCH = [(0, 5), (7, 1), (13, 6), (4, 0), (0, 1), (0, 20)]
 
 
-def make_batch(key, batch, Hq, Hkv, D, page_size, dtype, num_pages=40, pad_rows=3):
+def make_batch(key, batch, Hq, Hkv, D, page_size, dtype, num_pages=40, pad_rows=3, block_q=None):
     """(qkv, pages, block_tables, cu_q, context_lens, tile plan), pages in a random order."""
     rng = np.random.default_rng(0)
     counts = np.array([n for _, n in batch])
@@ -37,7 +37,7 @@ def make_batch(key, batch, Hq, Hkv, D, page_size, dtype, num_pages=40, pad_rows=
     T = int(cu_q[-1]) + pad_rows  # a padded batch: rows past cu_q[-1] belong to no sequence
     qkv = jax.random.normal(k1, (T, (Hq + 2 * Hkv) * D), jnp.float32).astype(dtype)
     pages = jax.random.normal(k2, (num_pages, page_size, 2 * Hkv * D), jnp.float32).astype(dtype)
-    block_q = paged.query_block(Hq, Hkv)
+    block_q = block_q or paged.query_block(Hq, Hkv)
     plan = paged.plan_tiles(cu_q, block_q, paged.max_tiles(T, len(batch), block_q))
     return qkv, pages, tables, cu_q, context.astype(np.int32), plan
 
@@ -65,13 +65,17 @@ def run(qkv, pages, tables, cu_q, context, plan, **kwargs):
     return f(qkv, pages, tables, cu_q, context, *plan)
 
 
-@pytest.mark.parametrize("Hq,Hkv,D,page_size,num_splits,dtype", [
-    (2, 2, 32, 4, None, jnp.float32), (6, 2, 16, 16, None, jnp.float32), (4, 1, 32, 8, 3, jnp.bfloat16),
-    (4, 2, 16, 5, 2, jnp.float32)])
-def test_matches_reference(key, dtype, Hq, Hkv, D, page_size, num_splits):
-    qkv, pages, tables, cu_q, context, plan = make_batch(key, BATCH, Hq, Hkv, D, page_size, dtype)
+@pytest.mark.parametrize("Hq,Hkv,D,page_size,num_splits,block_q,dtype", [
+    (2, 2, 32, 4, None, None, jnp.float32), (6, 2, 16, 16, None, None, jnp.float32),
+    (4, 1, 32, 8, 3, None, jnp.bfloat16), (4, 2, 16, 5, 2, None, jnp.float32),
+    (6, 2, 16, 4, None, 8, jnp.float32), (2, 2, 16, 4, 2, 32, jnp.bfloat16)])
+def test_matches_reference(key, dtype, Hq, Hkv, D, page_size, num_splits, block_q):
+    """block_q None: query_block's tiles (16 q rows in the interpreter); else tiles of that many
+    tokens (8 tokens x 4 padded heads, 32 tokens x 1 head)."""
+    qkv, pages, tables, cu_q, context, plan = make_batch(key, BATCH, Hq, Hkv, D, page_size, dtype,
+                                                         block_q=block_q)
     out, new_pages = run(qkv, pages, tables, cu_q, context, plan, num_heads=Hq, num_kv_heads=Hkv,
-                         num_splits=num_splits, block_n=16)
+                         num_splits=num_splits, block_n=16, block_q=block_q)
     ref_out, ref_pages = expected(qkv, pages, tables, cu_q, context, Hq, Hkv, D)
     assert out.dtype == dtype and out.shape == (qkv.shape[0], Hq * D)
     assert_close(out[:int(cu_q[-1])], ref_out)
@@ -151,6 +155,23 @@ def test_invalid_arguments(change, match):
         jax.eval_shape(lambda a: paged.paged_attention(**a, num_heads=4, num_kv_heads=2), args)
 
 
+@pytest.mark.parametrize("block_q", [3, 2, 0, True])
+def test_invalid_block_q(block_q):
+    """Not a power of two, or a tile of fewer than 16 q rows (2 tokens x 4 padded heads)."""
+    with pytest.raises(ValueError, match="block_q must be a power of two"):
+        jax.eval_shape(lambda a: paged.paged_attention(**a, num_heads=6, num_kv_heads=2,
+                                                       block_q=block_q),
+                       dict(GOOD, qkv=_shape(9, 160)))
+
+
+def test_decode_tiles():
+    """A batch that only decodes takes 16-row tiles on the GPU too (one token x the padded
+    group, at least one token); others take TILE_ROWS rows there, 16 in the interpreter."""
+    assert [paged.query_block(Hq, Hkv, decode=True) for Hq, Hkv in [(12, 12), (32, 8), (6, 2),
+                                                                     (64, 2)]] == [16, 4, 4, 1]
+    assert paged.query_block(32, 8) == 4  # the interpreter's 16 rows
+
+
 def test_concrete_lengths_are_checked():
     qkv, pages = jnp.ones((4, 128)), jnp.ones((10, 4, 64))
     tables, plan = jnp.zeros((2, 2), jnp.int32), paged.plan_tiles([0, 2, 4], 16, 4)
@@ -165,14 +186,15 @@ def test_concrete_lengths_are_checked():
 @pytest.mark.parametrize("Hq,Hkv,D", [(12, 12, 64), (32, 8, 128)])
 def test_builds_for_hopper(Hq, Hkv, D):
     """The GPU configuration builds for sm_90 without spills: a decode bucket of 8 sequences
-    (several splits and the merge) and a 512-token prefill bucket (one split)."""
+    in decode tiles (several splits and the merge) and a 512-token prefill bucket (one split)."""
     page_size, max_pages = 16, 256
-    for seqs, tokens in ((8, 8), (4, 512)):
+    for seqs, tokens, rows in ((8, 8, 16), (4, 512, 64)):
         with compile_only(capability=90) as built:
-            block_q = 64 // triton_pow2(Hq // Hkv)
-            tiles = -(-tokens // block_q) + seqs
+            block_q = max(1, rows // triton_pow2(Hq // Hkv))
+            tiles = seqs if rows == 16 else -(-tokens // block_q) + seqs
             jax.eval_shape(
-                lambda *a: paged.paged_attention(*a, num_heads=Hq, num_kv_heads=Hkv),
+                lambda *a: paged.paged_attention(*a, num_heads=Hq, num_kv_heads=Hkv,
+                                                 block_q=block_q),
                 _shape(tokens, (Hq + 2 * Hkv) * D, dtype=jnp.bfloat16),
                 _shape(4096, page_size, 2 * Hkv * D, dtype=jnp.bfloat16),
                 _shape(seqs, max_pages, dtype=I32), _shape(seqs + 1, dtype=I32),

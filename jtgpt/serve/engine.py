@@ -68,6 +68,7 @@ class _Shapes(NamedTuple):
     seqs: int    # S: sequences (block-table rows)
     table: int   # pages a block-table row holds
     tiles: int   # the attention kernel's tiles
+    block_q: int  # tokens a tile holds (fewer for a batch that only decodes)
     seen: int    # token ids per row for the repetition penalty (0: no row uses it)
 
     def int_fields(self) -> list[tuple[str, int]]:
@@ -113,7 +114,7 @@ def _run_batch(graphdef, treedef, max_steps, params, pages, ints, floats, *, sha
     def step(j, state):
         pages, ids, positions, context_lens, seen, out = state
         cache = PagedKVCache(pages, b["block_tables"], b["cu_q"], context_lens, b["tile_seqs"],
-                             b["tile_starts"])
+                             b["tile_starts"], shapes.block_q)
         logits, cache = model.next_token_logits(ids[None], positions[None], cache,
                                                 rows=b["sample_rows"])
         keys = jax.vmap(lambda seed, n: jax.random.fold_in(jax.random.key(seed), n))(
@@ -192,7 +193,6 @@ class Engine:
         self._step = _jitted_step(graphdef, treedef, decode_steps)
         self._programs: set[tuple[_Shapes, RowFilters]] = set()
         self._kv = PagedKVCache.empty_pages(num_pages, page_size, self.spec)
-        self._block_q = paged.query_block(self.spec.num_heads, self.spec.num_kv_heads)
         self._live: dict[int, Request] = {}
         self._settings: dict[int, _Settings] = {}
         self._finished: dict[int, str] = {}
@@ -336,9 +336,12 @@ class Engine:
         cu_q = np.zeros(S + 1, np.int32)
         cu_q[1:len(batch) + 1] = np.cumsum(counts)
         cu_q[len(batch) + 1:] = cu_q[len(batch)]
-        tile_seqs, tile_starts = paged.plan_tiles(cu_q, self._block_q,
-                                                  paged.max_tiles(T, S, self._block_q))
-        shapes = _Shapes(T, S, width, tile_seqs.size, seen)
+        # A batch that only decodes takes one small tile a sequence (paged.query_block).
+        decode = all(count == 1 for count in counts)
+        block_q = paged.query_block(self.spec.num_heads, self.spec.num_kv_heads, decode=decode)
+        tile_seqs, tile_starts = paged.plan_tiles(
+            cu_q, block_q, S if decode else paged.max_tiles(T, S, block_q))
+        shapes = _Shapes(T, S, width, tile_seqs.size, block_q, seen)
         f = {name: np.zeros(size, np.int32) for name, size in shapes.int_fields()}
         f["cu_q"], f["tile_seqs"], f["tile_starts"] = cu_q, tile_seqs, tile_starts
         tables, seen_ids = f["block_tables"].reshape(S, width), f["seen_ids"].reshape(S, seen)

@@ -34,6 +34,7 @@ class PagedKVCache:
     context_lens: jax.Array        # int32 [num_seqs]
     tile_seqs: jax.Array           # int32 [num_tiles]: paged.plan_tiles' work split
     tile_starts: jax.Array         # int32 [num_tiles]
+    block_q: int = dataclasses.field(metadata=dict(static=True))  # the plan's tokens a tile
 
     @staticmethod
     def empty_pages(num_pages: int, page_size: int, spec: KVSpec) -> tuple[jax.Array, ...]:
@@ -54,6 +55,6 @@ class PagedKVCache:
         y, pages = paged_attention(qkv[0], self.layers[layer], self.block_tables, self.cu_q,
                                    self.context_lens, self.tile_seqs, self.tile_starts,
                                    num_heads=num_heads, num_kv_heads=num_kv_heads,
-                                   precision=precision)
+                                   precision=precision, block_q=self.block_q)
         layers = self.layers[:layer] + (pages,) + self.layers[layer + 1:]
         return y[None], dataclasses.replace(self, layers=layers)

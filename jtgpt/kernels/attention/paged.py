@@ -15,7 +15,7 @@ g = h // (Hq // Hkv), attends to positions j <= C_s - n_s + i:
 
 Programs. One per (query tile, kv head, split). A tile is up to BLOCK_Q consecutive new tokens
 of one sequence (`plan_tiles`, computed on the host from cu_q: a decode row is one tile of one
-token); its BLOCK_Q tokens times the GROUP = Hq / Hkv query heads of the kv head form one
+token, and a batch of decode rows alone takes tiles of DOT_ROWS q rows, `query_block`); its BLOCK_Q tokens times the GROUP = Hq / Hkv query heads of the kv head form one
 [BLOCK_Q GROUP', D] q tile (GROUP' = GROUP rounded up to a power of two), so each K and V tile
 is read once for the whole group and q k^T is one tl.dot. Keys come BLOCK_N at a time through the
 block table: cached positions from their pages, the tile's sequence's new positions from qkv
@@ -49,12 +49,17 @@ from jtgpt.kernels.attention.common import MAX_GRID_Y, check_split_options, chec
 from jtgpt.kernels.attention.decode import _block_config, _decode_merge_kernel, _num_splits
 
 TILE_ROWS = 64  # q rows (tokens x grouped heads) of a tile on the GPU; 16 in the interpreter
+DOT_ROWS = 16   # the fewest rows a tl.dot operand takes: a decode batch's tile
 
 
-def query_block(num_heads: int, num_kv_heads: int) -> int:
-    """BLOCK_Q: the new tokens one tile holds, so that a tile is ~TILE_ROWS q rows."""
+def query_block(num_heads: int, num_kv_heads: int, *, decode: bool = False) -> int:
+    """BLOCK_Q: the new tokens one tile holds, so that a tile is ~TILE_ROWS q rows; for a batch
+    where every sequence has one new token (decode), DOT_ROWS rows: a decode tile holds one
+    token, and every row past its grouped heads is padding that the dots compute for nothing
+    (at TILE_ROWS, 63 of 64 rows for GPT-2, with 212 registers a thread against ~110)."""
     group = triton.next_power_of_2(num_heads // num_kv_heads)
-    return max(1, (TILE_ROWS if on_gpu() else 16) // group)
+    rows = DOT_ROWS if decode or not on_gpu() else TILE_ROWS
+    return max(1, rows // group)
 
 
 def plan_tiles(cu_q, block_q: int, num_tiles: int) -> tuple[np.ndarray, np.ndarray]:
@@ -201,7 +206,7 @@ def _check_concrete_lengths(cu_q, context_lens, T: int, capacity: int) -> None:
 
 def paged_attention(qkv, pages, block_tables, cu_q, context_lens, tile_seqs, tile_starts, *,
                     num_heads, num_kv_heads=None, sm_scale=None, precision="ieee",
-                    num_splits=None, block_n=None):
+                    block_q=None, num_splits=None, block_n=None):
     """Causal attention of a ragged batch's new tokens over their paged KV cache; returns (out
     [T, Hq * D] in qkv's dtype, ready for the output projection; pages with the new tokens' k
     and v stored).
@@ -212,11 +217,13 @@ def paged_attention(qkv, pages, block_tables, cu_q, context_lens, tile_seqs, til
     block_tables int32 [num_seqs, max_pages]: sequence s's pages in order, covering its
     context_lens[s] positions (the new tokens' slots included). cu_q int32 [num_seqs + 1],
     context_lens int32 [num_seqs]: C_s >= n_s, the new tokens last. tile_seqs, tile_starts int32
-    [num_tiles]: the work split, from `plan_tiles(cu_q, query_block(Hq, Hkv), num_tiles)`.
+    [num_tiles]: the work split, from `plan_tiles(cu_q, block_q, num_tiles)`.
     All are runtime arrays: new lengths, tables and plans do not recompile.
 
     num_heads Hq, num_kv_heads Hkv (default Hq); D one of common.HEAD_DIMS; sm_scale (default
-    D ** -0.5), precision ("ieee" or "tf32" for fp32), num_splits and block_n as for
+    D ** -0.5), precision ("ieee" or "tf32" for fp32); block_q, the tokens a tile of the plan
+    holds (default query_block(Hq, Hkv); a power of two, at least DOT_ROWS divided by the query
+    heads a kv head serves, padded to a power of two); num_splits and block_n as for
     decode_attention. Inference only (no gradient).
     """
     if getattr(qkv, "ndim", None) != 2:
@@ -251,7 +258,17 @@ def paged_attention(qkv, pages, block_tables, cu_q, context_lens, tile_seqs, til
                          f"{tile_seqs.shape[0]} tiles, {num_kv_heads} kv heads")
     _check_concrete_lengths(cu_q, context_lens, T, table_width * page_size)
     check_split_options(num_splits, block_n)
+    group = triton.next_power_of_2(num_heads // num_kv_heads)
+    block_q = query_block(num_heads, num_kv_heads) if block_q is None else block_q
+    if isinstance(block_q, bool) or not isinstance(block_q, int) or block_q & (block_q - 1) \
+            or block_q * group < DOT_ROWS:
+        raise ValueError(f"block_q must be a power of two of at least {DOT_ROWS} // {group} "
+                         f"(the query heads a kv head serves, padded to a power of two), got "
+                         f"{block_q!r}")
     default_block_n, num_warps, num_stages = _block_config(head_dim, qkv.dtype, precision)
+    if block_q * group == DOT_ROWS:
+        # A 16-row tile in 3 stages: sm_90's ptxas caps it at 128 registers and spills.
+        num_stages = min(num_stages, 2)
     block_n = block_n or default_block_n
     num_tiles = tile_seqs.shape[0]
     num_splits = num_splits or _num_splits(num_tiles, num_kv_heads, table_width * page_size)
@@ -270,8 +287,7 @@ def paged_attention(qkv, pages, block_tables, cu_q, context_lens, tile_seqs, til
         NUM_PAGES=num_pages, PAGE_SIZE=page_size, MAX_PAGES=table_width, HQ=num_heads,
         HKV=num_kv_heads, HEAD_DIM=head_dim, QK_SCALE=sm_scale * math.log2(math.e),
         PRECISION=precision, NUM_SPLITS=num_splits,
-        BLOCK_Q=query_block(num_heads, num_kv_heads),
-        GROUP_P2=triton.next_power_of_2(num_heads // num_kv_heads), BLOCK_N=block_n)
+        BLOCK_Q=block_q, GROUP_P2=group, BLOCK_N=block_n)
     if num_splits > 1:
         out = triton_call(out, lse, kernel=_decode_merge_kernel, out_shape=final,
                           grid=(T * num_heads,), num_warps=4, NUM_SPLITS=num_splits,
