@@ -120,10 +120,55 @@ def _jax_triton():
     else:
         os.environ["TRITON_CACHE_DIR"] = saved
     lib = jax_triton.triton_lib
+    if _FFI_TARGET in _kernel_call_registrations(lib.triton_kernel_call_lib):
+        from jax.interpreters import mlir
+        mlir.register_lowering(lib.triton_kernel_call_p, _as_typed_ffi_call(
+            functools.partial(lib.triton_kernel_call_lowering, lib.get_cuda_backend)),
+            platform="cuda")
     lib.triton_kernel_call_lib = _KernelCallLib(lib.triton_kernel_call_lib)
     lib.get_or_create_triton_kernel = _building_gluon(lib.get_or_create_triton_kernel,
                                                       lib.triton_kernel_call_lib)
     return jax_triton
+
+
+_FFI_TARGET = "triton_kernel_call_ffi"
+
+
+def _kernel_call_registrations(kernel_call_lib) -> dict:
+    """The XLA custom-call targets jaxlib's CUDA Triton library registers, by name."""
+    plugin = getattr(kernel_call_lib, "_cuda_triton", None)
+    return plugin.registrations() if hasattr(plugin, "registrations") else {}
+
+
+def _as_typed_ffi_call(lowering):
+    """A jax-triton lowering rule whose custom call is jaxlib's typed-FFI Triton call.
+
+    jax-triton 0.3.1 emits jaxlib's legacy custom call `triton_kernel_call`, the zlib'd kernel
+    call as the op's backend_config string. XLA cannot record a legacy custom call into a
+    command buffer (a CUDA graph), so every launch costs host time at every execution: 6 us a
+    launch of a one-line kernel on the H200, more than the GPU time of most decode-step kernels.
+    jaxlib (0.10.1 on) also registers the same kernel call as a typed XLA FFI handler,
+    `triton_kernel_call_ffi`, which takes the same bytes as its `opaque` attribute and which XLA
+    may record into command buffers (jax-triton 0.4 emits it, but needs triton 3.7). The op is
+    rewritten in place into what `jax.ffi.ffi_lowering` emits for that call: same operands,
+    results, layouts and aliases.
+    """
+    from jax._src.lib.mlir import ir
+
+    def lower(ctx, *args, **params):
+        results = lowering(ctx, *args, **params)
+        op = results[0].owner
+        attributes = getattr(op, "operation", op).attributes
+        opaque = attributes["backend_config"]
+        attributes["call_target_name"] = ir.StringAttr.get(_FFI_TARGET)
+        # A dictionary in mhlo.backend_config, with api_version 1, is how a typed-FFI call's
+        # attributes travel (jax's mlir.custom_call); XLA then calls the handler with them.
+        attributes["api_version"] = ir.IntegerAttr.get(ir.IntegerType.get_signless(32), 1)
+        attributes["backend_config"] = ir.StringAttr.get("")
+        attributes["mhlo.backend_config"] = ir.DictAttr.get({"opaque": opaque})
+        return results
+
+    return lower
 
 
 class _KernelCallLib:

@@ -177,3 +177,39 @@ def test_gpu_kernels_build_without_line_info(monkeypatch):
         monkeypatch.setenv("TRITON_DISABLE_LINE_INFO", "0")
         with _without_line_info():
             assert compilation.disable_line_info is False
+
+
+def test_gpu_calls_become_typed_ffi_calls():
+    """jax-triton 0.3.1's legacy custom call (the kernel call as a backend_config string) is
+    rewritten into exactly what jax.ffi emits for jaxlib's typed-FFI Triton target with the same
+    bytes as its `opaque` attribute: same operands, results, layouts and aliases."""
+    from jax.extend.core import Primitive
+    from jax.interpreters import mlir
+
+    from jtgpt.call import _FFI_TARGET, _as_typed_ffi_call
+
+    opaque = b"x\x9c\x00kernel call\xff"
+    legacy = Primitive("legacy_triton_call")
+    legacy.def_abstract_eval(lambda x, y: (x, x))
+    legacy.multiple_results = True
+    legacy_rule = jax.ffi.ffi_lowering("triton_kernel_call", api_version=2, backend_config=opaque,
+                                       operand_output_aliases={1: 0})
+    mlir.register_lowering(legacy, _as_typed_ffi_call(legacy_rule))
+
+    def typed(x, y):
+        out = jax.ShapeDtypeStruct(x.shape, x.dtype)
+        return jax.ffi.ffi_call(_FFI_TARGET, (out, out), input_output_aliases={1: 0})(
+            x, y, opaque=opaque)
+
+    def custom_call(f, *args):
+        text = jax.jit(f).lower(*args).as_text()
+        [line] = [line for line in text.splitlines() if "stablehlo.custom_call" in line]
+        return line.split(" loc(")[0]
+
+    x, y = jnp.ones((3, 5)), jnp.zeros((3, 5))
+    rewritten = custom_call(legacy.bind, x, y)
+    assert rewritten == custom_call(typed, x, y)
+    assert "triton_kernel_call_ffi" in rewritten and "opaque" in rewritten
+    assert "@triton_kernel_call(" in custom_call(
+        lambda x, y: jax.ffi.ffi_call("triton_kernel_call", (x, x), custom_call_api_version=2,
+                                      legacy_backend_config=opaque)(x, y), x, y)
