@@ -319,19 +319,36 @@ def test_models_and_health(served, client):
 def test_disconnected_clients_are_aborted(served, client, reference, monkeypatch):
     """A streaming client that leaves after its first chunk and a non-streaming one that times
     out: both requests are aborted in the engine and their pages freed, while another request
-    completes."""
+    completes. The engine steps only when the test lets it, so neither request can finish
+    before its client has left, however fast the device."""
     url, engine = served
     aborted = []
     abort = engine.abort
     monkeypatch.setattr(engine, "abort", lambda request_id: (aborted.append(request_id),
                                                              abort(request_id)))
+    permits, opened, step = threading.Semaphore(0), threading.Event(), engine.step
+
+    def gated_step():
+        if not opened.is_set():
+            permits.acquire()
+        return step()
+
+    monkeypatch.setattr(engine, "step", gated_step)
     long = {"model": MODEL, "prompt": PROMPTS[3], "max_tokens": CONTEXT - 3, "temperature": 0}
-    with httpx.stream("POST", f"{url}/v1/completions", json={**long, "stream": True},
-                      timeout=300) as response:
-        first = next(line for line in response.iter_lines() if line.startswith("data: "))
-        assert json.loads(first[6:])["object"] == "text_completion"
-    with pytest.raises(httpx.TimeoutException):
-        httpx.post(f"{url}/v1/completions", json=long, timeout=1.0)
+    try:
+        with httpx.stream("POST", f"{url}/v1/completions", json={**long, "stream": True},
+                          timeout=300) as response:
+            permits.release()  # the prefill step: the first token, then the engine waits
+            first = next(line for line in response.iter_lines() if line.startswith("data: "))
+            assert json.loads(first[6:])["object"] == "text_completion"
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{url}/v1/completions", json=long, timeout=1.0)
+        time.sleep(0.5)  # the server sees both clients gone and queues their aborts
+    finally:
+        # The step the engine waits in runs at most decode_steps tokens: both requests are
+        # still unfinished when the engine reads the aborts after it.
+        opened.set()
+        permits.release()
     text, _, _ = reference(PROMPTS[0])
     out = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=NEW,
                                     temperature=0)
