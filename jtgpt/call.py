@@ -3,8 +3,9 @@
 This is the one module that knows about platforms:
 
 - GPU: `jax_triton.triton_call`, which lowers to an XLA custom call, so the kernel runs inside
-  `jax.jit`, `jax.custom_vjp`, `lax.scan`, ... like any other op. jax-triton is imported only on
-  this path: it raises ImportError on a CPU-only jaxlib.
+  `jax.jit`, `jax.custom_vjp`, `lax.scan`, ... like any other op; the call is jaxlib's typed-FFI
+  Triton target, which XLA records into CUDA graphs (`_as_typed_ffi_call`). jax-triton is
+  imported only on this path: it raises ImportError on a CPU-only jaxlib.
 - CPU: `jax.pure_callback` into Triton's interpreter, which runs the same kernel one program
   instance at a time on torch CPU tensors (slow: for tests and tiny shapes only). Every float
   output is filled with NaN before the kernel runs, so an element the kernel fails to write shows
