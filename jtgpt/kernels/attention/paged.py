@@ -15,7 +15,8 @@ g = h // (Hq // Hkv), attends to positions j <= C_s - n_s + i:
 
 Programs. One per (query tile, kv head, split). A tile is up to BLOCK_Q consecutive new tokens
 of one sequence (`plan_tiles`, computed on the host from cu_q: a decode row is one tile of one
-token, and a batch of decode rows alone takes tiles of DOT_ROWS q rows, `query_block`); its BLOCK_Q tokens times the GROUP = Hq / Hkv query heads of the kv head form one
+token, and a batch of decode rows alone takes tiles of DOT_ROWS q rows, `query_block`); its
+BLOCK_Q tokens times the GROUP = Hq / Hkv query heads of the kv head form one
 [BLOCK_Q GROUP', D] q tile (GROUP' = GROUP rounded up to a power of two), so each K and V tile
 is read once for the whole group and q k^T is one tl.dot. Keys come BLOCK_N at a time through the
 block table: cached positions from their pages, the tile's sequence's new positions from qkv
@@ -267,7 +268,8 @@ def paged_attention(qkv, pages, block_tables, cu_q, context_lens, tile_seqs, til
                          f"{block_q!r}")
     default_block_n, num_warps, num_stages = _block_config(head_dim, qkv.dtype, precision)
     if block_q * group == DOT_ROWS:
-        # A 16-row tile in 3 stages: sm_90's ptxas caps it at 128 registers and spills.
+        # A 16-row tile in 3 stages writing split partials: sm_90's ptxas caps it at 128
+        # registers and spills (2 stages: 111 registers, no spill).
         num_stages = min(num_stages, 2)
     block_n = block_n or default_block_n
     num_tiles = tile_seqs.shape[0]
