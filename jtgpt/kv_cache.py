@@ -92,9 +92,5 @@ class KVCache:
             kv = jax.lax.dynamic_update_slice(self.layers[layer], new_kv, (0, 0, 0))
             mask = None if self.key_mask is None else self.key_mask[:, :T]
             y = flash_attention(qkv, attention_mask=mask, causal=True, **heads)
-        return y, self.with_layer(layer, kv)
-
-    def with_layer(self, layer: int, kv) -> KVCache:
-        """The cache with layer `layer`'s kv replaced."""
         layers = self.layers[:layer] + (kv,) + self.layers[layer + 1:]
-        return dataclasses.replace(self, layers=layers)
+        return y, dataclasses.replace(self, layers=layers)

@@ -133,29 +133,6 @@ def decode_attention(q, k, v, lengths, key_mask=None, sm_scale=None):
                      sm_scale=sm_scale)[:, 0]
 
 
-def gpt2_block_decode(x, kv_cache, lengths, weights, num_heads, eps, key_mask=None):
-    """GPT-2's block for one new token per row, as generation runs it: x [B, 1, C], kv_cache
-    [B, S, 2C] (slot j's [k heads | v heads]), lengths [B] (the new token goes to slot
-    lengths - 1 and attends to the visible slots before it and itself), weights the block's
-    parameters in the order of jtgpt.kernels.decode_block.BlockWeights ([K, N] matrices) ->
-    (x after the block [B, 1, C], the cache with the token's k and v stored). Each intermediate
-    is rounded to x's dtype where the unfused kernels store it."""
-    (ln1_w, ln1_b, attn_w, attn_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, mlp_w,
-     mlp_b) = weights
-    B, _, C = x.shape
-    D = C // num_heads
-    qkv = linear(layer_norm(x, ln1_w, ln1_b, eps), attn_w, attn_b)[:, 0]
-    rows = jnp.arange(B)
-    kv_cache = kv_cache.at[rows, lengths - 1].set(qkv[:, C:])
-    key_mask = None if key_mask is None else key_mask.at[rows, lengths - 1].set(1)
-    kv = kv_cache.reshape(B, -1, 2, num_heads, D)
-    y = decode_attention(qkv[:, :C].reshape(B, num_heads, D), kv[:, :, 0], kv[:, :, 1], lengths,
-                         key_mask).reshape(B, 1, C)
-    x = linear(y, proj_w, proj_b, residual=x)
-    f = linear(layer_norm(x, ln2_w, ln2_b, eps), fc_w, fc_b, activation="gelu_tanh")
-    return linear(f, mlp_w, mlp_b, residual=x), kv_cache
-
-
 def paged_attention(q, k_new, v_new, k_pages, v_pages, block_tables, cu_q, context_lens,
                     sm_scale=None):
     """Causal attention of a ragged batch's new tokens over their paged cache: q [T, Hq, D] and

@@ -16,8 +16,6 @@ from conftest import left_padding
 
 import jtgpt
 from jtgpt import cli
-from jtgpt.kernels.decode_block import block_decode
-from jtgpt.models import gpt2
 
 TINY_GPT2 = dict(vocab_size=101, n_positions=64, n_embd=64, n_layer=2, n_head=4, bos_token_id=1,
                  eos_token_id=1)  # the config's eos: generate's default
@@ -80,31 +78,6 @@ def test_greedy_matches_hf_left_padded(models, prompt, greedy):
     expected = _hf_generate(models[1], ids, mask, eos=[], pad=0)
     assert greedy.dtype == jnp.int32 and greedy.shape == (B, T + NEW)
     np.testing.assert_array_equal(np.asarray(greedy), expected)
-
-
-@pytest.mark.parametrize("row", [0, B - 1])
-def test_greedy_one_sequence_matches_hf(models, prompt, row):
-    """A batch of one sequence, unpadded (row 0) and left-padded (the last row): GPT-2 then runs
-    each block of a decode step as one kernel (test_decode_step_of_one_sequence_is_fused)."""
-    model, hf = models
-    ids, mask = prompt[0][row:row + 1], prompt[1][row:row + 1]
-    expected = _hf_generate(hf, ids, mask, eos=[], pad=0)
-    np.testing.assert_array_equal(np.asarray(model.generate(ids, mask, **GREEDY)), expected)
-
-
-@pytest.mark.parametrize("batch,fused", [(1, True), (2, False)])
-def test_decode_step_of_one_sequence_is_fused(models, monkeypatch, batch, fused):
-    """GPT-2's decode step of one sequence calls jtgpt.kernels.decode_block once per block;
-    a larger batch (and Llama) does not."""
-    model, _ = models
-    calls = []
-    monkeypatch.setattr(gpt2, "block_decode",
-                        lambda *a, **k: calls.append(1) or block_decode(*a, **k))
-    cache = model.empty_cache(batch, 8).add_tokens(3)
-    token = jnp.zeros((batch, 1), jnp.int32)
-    jax.eval_shape(lambda m, c: m.next_token_logits(token, token + 3, c), model, cache)
-    expect_calls = model.config.n_layer if fused and isinstance(model, jtgpt.GPT) else 0
-    assert len(calls) == expect_calls
 
 
 def test_greedy_matches_hf_with_eos(models, prompt):

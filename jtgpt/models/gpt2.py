@@ -23,7 +23,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jtgpt.kernels.attention import flash_attention
-from jtgpt.kernels.decode_block import BlockWeights, block_decode, block_decode_fits
 from jtgpt.kernels.embedding import embedding
 from jtgpt.kv_cache import KVCache, KVSpec
 from jtgpt.layers import (Compute, Embedding, LayerNorm, Linear, causal_lm_loss, check_ids_in_range,
@@ -154,22 +153,6 @@ class Block(nnx.Module):
         h, norm, x = pre_norm(self.ln_2, x, fused=cache is not None)
         return self.mlp(h, x, mlp_dropout, norm), cache
 
-    def decode_token(self, x, cache: KVCache, layer: int, barrier):
-        """The block for one new token of one sequence (x [1, 1, n_embd]) in one kernel
-        (jtgpt.kernels.decode_block): the same result as __call__ with the cache, one launch
-        instead of five. (x after the block, the cache with the token's keys and values, the
-        kernel's barrier counter for the next block)."""
-        cast = lambda p: self.attn.c_attn.compute.cast(p)
-        weights = BlockWeights(*(cast(p) for p in (
-            self.ln_1.weight, self.ln_1.bias, self.attn.c_attn.weight, self.attn.c_attn.bias,
-            self.attn.c_proj.weight, self.attn.c_proj.bias, self.ln_2.weight, self.ln_2.bias,
-            self.mlp.c_fc.weight, self.mlp.c_fc.bias, self.mlp.c_proj.weight,
-            self.mlp.c_proj.bias)))
-        x, kv, barrier = block_decode(x, cache.layers[layer], cache.lengths, weights,
-                                      num_heads=self.attn.n_head, eps=self.ln_1.eps,
-                                      key_mask=cache.key_mask, barrier=barrier)
-        return x, cache.with_layer(layer, kv), barrier
-
 
 class GPT(PretrainedModel):
     """GPT-2 language model.
@@ -256,13 +239,7 @@ class GPT(PretrainedModel):
         x = embedding(ids, self.compute.cast(self.wte.weight), positions,
                       self.compute.cast(self.wpe.weight),
                       **dropout_args(config.embd_pdrop, seeds, 0))
-        one_token = (isinstance(cache, KVCache) and dropout_key is None
-                     and block_decode_fits(x.shape, config.n_head, x.dtype, self.compute.precision))
-        barrier = None  # block_decode's counter, passed from block to block
         for i, block in enumerate(self.h):
-            if one_token:  # a decode step of one sequence: a kernel per block
-                x, cache, barrier = block.decode_token(x, cache, i, barrier)
-                continue
             site = 1 + 3 * i
             x, cache = block(x, mask, (dropout_args(config.attn_pdrop, seeds, site),
                                        dropout_args(config.resid_pdrop, seeds, site + 1),

@@ -7,9 +7,8 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
-import numpy as np
+
 import triton
 import triton.language as tl
 
@@ -104,18 +103,3 @@ def check_split_options(num_splits, block_n) -> None:
     if block_n is not None and not (isinstance(block_n, int) and block_n >= 16
                                     and block_n & (block_n - 1) == 0):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n!r}")
-
-
-def checked_lengths(lengths, B: int, S: int):
-    """lengths as int32 [B], after checking its shape, dtype and (when concrete) values."""
-    lengths = jnp.asarray(lengths)
-    if tuple(lengths.shape) != (B,):
-        raise ValueError(f"lengths must have shape [B] = {(B,)}, got {tuple(lengths.shape)}")
-    if not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise ValueError(f"lengths must be an integer array, got {jnp.dtype(lengths.dtype).name}")
-    if not isinstance(lengths, jax.core.Tracer):
-        values = np.asarray(lengths)
-        if ((values < 1) | (values > S)).any():
-            raise ValueError(f"lengths must be in [1, S] = [1, {S}] (the new token's slot is "
-                             f"lengths - 1, within the cache's capacity), got {values.tolist()}")
-    return lengths.astype(jnp.int32)

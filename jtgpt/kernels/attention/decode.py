@@ -60,13 +60,14 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import triton
 import triton.language as tl
 
 from jtgpt.call import on_gpu, triton_call
 from jtgpt.kernels import packed_qkv_heads
 from jtgpt.kernels.attention.common import (MAX_GRID_Y, check_split_options,
-                                            checked_key_mask, checked_lengths, checked_scale)
+                                            checked_key_mask, checked_scale)
 from jtgpt.kernels.matmul import NUM_SMS
 
 PROGRAMS_PER_SM = 2     # split-kernel programs to aim for per SM (two hide each other's loads)
@@ -261,6 +262,21 @@ def _decode(qkv, kv_cache, lengths, key_mask, *, num_heads, num_kv_heads, head_d
 
 # -------------------------------------------------------------------------------------- public
 
+def _check_lengths(lengths, B: int, S: int):
+    """lengths as int32 [B], after checking its shape, dtype and (when concrete) values."""
+    lengths = jnp.asarray(lengths)
+    if tuple(lengths.shape) != (B,):
+        raise ValueError(f"lengths must have shape [B] = {(B,)}, got {tuple(lengths.shape)}")
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"lengths must be an integer array, got {jnp.dtype(lengths.dtype).name}")
+    if not isinstance(lengths, jax.core.Tracer):
+        values = np.asarray(lengths)
+        if ((values < 1) | (values > S)).any():
+            raise ValueError(f"lengths must be in [1, S] = [1, {S}] (the new token's slot is "
+                             f"lengths - 1, within the cache's capacity), got {values.tolist()}")
+    return lengths.astype(jnp.int32)
+
+
 def decode_attention(qkv, kv_cache, lengths, *, num_heads, num_kv_heads=None, key_mask=None,
                      sm_scale=None, precision="ieee", num_splits=None, block_n=None):
     """Attention of one new token per batch row over its KV cache, the token's own key and
@@ -306,7 +322,7 @@ def decode_attention(qkv, kv_cache, lengths, *, num_heads, num_kv_heads=None, ke
         raise ValueError(f"kv_cache dtype must be qkv's ({jnp.dtype(qkv.dtype).name}), got "
                          f"{jnp.dtype(kv_cache.dtype).name}")
     S = kv_cache.shape[1]
-    lengths = checked_lengths(lengths, B, S)
+    lengths = _check_lengths(lengths, B, S)
     key_mask = checked_key_mask("key_mask", key_mask, (B, S))
     if B * num_kv_heads > MAX_GRID_Y:
         raise ValueError(f"batch * num_kv_heads = {B} * {num_kv_heads} exceeds {MAX_GRID_Y}")
