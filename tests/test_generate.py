@@ -80,6 +80,16 @@ def test_greedy_matches_hf_left_padded(models, prompt, greedy):
     np.testing.assert_array_equal(np.asarray(greedy), expected)
 
 
+@pytest.mark.parametrize("row", [0, B - 1])
+def test_greedy_one_sequence_matches_hf(models, prompt, row):
+    """A batch of one sequence (the GEMV path of every decode GEMM), unpadded (row 0) and
+    left-padded (the last row)."""
+    model, hf = models
+    ids, mask = prompt[0][row:row + 1], prompt[1][row:row + 1]
+    expected = _hf_generate(hf, ids, mask, eos=[], pad=0)
+    np.testing.assert_array_equal(np.asarray(model.generate(ids, mask, **GREEDY)), expected)
+
+
 def test_greedy_matches_hf_with_eos(models, prompt):
     """Row 0 emits eos at its 2nd new token, row 1 at its 4th: every row after its eos is pad,
     and with row 2 never finishing the loop runs to the end (then, with row 2's first token an
