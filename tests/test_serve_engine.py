@@ -117,6 +117,33 @@ def test_step_reports_tokens_finish_reasons_and_aborts(gpt2):
         engine.abort(99)
 
 
+def test_decode_runs_queue_behind_each_other(gpt2):
+    """With nothing waiting, step() dispatches the next decode run before it reads the current
+    one's tokens: the tokens are still generate's, a request that stops at eos drops what its
+    queued run computed past it, an abort while a run is queued frees its pages, and every page
+    comes back."""
+    engine = Engine(gpt2, page_size=4, num_pages=40, max_seqs=4, max_batch_tokens=32,
+                    decode_steps=2)
+    prompts = _prompts(3, [5, 7], seed=4)
+    expected = [_alone(gpt2, p, 9, eos_token_id=[], pad_token_id=0) for p in prompts]
+    eos = expected[0][3]
+    stops = engine.add_request(prompts[0], max_new_tokens=9, eos_token_id=eos)
+    runs = engine.add_request(prompts[1], max_new_tokens=9, eos_token_id=[])
+    aborted = engine.add_request(prompts[2], max_new_tokens=9, eos_token_id=[])
+    got, queued = {stops: [], runs: [], aborted: []}, 0
+    while engine.has_unfinished:
+        for rid, tokens in engine.step().items():
+            got[rid] += tokens
+        queued += engine._next is not None
+        if queued == 2 and aborted in engine._live:
+            engine.abort(aborted)  # its next run is on the device
+    assert queued >= 2
+    assert got[stops] == expected[0][:expected[0].index(eos) + 1]
+    assert got[runs] == expected[1]
+    assert 0 < len(got[aborted]) < 9 and got[aborted] == expected[2][:len(got[aborted])]
+    assert engine.num_free_pages == engine.num_pages
+
+
 def test_sampled_tokens_follow_the_seed_not_the_batch(gpt2):
     """Alone (a prefill, then its 5 decode steps in one call) or batched with others (the others'
     shorter budgets cut its decode steps into more calls): the same tokens."""

@@ -20,21 +20,29 @@ def next_token(tokens):
 class FakeEngine:
     """Runs the scheduler's batches: writes each entry's tokens into a slot store by page, checks
     that the positions before the entry are in the sequence's pages, and samples next_token,
-    `entry.steps` times (each step's token the next one's input, as the engine's device loop)."""
+    `entry.steps` times (each step's token the next one's input, as the engine's device loop).
+    With overlap, as the engine does, it asks continue_decode for the next batch before it
+    updates the scheduler with this one's tokens, and runs that batch next."""
 
-    def __init__(self, scheduler, decode_steps=1):
+    def __init__(self, scheduler, decode_steps=1, overlap=False):
         self.scheduler = scheduler
         self.decode_steps = decode_steps
+        self.overlap = overlap
+        self.queued = []  # continue_decode's batch, to run next
         self.slots = {}  # (page, slot) -> token
         self.steps = 0
 
     def step(self):
-        batch = self.scheduler.schedule(self.decode_steps)
+        batch = self.queued or self.scheduler.schedule(self.decode_steps)
         P = self.scheduler.pages.page_size
         assert len(batch) <= self.scheduler.max_seqs
         assert sum(e.count for e in batch) <= self.scheduler.max_batch_tokens
+        self.queued = self.scheduler.continue_decode(batch, self.decode_steps) \
+            if self.overlap else []
         new = {}
         for entry in batch:
+            if entry.seq.finished:  # stopped (eos, abort) while its batch was queued: the
+                continue            # engine computes it into released pages, update drops it
             seq, tokens = entry.seq, list(entry.seq.tokens)
             assert entry.steps == 1 or (entry.count == 1 and entry.samples)
             assert len(seq.pages) * P >= entry.start + entry.count + entry.steps - 1
@@ -120,14 +128,15 @@ def test_preemption_recomputes_and_loses_nothing():
     assert pool.num_free_pages == 12
 
 
-@pytest.mark.parametrize("decode_steps", [1, 4])
-def test_eos_and_random_arrivals(decode_steps):
+@pytest.mark.parametrize("decode_steps,overlap", [(1, False), (4, False), (1, True), (4, True)])
+def test_eos_and_random_arrivals(decode_steps, overlap):
     """Requests arriving between steps with eos tokens and random lengths: the same tokens as
-    alone, stopped at eos or max_new_tokens, one decode step a batch or up to 4."""
+    alone, stopped at eos or max_new_tokens, one decode step a batch or up to 4, with the next
+    decode run made before the tokens of the last one are known or not."""
     pool = PageAllocator(num_pages=40, page_size=8)
     sched = Scheduler(pool, max_seqs=4, max_batch_tokens=24, max_len=80)
     rng = random.Random(1)
-    engine, cases = FakeEngine(sched, decode_steps), []
+    engine, cases = FakeEngine(sched, decode_steps, overlap), []
     for _ in range(12):
         prompt = [rng.randrange(V) for _ in range(rng.randrange(1, 30))]
         n, eos = rng.randrange(1, 20), {rng.randrange(V) for _ in range(3)}
@@ -166,6 +175,38 @@ def test_multi_step_decode_runs_only_decode_batches_with_lookahead_pages():
     batch, _ = engine.step()  # d has 2 tokens left: 2 steps, not 4
     assert [(e.seq, e.steps) for e in batch] == [(d, 2)] and d.finished
     assert d.generated == alone([7, 8], 3)
+
+
+def test_continue_decode_is_the_next_schedule():
+    """A decode run's continuation, made before update, is what schedule() gives after it,
+    without the sequences that finish by length; [] while a waiting request could take a freed
+    place, and when the pool lacks the run's lookahead pages."""
+    sched = Scheduler(PageAllocator(num_pages=9, page_size=4), max_seqs=2, max_batch_tokens=16,
+                      max_len=64)
+    a = sched.add(list(range(3)), max_new_tokens=10)
+    b = sched.add(list(range(5)), max_new_tokens=4)
+    FakeEngine(sched).step()  # the prefills: one token each
+    batch = sched.schedule(2)
+    assert [(e.seq, e.start, e.steps) for e in batch] == [(a, 3, 2), (b, 5, 2)]
+    follow = sched.continue_decode(batch, 2)  # b has one token left after the run
+    fields = lambda entries: [(e.seq, e.start, e.count, e.samples, e.steps) for e in entries]
+    assert fields(follow) == [(a, 5, 1, True, 1), (b, 7, 1, True, 1)]
+    sched.update(batch, {a.request_id: [1, 2], b.request_id: [3, 4]})
+    assert fields(sched.schedule(2)) == fields(follow)
+
+    pool = PageAllocator(num_pages=6, page_size=4)
+    sched = Scheduler(pool, max_seqs=2, max_batch_tokens=16, max_len=64)
+    c = sched.add(list(range(3)), max_new_tokens=10)
+    d = sched.add(list(range(3)), max_new_tokens=2)
+    FakeEngine(sched).step()
+    batch = sched.schedule(2)  # d's last token: one step
+    assert [(e.seq, e.steps) for e in batch] == [(c, 1), (d, 1)]
+    e = sched.add([4], max_new_tokens=3)  # it could take d's place
+    assert sched.continue_decode(batch, 2) == []
+    sched.abort(e)
+    assert fields(sched.continue_decode(batch, 2)) == [(c, 4, 1, True, 2)]
+    pool.allocate(pool.num_free_pages)  # nothing free: no page for 8 more steps
+    assert sched.continue_decode(batch, 8) == []
 
 
 def test_abort_frees_pages():

@@ -25,12 +25,18 @@ multi-step decode): a device loop feeds each step's tokens to the next, so the h
 pack and dispatch (about 2 ms for 64 GPT-2 sequences on an H200, against 0.8 ms of device time a
 step) are paid once for all of them. The tokens are the same as one step a call gives.
 
+Overlap. When such a run can only be followed by the same sequences' next run (no waiting request
+could take a place: the scheduler's continue_decode), step() dispatches that next run before it
+waits for the current run's tokens, its input ids taken on the device from the current run's
+output. The device then runs one call after the other while the host reads tokens, updates the
+scheduler and packs; what a sequence computes past an eos in the queued run is dropped.
+
 Shapes. T is rounded up to a power of two (at most max_batch_tokens), the sequences to min(T,
 max_seqs), the block-table width to a power of two of pages: a long run compiles a bounded number
 of programs (about log2(max_batch_tokens) x log2(max_len / page_size), times the sampling
 processors in use; `num_compiled`). A decode step of up to 4 sequences stays at 1-4 rows, so its
-GEMMs take the GEMV path as in generate. Every integer array of a step travels to the device in
-one buffer, the sampling settings in a second one: a step costs two host-to-device copies.
+GEMMs take the GEMV path as in generate. A step's input ids, its other integer arrays (one
+buffer) and its sampling settings (a second) are its three host-to-device copies.
 
 The engine snapshots the model's parameters when it is made, and is not thread-safe: one thread
 drives it (jtgpt.serve.server runs it in its own thread).
@@ -74,7 +80,7 @@ class _Shapes(NamedTuple):
     def int_fields(self) -> list[tuple[str, int]]:
         """The int32 buffer's fields, in order, and their sizes."""
         T, S = self.tokens, self.seqs
-        return [("ids", T), ("positions", T), ("block_tables", S * self.table), ("cu_q", S + 1),
+        return [("positions", T), ("block_tables", S * self.table), ("cu_q", S + 1),
                 ("context_lens", S), ("tile_seqs", self.tiles), ("tile_starts", self.tiles),
                 ("sample_rows", S), ("seeds", S), ("generated", S), ("top_k", S),
                 ("do_sample", S), ("seen_ids", S * self.seen), ("steps", 1)]
@@ -97,12 +103,14 @@ def _unpack(ints, shapes: _Shapes) -> dict[str, jax.Array]:
     return fields
 
 
-def _run_batch(graphdef, treedef, max_steps, params, pages, ints, floats, *, shapes: _Shapes,
-               filters: RowFilters):
+def _run_batch(graphdef, treedef, max_steps, params, pages, ids, ints, floats, *,
+               shapes: _Shapes, filters: RowFilters):
     """(the tokens of each block-table row, int32 [max_steps, S], row j those of step j; the
-    pages with the batch's keys and values): the model over one packed batch, then each row's
-    sampling, `steps` times (the int buffer's; > 1 only for a decode batch, whose tokens are fed
-    back as the next step's: one token a sequence, at rows cu_q[s] = sample_rows[s])."""
+    pages with the batch's keys and values; the input ids [T] after the last step, where each
+    decode row holds its last token): the model over one packed batch (ids [T], the other
+    integer arrays in ints), then each row's sampling, `steps` times (the int buffer's; > 1 only
+    for a decode batch, whose tokens are fed back as the next step's: one token a sequence, at
+    rows cu_q[s] = sample_rows[s])."""
     model = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
     b = _unpack(ints, shapes)
     rows = RowSampling(b["do_sample"] != 0, floats[0], b["top_k"], *floats[1:])
@@ -127,10 +135,10 @@ def _run_batch(graphdef, treedef, max_steps, params, pages, ints, floats, *, sha
                 positions.at[fed].add(1, mode="drop"), context_lens + live, seen,
                 out.at[j].set(tokens))
 
-    state = (pages, b["ids"], b["positions"], b["context_lens"], seen,
+    state = (pages, ids, b["positions"], b["context_lens"], seen,
              jnp.zeros((max_steps, S), jnp.int32))
     state = jax.lax.fori_loop(0, b["steps"][0], step, state)
-    return state[-1], state[0]
+    return state[-1], state[0], state[1]
 
 
 @functools.cache
@@ -140,6 +148,21 @@ def _jitted_step(graphdef, treedef, decode_steps: int):
     so a second engine starts warm."""
     return jax.jit(functools.partial(_run_batch, graphdef, treedef, decode_steps),
                    static_argnames=("shapes", "filters"), donate_argnums=(1,))
+
+
+@jax.jit
+def _fed_ids(ids, rows):
+    """A decode run's input ids from the previous run's output ids: entry i's token at rows[i]."""
+    return ids[rows]
+
+
+class _Call(NamedTuple):
+    """A batch dispatched to the device, and what it will give: the tokens [max_steps, S] and
+    the ids after its last step (_run_batch)."""
+    batch: list[Entry]
+    filters: RowFilters
+    tokens: jax.Array
+    ids: jax.Array
 
 
 class _Settings(NamedTuple):
@@ -193,6 +216,7 @@ class Engine:
         self._step = _jitted_step(graphdef, treedef, decode_steps)
         self._programs: set[tuple[_Shapes, RowFilters]] = set()
         self._kv = PagedKVCache.empty_pages(num_pages, page_size, self.spec)
+        self._next: _Call | None = None  # a decode run queued behind the last one (step)
         self._live: dict[int, Request] = {}
         self._settings: dict[int, _Settings] = {}
         self._finished: dict[int, str] = {}
@@ -271,14 +295,15 @@ class Engine:
 
     def step(self) -> dict[int, list[int]]:
         """Run one batch; the new tokens of each request that got some (module docstring)."""
-        batch = self.scheduler.schedule(self.decode_steps)
-        if not batch:
-            return {}
-        shapes, filters, ints, floats = self._pack(batch)
-        self._programs.add((shapes, filters))
-        tokens, self._kv = self._step(self._params, self._kv, ints, floats, shapes=shapes,
-                                      filters=filters)
-        tokens = np.asarray(tokens).T  # [S, max_steps]: a row's tokens, step by step
+        call, self._next = self._next, None
+        if call is None:
+            batch = self.scheduler.schedule(self.decode_steps)
+            if not batch:
+                return {}
+            call = self._dispatch(batch)
+        self._next = self._follow(call)  # queued before the host waits for call's tokens
+        tokens = np.asarray(call.tokens).T  # [S, max_steps]: a row's tokens, step by step
+        batch = call.batch
         known = [(e.seq, len(e.seq.tokens)) for e in batch if e.samples]
         for seq in self.scheduler.update(batch, {e.seq.request_id: tokens[i].tolist()
                                                  for i, e in enumerate(batch) if e.samples}):
@@ -321,8 +346,34 @@ class Engine:
 
     # ---------------------------------------------------------------------------- internals
 
-    def _pack(self, batch: list[Entry]):
-        """(shapes, filters, the int32 buffer, the fp32 buffer [4, S]) of a batch."""
+    def _dispatch(self, batch: list[Entry], fed_from: _Call | None = None) -> _Call:
+        """Run batch on the device (asynchronously); its ids from the host, or for a run that
+        continues fed_from's, from fed_from's output on the device."""
+        shapes, filters, ids, ints, floats = self._pack(batch, host_ids=fed_from is None)
+        if fed_from is not None:  # entry i continues the sequence of fed_from's row rows[i]
+            row_of = {id(e.seq): i for i, e in enumerate(fed_from.batch)}
+            rows = np.zeros(shapes.tokens, np.int32)
+            rows[:len(batch)] = [row_of[id(e.seq)] for e in batch]
+            ids = _fed_ids(fed_from.ids, rows)
+        else:
+            ids = jnp.asarray(ids)  # a device array either way: one dispatch-cache entry a program
+        self._programs.add((shapes, filters))
+        tokens, self._kv, fed = self._step(self._params, self._kv, ids, ints, floats,
+                                           shapes=shapes, filters=filters)
+        return _Call(batch, filters, tokens, fed)
+
+    def _follow(self, call: _Call) -> _Call | None:
+        """The decode run that follows call, dispatched before call's tokens are read (the
+        scheduler's continue_decode), or None. Not with a repetition penalty: its seen tokens
+        come from the host."""
+        if call.filters.repetition_penalty:
+            return None
+        batch = self.scheduler.continue_decode(call.batch, self.decode_steps)
+        return self._dispatch(batch, fed_from=call) if batch else None
+
+    def _pack(self, batch: list[Entry], host_ids: bool = True):
+        """(shapes, filters, the input ids [T], the int32 buffer, the fp32 buffer [4, S]) of a
+        batch; the ids 0 without host_ids (a run whose tokens are not on the host yet)."""
         P = self.page_size
         counts = [e.count for e in batch]
         T = min(_power_of_two(sum(counts)), self.scheduler.max_batch_tokens)
@@ -353,13 +404,15 @@ class Engine:
         f["do_sample"][:n], f["top_k"][:n] = rows.do_sample, rows.top_k
         starts = np.array([e.start for e in batch], np.int32)
         used = int(cu_q[n])
-        f["ids"][:used] = np.fromiter(itertools.chain.from_iterable(
-            e.seq.tokens[e.start:e.start + e.count] for e in batch), np.int32, used)
+        ids = np.zeros(T, np.int32)
+        if host_ids:
+            ids[:used] = np.fromiter(itertools.chain.from_iterable(
+                e.seq.tokens[e.start:e.start + e.count] for e in batch), np.int32, used)
         f["positions"][:used] = np.arange(used) - np.repeat(cu_q[:n] - starts, counts)
         f["context_lens"][:n] = starts + counts
         f["sample_rows"][:n] = cu_q[1:n + 1] - 1
         f["seeds"][:n] = [s.seed for s in settings]
-        f["generated"][:n] = [len(e.seq.tokens) - e.seq.prompt_len for e in batch]
+        f["generated"][:n] = [e.start + e.count - e.seq.prompt_len for e in batch]
         f["steps"][0] = batch[0].steps  # the same for every entry
         for i, e in enumerate(batch):
             tables[i, :len(e.seq.pages)] = e.seq.pages
@@ -369,7 +422,7 @@ class Engine:
                 seen_ids[i] = penalised[i][0]
                 seen_ids[i, :len(penalised[i])] = penalised[i]
         ints = np.concatenate([f[name] for name, _ in shapes.int_fields()])
-        return shapes, filters, ints, floats
+        return shapes, filters, ids, ints, floats
 
 
 def _check_positive(name: str, value) -> None:

@@ -23,6 +23,11 @@ request that emits eos in the middle keeps the tokens up to it, and the rest of 
 on it is thrown away. Waiting requests join at the next schedule(), so a run delays them by at
 most k steps.
 
+Overlap. `continue_decode(batch)` gives the run that follows a decode run before the run's tokens
+are known, when nothing else could come next (no waiting request could take a place): the engine
+queues it on the device behind the running one, so the device does not wait for the host's
+update and schedule in between.
+
 The scheduler never runs the model: `schedule()` says what to compute and `update()` takes what
 came out (for each sequence whose batch entry reached the end of its known tokens, one new token
 a step the entry ran).
@@ -156,6 +161,33 @@ class Scheduler:
         if decode_steps > 1:
             batch = self._look_ahead(batch, decode_steps)
         return batch
+
+    def continue_decode(self, batch: Sequence[Entry], decode_steps: int = 1) -> list[Entry]:
+        """The batch schedule(decode_steps) will give after update(batch), made before batch's
+        tokens are known (so that it can be queued on the device behind batch): when batch is a
+        decode run of every running sequence, the same sequences one run further, without those
+        that finish by length in it. [] where schedule() could give something else: batch is not
+        such a run, a waiting request could take a freed place, or the pool lacks the run's
+        lookahead pages (this never preempts). A sequence that emits eos in batch is in it: its
+        run computes tokens that update() drops."""
+        if not batch or not all(e.count == 1 and e.samples for e in batch):
+            return []
+        if {id(e.seq) for e in batch} != {id(seq) for seq in self.running}:
+            return []
+        left = [e.seq.max_new_tokens - len(e.seq.generated) - e.steps for e in batch]
+        go_on = [e for e, n in zip(batch, left) if n > 0]
+        if not go_on or len(go_on) > self.max_batch_tokens or (
+                self.waiting and len(go_on) < self.max_seqs):
+            return []
+        steps = min(decode_steps, *(n for n in left if n > 0))
+        starts = [e.start + e.steps for e in go_on]
+        need = [max(0, self._pages_for(start + steps) - len(e.seq.pages))
+                for e, start in zip(go_on, starts)]
+        if sum(need) > self.pages.num_free_pages:
+            return []
+        for e, n in zip(go_on, need):
+            e.seq.pages += self.pages.allocate(n)
+        return [Entry(e.seq, start, 1, True, steps) for e, start in zip(go_on, starts)]
 
     def update(self, batch: Sequence[Entry], new_tokens: dict[int, Sequence[int]]
                ) -> list[Request]:
