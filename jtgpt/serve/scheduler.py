@@ -181,12 +181,8 @@ class Scheduler:
             return []
         steps = min(decode_steps, *(n for n in left if n > 0))
         starts = [e.start + e.steps for e in go_on]
-        need = [max(0, self._pages_for(start + steps) - len(e.seq.pages))
-                for e, start in zip(go_on, starts)]
-        if sum(need) > self.pages.num_free_pages:
+        if not self._take_run_pages([(e.seq, start + steps) for e, start in zip(go_on, starts)]):
             return []
-        for e, n in zip(go_on, need):
-            e.seq.pages += self.pages.allocate(n)
         return [Entry(e.seq, start, 1, True, steps) for e, start in zip(go_on, starts)]
 
     def update(self, batch: Sequence[Entry], new_tokens: dict[int, Sequence[int]]
@@ -228,12 +224,19 @@ class Scheduler:
         if not batch or not all(e.count == 1 and e.samples for e in batch):
             return batch
         steps = min(decode_steps, *(e.seq.max_new_tokens - len(e.seq.generated) for e in batch))
-        need = [max(0, self._pages_for(e.start + steps) - len(e.seq.pages)) for e in batch]
-        if steps < 2 or sum(need) > self.pages.num_free_pages:
+        if steps < 2 or not self._take_run_pages([(e.seq, e.start + steps) for e in batch]):
             return batch
-        for e, n in zip(batch, need):
-            e.seq.pages += self.pages.allocate(n)
         return [dataclasses.replace(e, steps=steps) for e in batch]
+
+    def _take_run_pages(self, runs: list[tuple[Request, int]]) -> bool:
+        """For each (seq, end) of a multi-step run, the pages of seq's first `end` positions,
+        all from the free pool or none (a run never preempts); whether they were taken."""
+        need = [max(0, self._pages_for(end) - len(seq.pages)) for seq, end in runs]
+        if sum(need) > self.pages.num_free_pages:
+            return False
+        for (seq, _), n in zip(runs, need):
+            seq.pages += self.pages.allocate(n)
+        return True
 
     def _make_room(self, seq: Request, tokens: int) -> bool:
         """Pages for seq's first `tokens` tokens, preempting younger running sequences if need
