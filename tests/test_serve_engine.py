@@ -23,14 +23,21 @@ CONFIGS = {
 
 
 def _spread_weights(model):
-    """Every parameter random and O(1) (norm weights around 1) so that greedy choices are far
-    from ties: the engine's kernels round differently from generate's."""
+    """Every parameter random and O(1) so that greedy choices are far from ties (the engine's
+    kernels round differently from generate's) and depend on the context: norm weights around
+    1, biases around 0, matrices scaled by their fan-in (embedding rows of norm ~1)."""
     state = nnx.state(model, nnx.Param)
-    leaves, treedef = jax.tree.flatten(state)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
     keys = jax.random.split(jax.random.key(0), len(leaves))
-    leaves = [1.0 + 0.2 * jax.random.normal(k, x.shape) if x.ndim == 1
-              else jax.random.normal(k, x.shape) / x.shape[-1] ** 0.5 for k, x in zip(keys, leaves)]
-    nnx.update(model, jax.tree.unflatten(treedef, leaves))
+    spread = []
+    for key, (path, x) in zip(keys, leaves):
+        name, noise = jax.tree_util.keystr(path), jax.random.normal(key, x.shape)
+        if x.ndim == 1:
+            spread.append(0.2 * noise + (0.0 if "bias" in name else 1.0))
+        else:
+            # GPT-2's Conv1D weights are [in, out]; Llama's and the embeddings [out or vocab, in]
+            spread.append(noise / x.shape[0 if "['c_" in name else -1] ** 0.5)
+    nnx.update(model, jax.tree.unflatten(treedef, spread))
     return model
 
 
@@ -87,6 +94,24 @@ def test_prefix_cache_hits_give_the_same_tokens(gpt2):
     assert engines[False].pages.num_cached_pages == 0
     for engine in engines.values():
         assert engine.num_free_pages == engine.num_pages
+
+
+def test_a_shorter_entry_repeats_its_last_step_harmlessly(gpt2):
+    """In a decode run, a request with fewer steps to go than the run repeats its last step
+    (writing that position's keys and values again): the page holding it goes to the prefix
+    cache, and a request that hits that page gets the tokens of a cache miss."""
+    engine = Engine(gpt2, page_size=4, num_pages=40, max_seqs=4, max_batch_tokens=32,
+                    decode_steps=8)
+    batches, schedule = [], engine.scheduler.schedule
+    engine.scheduler.schedule = lambda *a: batches.append(schedule(*a)) or batches[-1]
+    short, long = _prompts(2, [6], seed=6)
+    out = engine.generate([short, long], max_new_tokens=[3, 12], eos_token_id=[], progress=False)
+    assert [(e.start, e.steps) for e in batches[1]] == [(6, 2), (6, 8)]  # short: positions 6, 7
+    again, first = short + out[0] + [5], len(batches)  # 8 tokens of 2 pages cached by the run
+    got = engine.generate([again], max_new_tokens=4, eos_token_id=[], progress=False)[0]
+    assert batches[first][0].start == 8  # a prefix-cache hit of both pages
+    assert got == _alone(gpt2, again, 4, eos_token_id=[], pad_token_id=0)
+    assert engine.num_free_pages == engine.num_pages
 
 
 def test_step_reports_tokens_finish_reasons_and_aborts(gpt2):
@@ -171,8 +196,9 @@ def test_a_long_run_compiles_a_bounded_number_of_programs():
     engine = Engine(model, page_size=4, num_pages=64, max_seqs=4, max_batch_tokens=16)
     engine.generate(_prompts(8, list(range(1, 30)), seed=5), max_new_tokens=list(range(1, 9)),
                     eos_token_id=[], progress=False)
-    # token buckets 1, 2, 4, 8, 16 x table widths 1, 2, 4, 8 (sequences of up to 40 tokens)
-    assert 1 <= engine.num_compiled <= 5 * 4
+    # token buckets 1, 2, 4, 8, 16 x table widths 1, 2, 4, 8 (sequences of up to 40 tokens),
+    # and decode runs: 1, 2, 4 sequences x the widths x 2, 4, 8 steps
+    assert 1 <= engine.num_compiled <= 5 * 4 + 3 * 4 * 3
     assert engine._step._cache_size() == engine.num_compiled  # one compile a bucket, no retrace
     again = Engine(model, page_size=4, num_pages=64, max_seqs=4, max_batch_tokens=16)
     assert again._step is engine._step  # a second engine of the model starts warm

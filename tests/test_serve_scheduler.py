@@ -177,6 +177,24 @@ def test_multi_step_decode_runs_only_decode_batches_with_lookahead_pages():
     assert d.generated == alone([7, 8], 3)
 
 
+def test_each_entry_of_a_run_takes_its_own_steps():
+    """A run lasts as long as its longest entry: a request with fewer tokens to go takes fewer
+    steps (and pages for them), without cutting the others' steps."""
+    pool = PageAllocator(num_pages=16, page_size=4)
+    sched = Scheduler(pool, max_seqs=4, max_batch_tokens=16, max_len=64)
+    a = sched.add([1, 2, 3], max_new_tokens=20)
+    b = sched.add([4, 5, 6], max_new_tokens=3)
+    engine = FakeEngine(sched, decode_steps=8)
+    engine.step()  # the prefills
+    batch = engine.queued = sched.schedule(8)
+    assert [(e.seq, e.start, e.steps) for e in batch] == [(a, 3, 8), (b, 3, 2)]
+    assert (len(a.pages), len(b.pages)) == (3, 2)  # positions < 11 and < 5
+    engine.step()
+    assert b.finished and b.generated == alone([4, 5, 6], 3)
+    engine.run()
+    assert a.generated == alone([1, 2, 3], 20) and pool.num_free_pages == 16
+
+
 def test_continue_decode_is_the_next_schedule():
     """A decode run's continuation, made before update, is what schedule() gives after it,
     without the sequences that finish by length; [] while a waiting request could take a freed
@@ -190,7 +208,7 @@ def test_continue_decode_is_the_next_schedule():
     assert [(e.seq, e.start, e.steps) for e in batch] == [(a, 3, 2), (b, 5, 2)]
     follow = sched.continue_decode(batch, 2)  # b has one token left after the run
     fields = lambda entries: [(e.seq, e.start, e.count, e.samples, e.steps) for e in entries]
-    assert fields(follow) == [(a, 5, 1, True, 1), (b, 7, 1, True, 1)]
+    assert fields(follow) == [(a, 5, 1, True, 2), (b, 7, 1, True, 1)]
     sched.update(batch, {a.request_id: [1, 2], b.request_id: [3, 4]})
     assert fields(sched.schedule(2)) == fields(follow)
 
@@ -199,12 +217,12 @@ def test_continue_decode_is_the_next_schedule():
     c = sched.add(list(range(3)), max_new_tokens=10)
     d = sched.add(list(range(3)), max_new_tokens=2)
     FakeEngine(sched).step()
-    batch = sched.schedule(2)  # d's last token: one step
-    assert [(e.seq, e.steps) for e in batch] == [(c, 1), (d, 1)]
+    batch = sched.schedule(2)  # d's last token: one step of the run's two
+    assert [(e.seq, e.steps) for e in batch] == [(c, 2), (d, 1)]
     e = sched.add([4], max_new_tokens=3)  # it could take d's place
     assert sched.continue_decode(batch, 2) == []
     sched.abort(e)
-    assert fields(sched.continue_decode(batch, 2)) == [(c, 4, 1, True, 2)]
+    assert fields(sched.continue_decode(batch, 2)) == [(c, 5, 1, True, 2)]
     pool.allocate(pool.num_free_pages)  # nothing free: no page for 8 more steps
     assert sched.continue_decode(batch, 8) == []
 

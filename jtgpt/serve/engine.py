@@ -23,7 +23,11 @@ it was batched with, nor on a preemption that recomputed it.
 A batch of decoding sequences alone runs up to `decode_steps` steps in one call (the scheduler's
 multi-step decode): a device loop feeds each step's tokens to the next, so the host's schedule,
 pack and dispatch (about 2 ms for 64 GPT-2 sequences on an H200, against 0.8 ms of device time a
-step) are paid once for all of them. The tokens are the same as one step a call gives.
+step) are paid once for all of them. The tokens are the same as one step a call gives. The
+loop's trip count is static (a power of two, part of the program's shape): XLA runs a loop of
+data-dependent length by reading its condition back to the host every iteration, which would
+make the dispatch wait for the device. A sequence with fewer steps to go than the run repeats
+its last step (its position, context and input stay; it writes the same keys and values again).
 
 Overlap. When such a run can only be followed by the same sequences' next run (no waiting request
 could take a place: the scheduler's continue_decode), step() dispatches that next run before it
@@ -32,9 +36,10 @@ output. The device then runs one call after the other while the host reads token
 scheduler and packs; what a sequence computes past an eos in the queued run is dropped.
 
 Shapes. T is rounded up to a power of two (at most max_batch_tokens), the sequences to min(T,
-max_seqs), the block-table width to a power of two of pages: a long run compiles a bounded number
-of programs (about log2(max_batch_tokens) x log2(max_len / page_size), times the sampling
-processors in use; `num_compiled`). A decode step of up to 4 sequences stays at 1-4 rows, so its
+max_seqs), the block-table width to a power of two of pages, a decode run's steps to a power of
+two (at most decode_steps): a long run compiles a bounded number of programs (about
+log2(max_batch_tokens) x log2(max_len / page_size), plus the decode runs' step counts, times the
+sampling processors in use; `num_compiled`). A decode step of up to 4 sequences stays at 1-4 rows, so its
 GEMMs take the GEMV path as in generate. A step's input ids, its other integer arrays (one
 buffer) and its sampling settings (a second) are its three host-to-device copies.
 
@@ -76,6 +81,7 @@ class _Shapes(NamedTuple):
     tiles: int   # the attention kernel's tiles
     block_q: int  # tokens a tile holds (fewer for a batch that only decodes)
     seen: int    # token ids per row for the repetition penalty (0: no row uses it)
+    steps: int   # steps the call runs (> 1 only for a batch that only decodes)
 
     def int_fields(self) -> list[tuple[str, int]]:
         """The int32 buffer's fields, in order, and their sizes."""
@@ -83,7 +89,7 @@ class _Shapes(NamedTuple):
         return [("positions", T), ("block_tables", S * self.table), ("cu_q", S + 1),
                 ("context_lens", S), ("tile_seqs", self.tiles), ("tile_starts", self.tiles),
                 ("sample_rows", S), ("seeds", S), ("generated", S), ("top_k", S),
-                ("do_sample", S), ("seen_ids", S * self.seen), ("steps", 1)]
+                ("do_sample", S), ("seen_ids", S * self.seen), ("row_steps", S)]
 
 
 FLOAT_FIELDS = ("temperature", "top_p_threshold", "log_min_p", "repetition_penalty")
@@ -103,20 +109,18 @@ def _unpack(ints, shapes: _Shapes) -> dict[str, jax.Array]:
     return fields
 
 
-def _run_batch(graphdef, treedef, max_steps, params, pages, ids, ints, floats, *,
-               shapes: _Shapes, filters: RowFilters):
-    """(the tokens of each block-table row, int32 [max_steps, S], row j those of step j; the
-    pages with the batch's keys and values; the input ids [T] after the last step, where each
-    decode row holds its last token): the model over one packed batch (ids [T], the other
-    integer arrays in ints), then each row's sampling, `steps` times (the int buffer's; > 1 only
-    for a decode batch, whose tokens are fed back as the next step's: one token a sequence, at
-    rows cu_q[s] = sample_rows[s])."""
+def _run_batch(graphdef, treedef, params, pages, ids, ints, floats, *, shapes: _Shapes,
+               filters: RowFilters):
+    """(the tokens of each block-table row, int32 [steps, S], row j those of step j; the pages
+    with the batch's keys and values): the model over one packed batch (ids [T], the other
+    integer arrays in ints), then each row's sampling, shapes.steps times (> 1 only for a decode
+    batch, whose tokens are fed back as the next step's: one token a sequence, at rows cu_q[s] =
+    sample_rows[s]; row s advances row_steps[s] - 1 times, then repeats its last step)."""
     model = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
     b = _unpack(ints, shapes)
     rows = RowSampling(b["do_sample"] != 0, floats[0], b["top_k"], *floats[1:])
     S, T, V = shapes.seqs, shapes.tokens, model.config.vocab_size
     live = b["context_lens"] > 0  # block-table rows that hold a sequence
-    fed = jnp.where(live, b["sample_rows"], T)  # where a row's token goes next step (T: nowhere)
     seen = seen_tokens(b["seen_ids"], V) if shapes.seen else None
 
     def step(j, state):
@@ -131,38 +135,40 @@ def _run_batch(graphdef, treedef, max_steps, params, pages, ids, ints, floats, *
                                     filters, keys)
         if seen is not None:
             seen = mark_seen(seen, tokens)
+        advance = live & (j + 1 < b["row_steps"])  # the row computes its next position
+        fed = jnp.where(advance, b["sample_rows"], T)  # where its token goes (T: nowhere)
         return (cache.layers, ids.at[fed].set(tokens, mode="drop"),
-                positions.at[fed].add(1, mode="drop"), context_lens + live, seen,
+                positions.at[fed].add(1, mode="drop"), context_lens + advance, seen,
                 out.at[j].set(tokens))
 
     state = (pages, ids, b["positions"], b["context_lens"], seen,
-             jnp.zeros((max_steps, S), jnp.int32))
-    state = jax.lax.fori_loop(0, b["steps"][0], step, state)
-    return state[-1], state[0], state[1]
+             jnp.zeros((shapes.steps, S), jnp.int32))
+    state = jax.lax.fori_loop(0, shapes.steps, step, state)
+    return state[-1], state[0]
 
 
 @functools.cache
-def _jitted_step(graphdef, treedef, decode_steps: int):
+def _jitted_step(graphdef, treedef):
     """_run_batch jitted for one model structure: engines of the same model (or of models of
     the same config and dtype, whose parameters are the arguments) share its compiled programs,
     so a second engine starts warm."""
-    return jax.jit(functools.partial(_run_batch, graphdef, treedef, decode_steps),
+    return jax.jit(functools.partial(_run_batch, graphdef, treedef),
                    static_argnames=("shapes", "filters"), donate_argnums=(1,))
 
 
 @jax.jit
-def _fed_ids(ids, rows):
-    """A decode run's input ids from the previous run's output ids: entry i's token at rows[i]."""
-    return ids[rows]
+def _fed_ids(tokens, rows):
+    """A decode run's input ids [T] from the tokens [steps, S] of the run it continues: entry
+    i's is the last token of that run's row rows[i] (a row that continues ran every step)."""
+    return tokens[-1, rows]
 
 
 class _Call(NamedTuple):
-    """A batch dispatched to the device, and what it will give: the tokens [max_steps, S] and
-    the ids after its last step (_run_batch)."""
+    """A batch dispatched to the device, and what it will give: the tokens [steps, S]
+    (_run_batch)."""
     batch: list[Entry]
     filters: RowFilters
     tokens: jax.Array
-    ids: jax.Array
 
 
 class _Settings(NamedTuple):
@@ -213,7 +219,7 @@ class Engine:
         graphdef, state = nnx.split(model)
         self._params, treedef = jax.tree.flatten(state)
         self.decode_steps = decode_steps
-        self._step = _jitted_step(graphdef, treedef, decode_steps)
+        self._step = _jitted_step(graphdef, treedef)
         self._programs: set[tuple[_Shapes, RowFilters]] = set()
         self._kv = PagedKVCache.empty_pages(num_pages, page_size, self.spec)
         self._next: _Call | None = None  # a decode run queued behind the last one (step)
@@ -302,7 +308,7 @@ class Engine:
                 return {}
             call = self._dispatch(batch)
         self._next = self._follow(call)  # queued before the host waits for call's tokens
-        tokens = np.asarray(call.tokens).T  # [S, max_steps]: a row's tokens, step by step
+        tokens = np.asarray(call.tokens).T  # [S, steps]: a row's tokens, step by step
         batch = call.batch
         known = [(e.seq, len(e.seq.tokens)) for e in batch if e.samples]
         for seq in self.scheduler.update(batch, {e.seq.request_id: tokens[i].tolist()
@@ -354,13 +360,13 @@ class Engine:
             row_of = {id(e.seq): i for i, e in enumerate(fed_from.batch)}
             rows = np.zeros(shapes.tokens, np.int32)
             rows[:len(batch)] = [row_of[id(e.seq)] for e in batch]
-            ids = _fed_ids(fed_from.ids, rows)
+            ids = _fed_ids(fed_from.tokens, rows)
         else:
             ids = jnp.asarray(ids)  # a device array either way: one dispatch-cache entry a program
         self._programs.add((shapes, filters))
-        tokens, self._kv, fed = self._step(self._params, self._kv, ids, ints, floats,
-                                           shapes=shapes, filters=filters)
-        return _Call(batch, filters, tokens, fed)
+        tokens, self._kv = self._step(self._params, self._kv, ids, ints, floats, shapes=shapes,
+                                      filters=filters)
+        return _Call(batch, filters, tokens)
 
     def _follow(self, call: _Call) -> _Call | None:
         """The decode run that follows call, dispatched before call's tokens are read (the
@@ -392,7 +398,8 @@ class Engine:
         block_q = paged.query_block(self.spec.num_heads, self.spec.num_kv_heads, decode=decode)
         tile_seqs, tile_starts = paged.plan_tiles(
             cu_q, block_q, S if decode else paged.max_tiles(T, S, block_q))
-        shapes = _Shapes(T, S, width, tile_seqs.size, block_q, seen)
+        steps = min(_power_of_two(max(e.steps for e in batch)), self.decode_steps)
+        shapes = _Shapes(T, S, width, tile_seqs.size, block_q, seen, steps)
         f = {name: np.zeros(size, np.int32) for name, size in shapes.int_fields()}
         f["cu_q"], f["tile_seqs"], f["tile_starts"] = cu_q, tile_seqs, tile_starts
         tables, seen_ids = f["block_tables"].reshape(S, width), f["seen_ids"].reshape(S, seen)
@@ -413,7 +420,7 @@ class Engine:
         f["sample_rows"][:n] = cu_q[1:n + 1] - 1
         f["seeds"][:n] = [s.seed for s in settings]
         f["generated"][:n] = [e.start + e.count - e.seq.prompt_len for e in batch]
-        f["steps"][0] = batch[0].steps  # the same for every entry
+        f["row_steps"][:n] = [e.steps for e in batch]
         for i, e in enumerate(batch):
             tables[i, :len(e.seq.pages)] = e.seq.pages
             if penalised[i]:

@@ -17,11 +17,13 @@ request keeps every token it produced; recomputing them gives the same cache.
 Multi-step decode. When every entry of a batch is one decode token, `schedule(decode_steps=k)`
 lets the batch run up to k steps on the device without coming back (each step's tokens fed to
 the next, vLLM's multi-step scheduling): the host's schedule, pack and dispatch are paid once for
-k tokens a sequence. The steps stop at the first request's max_new_tokens, and run only if the
-pool has the pages for all of them (lookahead pages, allocated now, never by preempting); a
-request that emits eos in the middle keeps the tokens up to it, and the rest of the run's work
-on it is thrown away. Waiting requests join at the next schedule(), so a run delays them by at
-most k steps.
+k tokens a sequence. Each entry runs its own steps, k or fewer when its request reaches
+max_new_tokens sooner (the run lasts as long as its longest entry; an entry that is done repeats
+its last step, writing the same keys and values again), and a run is made only if the pool has
+the pages for all of them (lookahead pages, allocated now, never by preempting); a request that
+emits eos in the middle keeps the tokens up to it, and the rest of the run's work on it is
+thrown away. Waiting requests join at the next schedule(), so a run delays them by at most k
+steps.
 
 Overlap. `continue_decode(batch)` gives the run that follows a decode run before the run's tokens
 are known, when nothing else could come next (no waiting request could take a place): the engine
@@ -68,8 +70,8 @@ class Entry:
     """A sequence's part of a batch: tokens[start:start + count] are computed this step, at
     positions start.. (the cache holds positions < start). samples: whether the model's output
     after the entry's last token is a new token (the entry reaches the end of the known tokens).
-    steps: decode steps the entry runs (module docstring; > 1 only for a one-token decode entry):
-    step j computes position start + j and samples one token, fed to step j + 1."""
+    steps: decode steps the entry runs (module docstring; > 1 only in a batch of one-token decode
+    entries): step j computes position start + j and samples one token, fed to step j + 1."""
     seq: Request
     start: int
     count: int
@@ -175,15 +177,14 @@ class Scheduler:
         if {id(e.seq) for e in batch} != {id(seq) for seq in self.running}:
             return []
         left = [e.seq.max_new_tokens - len(e.seq.generated) - e.steps for e in batch]
-        go_on = [e for e, n in zip(batch, left) if n > 0]
+        go_on = [(e, min(decode_steps, n)) for e, n in zip(batch, left) if n > 0]
         if not go_on or len(go_on) > self.max_batch_tokens or (
                 self.waiting and len(go_on) < self.max_seqs):
             return []
-        steps = min(decode_steps, *(n for n in left if n > 0))
-        starts = [e.start + e.steps for e in go_on]
-        if not self._take_run_pages([(e.seq, start + steps) for e, start in zip(go_on, starts)]):
+        entries = [Entry(e.seq, e.start + e.steps, 1, True, steps) for e, steps in go_on]
+        if not self._take_run_pages([(e.seq, e.start + e.steps) for e in entries]):
             return []
-        return [Entry(e.seq, start, 1, True, steps) for e, start in zip(go_on, starts)]
+        return entries
 
     def update(self, batch: Sequence[Entry], new_tokens: dict[int, Sequence[int]]
                ) -> list[Request]:
@@ -223,10 +224,12 @@ class Scheduler:
         pool holds the lookahead pages; else the batch as it is."""
         if not batch or not all(e.count == 1 and e.samples for e in batch):
             return batch
-        steps = min(decode_steps, *(e.seq.max_new_tokens - len(e.seq.generated) for e in batch))
-        if steps < 2 or not self._take_run_pages([(e.seq, e.start + steps) for e in batch]):
+        run = [dataclasses.replace(e, steps=min(decode_steps, e.seq.max_new_tokens
+                                                - len(e.seq.generated))) for e in batch]
+        if max(e.steps for e in run) < 2 or not self._take_run_pages(
+                [(e.seq, e.start + e.steps) for e in run]):
             return batch
-        return [dataclasses.replace(e, steps=steps) for e in batch]
+        return run
 
     def _take_run_pages(self, runs: list[tuple[Request, int]]) -> bool:
         """For each (seq, end) of a multi-step run, the pages of seq's first `end` positions,
