@@ -102,8 +102,8 @@ def test_a_shorter_entry_repeats_its_last_step_harmlessly(gpt2):
     cache, and a request that hits that page gets the tokens of a cache miss."""
     engine = Engine(gpt2, page_size=4, num_pages=40, max_seqs=4, max_batch_tokens=32,
                     decode_steps=8)
-    batches, schedule = [], engine.scheduler.schedule
-    engine.scheduler.schedule = lambda *a: batches.append(schedule(*a)) or batches[-1]
+    batches, dispatch = [], engine._dispatch
+    engine._dispatch = lambda batch, **kw: batches.append(batch) or dispatch(batch, **kw)
     short, long = _prompts(2, [6], seed=6)
     out = engine.generate([short, long], max_new_tokens=[3, 12], eos_token_id=[], progress=False)
     assert [(e.start, e.steps) for e in batches[1]] == [(6, 2), (6, 8)]  # short: positions 6, 7

@@ -203,11 +203,14 @@ def test_continue_decode_is_the_next_schedule():
                       max_len=64)
     a = sched.add(list(range(3)), max_new_tokens=10)
     b = sched.add(list(range(5)), max_new_tokens=4)
-    FakeEngine(sched).step()  # the prefills: one token each
-    batch = sched.schedule(2)
-    assert [(e.seq, e.start, e.steps) for e in batch] == [(a, 3, 2), (b, 5, 2)]
-    follow = sched.continue_decode(batch, 2)  # b has one token left after the run
     fields = lambda entries: [(e.seq, e.start, e.count, e.samples, e.steps) for e in entries]
+    prefills = sched.schedule(2)
+    after_prefills = sched.continue_decode(prefills, 2)
+    assert fields(after_prefills) == [(a, 3, 1, True, 2), (b, 5, 1, True, 2)]
+    sched.update(prefills, {a.request_id: [7], b.request_id: [8]})
+    batch = sched.schedule(2)
+    assert fields(batch) == fields(after_prefills)
+    follow = sched.continue_decode(batch, 2)  # b has one token left after the run
     assert fields(follow) == [(a, 5, 1, True, 2), (b, 7, 1, True, 1)]
     sched.update(batch, {a.request_id: [1, 2], b.request_id: [3, 4]})
     assert fields(sched.schedule(2)) == fields(follow)
@@ -225,6 +228,13 @@ def test_continue_decode_is_the_next_schedule():
     assert fields(sched.continue_decode(batch, 2)) == [(c, 5, 1, True, 2)]
     pool.allocate(pool.num_free_pages)  # nothing free: no page for 8 more steps
     assert sched.continue_decode(batch, 8) == []
+
+    sched = Scheduler(PageAllocator(num_pages=9, page_size=4), max_seqs=2, max_batch_tokens=4,
+                      max_len=64)
+    sched.add(list(range(6)), max_new_tokens=4)
+    chunk = sched.schedule(2)  # 4 of the prompt's 6 tokens: no token sampled yet
+    assert [(e.count, e.samples) for e in chunk] == [(4, False)]
+    assert sched.continue_decode(chunk, 2) == []
 
 
 def test_abort_frees_pages():

@@ -25,10 +25,11 @@ emits eos in the middle keeps the tokens up to it, and the rest of the run's wor
 thrown away. Waiting requests join at the next schedule(), so a run delays them by at most k
 steps.
 
-Overlap. `continue_decode(batch)` gives the run that follows a decode run before the run's tokens
-are known, when nothing else could come next (no waiting request could take a place): the engine
-queues it on the device behind the running one, so the device does not wait for the host's
-update and schedule in between.
+Overlap. `continue_decode(batch)` gives the decode run that follows a batch in which every
+sequence samples (a decode run, or prefills that reach the end of their prompts) before the
+batch's tokens are known, when nothing else could come next (no waiting request could take a
+place): the engine queues it on the device behind the running one, so the device does not wait
+for the host's update and schedule in between.
 
 The scheduler never runs the model: `schedule()` says what to compute and `update()` takes what
 came out (for each sequence whose batch entry reached the end of its known tokens, one new token
@@ -166,13 +167,14 @@ class Scheduler:
 
     def continue_decode(self, batch: Sequence[Entry], decode_steps: int = 1) -> list[Entry]:
         """The batch schedule(decode_steps) will give after update(batch), made before batch's
-        tokens are known (so that it can be queued on the device behind batch): when batch is a
-        decode run of every running sequence, the same sequences one run further, without those
-        that finish by length in it. [] where schedule() could give something else: batch is not
-        such a run, a waiting request could take a freed place, or the pool lacks the run's
-        lookahead pages (this never preempts). A sequence that emits eos in batch is in it: its
-        run computes tokens that update() drops."""
-        if not batch or not all(e.count == 1 and e.samples for e in batch):
+        tokens are known (so that it can be queued on the device behind batch): when every
+        running sequence is in batch and samples there, the same sequences decoding on, without
+        those that finish by length in batch. [] where schedule() could give something else:
+        batch holds a prompt chunk that does not sample or misses a running sequence, a waiting
+        request could take a freed place, or the pool lacks the run's lookahead pages (this
+        never preempts). A sequence that emits eos in batch is in the run: it computes tokens
+        that update() drops."""
+        if not batch or not all(e.samples for e in batch):
             return []
         if {id(e.seq) for e in batch} != {id(seq) for seq in self.running}:
             return []
@@ -181,7 +183,8 @@ class Scheduler:
         if not go_on or len(go_on) > self.max_batch_tokens or (
                 self.waiting and len(go_on) < self.max_seqs):
             return []
-        entries = [Entry(e.seq, e.start + e.steps, 1, True, steps) for e, steps in go_on]
+        entries = [Entry(e.seq, e.start + e.count + e.steps - 1, 1, True, steps)
+                   for e, steps in go_on]
         if not self._take_run_pages([(e.seq, e.start + e.steps) for e in entries]):
             return []
         return entries
