@@ -12,6 +12,7 @@ from flax import nnx
 
 import jtgpt
 from jtgpt.serve import Engine
+from jtgpt.serve.engine import _Shapes
 
 CONFIGS = {
     "gpt2": jtgpt.GPTConfig(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=2,
@@ -238,3 +239,12 @@ def test_num_pages_none_sizes_the_pool_from_memory(model):
     engine = Engine(model, page_size=4, max_seqs=2, max_batch_tokens=8)
     assert engine.num_pages == 2 * 16  # capped at what max_seqs sequences of max_len need
     assert engine.max_len == 64 and engine.num_free_pages == engine.num_pages
+
+
+def test_every_int_field_starts_16_byte_aligned():
+    """XLA may pass a field of the step's int32 buffer to a Triton kernel as a slice, without a
+    copy; the kernels are compiled for 16-byte aligned pointers (a GPU launch refuses others)."""
+    shapes = _Shapes(tokens=8, seqs=3, table=5, tiles=7, block_q=16, seen=3, steps=2)
+    fields = shapes.int_fields()
+    assert all(offset % 4 == 0 for _, offset, _ in fields)
+    assert all(a[1] + a[2] <= b[1] for a, b in zip(fields, fields[1:]))  # no overlap

@@ -83,13 +83,20 @@ class _Shapes(NamedTuple):
     seen: int    # token ids per row for the repetition penalty (0: no row uses it)
     steps: int   # steps the call runs (> 1 only for a batch that only decodes)
 
-    def int_fields(self) -> list[tuple[str, int]]:
-        """The int32 buffer's fields, in order, and their sizes."""
+    def int_fields(self) -> list[tuple[str, int, int]]:
+        """The int32 buffer's fields, in order: (name, offset, size). Each starts 16-byte
+        aligned: XLA may hand a field to a Triton kernel as a slice of the buffer, without a
+        copy, and the kernels are compiled for 16-byte aligned pointers."""
         T, S = self.tokens, self.seqs
-        return [("positions", T), ("block_tables", S * self.table), ("cu_q", S + 1),
-                ("context_lens", S), ("tile_seqs", self.tiles), ("tile_starts", self.tiles),
-                ("sample_rows", S), ("seeds", S), ("generated", S), ("top_k", S),
-                ("do_sample", S), ("seen_ids", S * self.seen), ("row_steps", S)]
+        sizes = [("positions", T), ("block_tables", S * self.table), ("cu_q", S + 1),
+                 ("context_lens", S), ("tile_seqs", self.tiles), ("tile_starts", self.tiles),
+                 ("sample_rows", S), ("seeds", S), ("generated", S), ("top_k", S),
+                 ("do_sample", S), ("seen_ids", S * self.seen), ("row_steps", S)]
+        fields, offset = [], 0
+        for name, size in sizes:
+            fields.append((name, offset, size))
+            offset += -(-size // 4) * 4
+        return fields
 
 
 FLOAT_FIELDS = ("temperature", "top_p_threshold", "log_min_p", "repetition_penalty")
@@ -99,11 +106,9 @@ def _power_of_two(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
-def _unpack(ints, shapes: _Shapes) -> dict[str, jax.Array]:
-    fields, offset = {}, 0
-    for name, size in shapes.int_fields():
-        fields[name] = ints[offset:offset + size]
-        offset += size
+def _unpack(ints, shapes: _Shapes) -> dict:
+    """The int32 buffer's fields (views of ints: a numpy buffer's, or slices of a traced one)."""
+    fields = {name: ints[offset:offset + size] for name, offset, size in shapes.int_fields()}
     fields["block_tables"] = fields["block_tables"].reshape(shapes.seqs, shapes.table)
     fields["seen_ids"] = fields["seen_ids"].reshape(shapes.seqs, shapes.seen)
     return fields
@@ -400,9 +405,11 @@ class Engine:
             cu_q, block_q, S if decode else paged.max_tiles(T, S, block_q))
         steps = min(_power_of_two(max(e.steps for e in batch)), self.decode_steps)
         shapes = _Shapes(T, S, width, tile_seqs.size, block_q, seen, steps)
-        f = {name: np.zeros(size, np.int32) for name, size in shapes.int_fields()}
-        f["cu_q"], f["tile_seqs"], f["tile_starts"] = cu_q, tile_seqs, tile_starts
-        tables, seen_ids = f["block_tables"].reshape(S, width), f["seen_ids"].reshape(S, seen)
+        _, offset, size = shapes.int_fields()[-1]
+        ints = np.zeros(offset + size, np.int32)
+        f = _unpack(ints, shapes)  # views: writing a field writes the buffer
+        f["cu_q"][:], f["tile_seqs"][:], f["tile_starts"][:] = cu_q, tile_seqs, tile_starts
+        tables, seen_ids = f["block_tables"], f["seen_ids"]
         n = len(batch)
         rows = RowSampling(*map(np.array, zip(*(s.row for s in settings))))
         floats = np.array([1.0, 0.0, -np.inf, 1.0], np.float32)[:, None].repeat(S, 1)  # all off
@@ -428,7 +435,6 @@ class Engine:
                 # rows' zeros mark token 0, under their penalty of 1: no change.
                 seen_ids[i] = penalised[i][0]
                 seen_ids[i, :len(penalised[i])] = penalised[i]
-        ints = np.concatenate([f[name] for name, _ in shapes.int_fields()])
         return shapes, filters, ids, ints, floats
 
 
