@@ -77,22 +77,37 @@ def _choose(state: Decoding, sampling: Sampling, special: _Tokens) -> tuple[Deco
                           seen=seen), token
 
 
-def _decode(model, state: Decoding, until, sampling: Sampling, special: _Tokens) -> Decoding:
+DECODE_CHUNK = 8  # decode steps generate's loop runs between its checks of "every row finished"
+
+
+def _decode(model, state: Decoding, until, sampling: Sampling, special: _Tokens,
+            chunk: int = 1) -> Decoding:
     """Choose tokens and run a decode step for each until `until` tokens are chosen or every row
-    has finished; the logits of the next token are then in the state, not yet chosen."""
+    has finished; the logits of the next token are then in the state, not yet chosen.
+
+    The loop's condition is checked every `chunk` steps (a static loop of chunk steps in its
+    body), then every step for the last ones: XLA runs a loop of data-dependent length by reading
+    its condition back to the host after every iteration, so the device idles while the host
+    decides and launches the next one. Rows that finish inside a chunk emit pad for its rest."""
     def step(state):
         state, token = _choose(state, sampling, special)
         logits, cache = model.next_token_logits(token[:, None], state.positions[:, None],
                                                 state.cache)
         return state._replace(logits=logits, cache=cache, positions=state.positions + 1)
 
-    return jax.lax.while_loop(lambda s: (s.step < until) & ~jnp.all(s.finished), step, state)
+    def going(steps):
+        return lambda s: (s.step + steps <= until) & ~jnp.all(s.finished)
+
+    if chunk > 1:
+        steps = lambda s: jax.lax.fori_loop(0, chunk, lambda _, s: step(s), s)
+        state = jax.lax.while_loop(going(chunk), steps, state)
+    return jax.lax.while_loop(going(1), step, state)
 
 
 @functools.partial(jax.jit, static_argnames=("sampling", "special", "max_new_tokens"))
 def _generate(model, ids, mask, key, sampling, special, max_new_tokens):
     state = _start(model, ids, mask, key, sampling, special, max_new_tokens)
-    state = _decode(model, state, max_new_tokens - 1, sampling, special)
+    state = _decode(model, state, max_new_tokens - 1, sampling, special, DECODE_CHUNK)
     return _choose(state, sampling, special)[0].tokens
 
 
