@@ -170,6 +170,28 @@ def test_decode_runs_queue_behind_each_other(gpt2):
     assert engine.num_free_pages == engine.num_pages
 
 
+def test_a_waiting_request_joins_the_call_queued_ahead(gpt2):
+    """When a request finishes by length in a call, a waiting one takes its place in the call
+    queued behind it, next to the sequences whose input tokens come from the call's output on
+    the device: everyone's tokens are still generate's."""
+    engine = Engine(gpt2, page_size=4, num_pages=40, max_seqs=2, max_batch_tokens=32,
+                    decode_steps=2)
+    calls, dispatch = [], engine._dispatch
+
+    def record(batch, fed_from=None):
+        fed = set() if fed_from is None else {id(e.seq) for e in fed_from.batch}
+        calls.append((sum(id(e.seq) in fed for e in batch), sum(id(e.seq) not in fed for e in batch)))
+        return dispatch(batch, fed_from=fed_from)
+
+    engine._dispatch = record
+    prompts, limits = _prompts(3, [5, 7], seed=10), [3, 9, 4]
+    out = engine.generate(prompts, max_new_tokens=limits, eos_token_id=[], progress=False)
+    for prompt, limit, tokens in zip(prompts, limits, out):
+        assert tokens == _alone(gpt2, prompt, limit, eos_token_id=[], pad_token_id=0)
+    assert (1, 1) in calls  # the second request's next token fed, the third's prompt from the host
+    assert engine.num_free_pages == engine.num_pages
+
+
 def test_sampled_tokens_follow_the_seed_not_the_batch(gpt2):
     """Alone (a prefill, then its 5 decode steps in one call) or batched with others (the others'
     shorter budgets cut its decode steps into more calls): the same tokens."""

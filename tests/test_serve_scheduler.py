@@ -21,14 +21,14 @@ class FakeEngine:
     """Runs the scheduler's batches: writes each entry's tokens into a slot store by page, checks
     that the positions before the entry are in the sequence's pages, and samples next_token,
     `entry.steps` times (each step's token the next one's input, as the engine's device loop).
-    With overlap, as the engine does, it asks continue_decode for the next batch before it
+    With overlap, as the engine does, it asks schedule_ahead for the next batch before it
     updates the scheduler with this one's tokens, and runs that batch next."""
 
     def __init__(self, scheduler, decode_steps=1, overlap=False):
         self.scheduler = scheduler
         self.decode_steps = decode_steps
         self.overlap = overlap
-        self.queued = []  # continue_decode's batch, to run next
+        self.queued = []  # schedule_ahead's batch, to run next
         self.slots = {}  # (page, slot) -> token
         self.steps = 0
 
@@ -37,7 +37,7 @@ class FakeEngine:
         P = self.scheduler.pages.page_size
         assert len(batch) <= self.scheduler.max_seqs
         assert sum(e.count for e in batch) <= self.scheduler.max_batch_tokens
-        self.queued = self.scheduler.continue_decode(batch, self.decode_steps) \
+        self.queued = self.scheduler.schedule_ahead(batch, self.decode_steps) \
             if self.overlap else []
         new = {}
         for entry in batch:
@@ -195,46 +195,56 @@ def test_each_entry_of_a_run_takes_its_own_steps():
     assert a.generated == alone([1, 2, 3], 20) and pool.num_free_pages == 16
 
 
-def test_continue_decode_is_the_next_schedule():
-    """A decode run's continuation, made before update, is what schedule() gives after it,
-    without the sequences that finish by length; [] while a waiting request could take a freed
-    place, and when the pool lacks the run's lookahead pages."""
+def test_schedule_ahead_is_the_next_schedule():
+    """The batch after one in which every sequence samples, made before update: what schedule()
+    gives after it, without the sequences that finish by length; waiting requests take their
+    places at once (one step with the decoding ones). [] when a waiting request finds no pages,
+    when the pool lacks a run's lookahead pages, and after a prompt chunk that samples nothing."""
     sched = Scheduler(PageAllocator(num_pages=9, page_size=4), max_seqs=2, max_batch_tokens=16,
                       max_len=64)
     a = sched.add(list(range(3)), max_new_tokens=10)
     b = sched.add(list(range(5)), max_new_tokens=4)
     fields = lambda entries: [(e.seq, e.start, e.count, e.samples, e.steps) for e in entries]
     prefills = sched.schedule(2)
-    after_prefills = sched.continue_decode(prefills, 2)
+    after_prefills = sched.schedule_ahead(prefills, 2)
     assert fields(after_prefills) == [(a, 3, 1, True, 2), (b, 5, 1, True, 2)]
     sched.update(prefills, {a.request_id: [7], b.request_id: [8]})
     batch = sched.schedule(2)
     assert fields(batch) == fields(after_prefills)
-    follow = sched.continue_decode(batch, 2)  # b has one token left after the run
+    follow = sched.schedule_ahead(batch, 2)  # b has one token left after the run
     assert fields(follow) == [(a, 5, 1, True, 2), (b, 7, 1, True, 1)]
     sched.update(batch, {a.request_id: [1, 2], b.request_id: [3, 4]})
     assert fields(sched.schedule(2)) == fields(follow)
 
-    pool = PageAllocator(num_pages=6, page_size=4)
-    sched = Scheduler(pool, max_seqs=2, max_batch_tokens=16, max_len=64)
+    sched = Scheduler(PageAllocator(num_pages=6, page_size=4), max_seqs=2, max_batch_tokens=16,
+                      max_len=64)
     c = sched.add(list(range(3)), max_new_tokens=10)
     d = sched.add(list(range(3)), max_new_tokens=2)
     FakeEngine(sched).step()
     batch = sched.schedule(2)  # d's last token: one step of the run's two
     assert [(e.seq, e.steps) for e in batch] == [(c, 2), (d, 1)]
-    e = sched.add([4], max_new_tokens=3)  # it could take d's place
-    assert sched.continue_decode(batch, 2) == []
-    sched.abort(e)
-    assert fields(sched.continue_decode(batch, 2)) == [(c, 5, 1, True, 2)]
-    pool.allocate(pool.num_free_pages)  # nothing free: no page for 8 more steps
-    assert sched.continue_decode(batch, 8) == []
+    e = sched.add([4, 5], max_new_tokens=3)  # it takes d's place in one step with c's next token
+    assert fields(sched.schedule_ahead(batch, 2)) == [(c, 5, 1, True, 1), (e, 0, 2, True, 1)]
+    assert e in sched.running and not sched.waiting
+
+    pool = PageAllocator(num_pages=3, page_size=4)
+    sched = Scheduler(pool, max_seqs=2, max_batch_tokens=16, max_len=64)
+    c = sched.add(list(range(3)), max_new_tokens=8)
+    d = sched.add(list(range(3)), max_new_tokens=2)
+    FakeEngine(sched).step()
+    batch = sched.schedule(2)  # c's run takes the last free page
+    e = sched.add([4], max_new_tokens=3)
+    assert pool.num_free_pages == 0 and sched.schedule_ahead(batch, 2) == []
+    sched.abort(e)  # nothing waits: c runs on alone
+    assert fields(sched.schedule_ahead(batch, 2)) == [(c, 5, 1, True, 2)]
+    assert sched.schedule_ahead(batch, 8) == []  # 5 more steps need a page the pool lacks
 
     sched = Scheduler(PageAllocator(num_pages=9, page_size=4), max_seqs=2, max_batch_tokens=4,
                       max_len=64)
     sched.add(list(range(6)), max_new_tokens=4)
     chunk = sched.schedule(2)  # 4 of the prompt's 6 tokens: no token sampled yet
     assert [(e.count, e.samples) for e in chunk] == [(4, False)]
-    assert sched.continue_decode(chunk, 2) == []
+    assert sched.schedule_ahead(chunk, 2) == []
 
 
 def test_abort_frees_pages():

@@ -29,11 +29,12 @@ data-dependent length by reading its condition back to the host every iteration,
 make the dispatch wait for the device. A sequence with fewer steps to go than the run repeats
 its last step (its position, context and input stay; it writes the same keys and values again).
 
-Overlap. When such a run can only be followed by the same sequences' next run (no waiting request
-could take a place: the scheduler's continue_decode), step() dispatches that next run before it
-waits for the current run's tokens, its input ids taken on the device from the current run's
-output. The device then runs one call after the other while the host reads tokens, updates the
-scheduler and packs; what a sequence computes past an eos in the queued run is dropped.
+Overlap. When every sequence of a call samples, step() dispatches the next call (the
+scheduler's schedule_ahead: the sequences decoding on, and waiting requests admitted into the
+places of those that finish by length) before it waits for the current call's tokens, the
+decoding sequences' input ids taken on the device from the current call's output. The device
+then runs one call after the other while the host reads tokens, updates the scheduler and packs;
+what a sequence computes past an eos in the queued call is dropped.
 
 Shapes. T is rounded up to a power of two (at most max_batch_tokens), the sequences to min(T,
 max_seqs), the block-table width to a power of two of pages, a decode run's steps to a power of
@@ -162,10 +163,11 @@ def _jitted_step(graphdef, treedef):
 
 
 @jax.jit
-def _fed_ids(tokens, rows):
-    """A decode run's input ids [T] from the tokens [steps, S] of the run it continues: entry
-    i's is the last token of that run's row rows[i] (a row that continues ran every step)."""
-    return tokens[-1, rows]
+def _fed_ids(ids, tokens, at, rows):
+    """The input ids [T] of a call queued behind another: ids (the host's part) with, at token
+    row at[i] (T: none), the last token of the earlier call's block-table row rows[i], from its
+    tokens [steps, S] (a row that goes on ran every step of its call)."""
+    return ids.at[at].set(tokens[-1, rows], mode="drop")
 
 
 class _Call(NamedTuple):
@@ -358,33 +360,32 @@ class Engine:
     # ---------------------------------------------------------------------------- internals
 
     def _dispatch(self, batch: list[Entry], fed_from: _Call | None = None) -> _Call:
-        """Run batch on the device (asynchronously); its ids from the host, or for a run that
-        continues fed_from's, from fed_from's output on the device."""
-        shapes, filters, ids, ints, floats = self._pack(batch, host_ids=fed_from is None)
-        if fed_from is not None:  # entry i continues the sequence of fed_from's row rows[i]
-            row_of = {id(e.seq): i for i, e in enumerate(fed_from.batch)}
-            rows = np.zeros(shapes.tokens, np.int32)
-            rows[:len(batch)] = [row_of[id(e.seq)] for e in batch]
-            ids = _fed_ids(fed_from.tokens, rows)
-        else:
-            ids = jnp.asarray(ids)  # a device array either way: one dispatch-cache entry a program
+        """Run batch on the device (asynchronously); its ids from the host, but for the
+        sequences of fed_from (a call queued ahead of them): theirs from fed_from's output."""
+        rows_of = {} if fed_from is None else {id(e.seq): i for i, e in enumerate(fed_from.batch)}
+        shapes, filters, ids, ints, floats, feed = self._pack(batch, rows_of)
+        ids = jnp.asarray(ids)  # a device array either way: one dispatch-cache entry a program
+        if feed is not None:
+            ids = _fed_ids(ids, fed_from.tokens, *feed)
         self._programs.add((shapes, filters))
         tokens, self._kv = self._step(self._params, self._kv, ids, ints, floats, shapes=shapes,
                                       filters=filters)
         return _Call(batch, filters, tokens)
 
     def _follow(self, call: _Call) -> _Call | None:
-        """The decode run that follows call, dispatched before call's tokens are read (the
-        scheduler's continue_decode), or None. Not with a repetition penalty: its seen tokens
-        come from the host."""
+        """The call that follows call, dispatched before call's tokens are read (the
+        scheduler's schedule_ahead), or None. Not after a call with a repetition penalty: the
+        seen tokens of its sequences come from the host."""
         if call.filters.repetition_penalty:
             return None
-        batch = self.scheduler.continue_decode(call.batch, self.decode_steps)
+        batch = self.scheduler.schedule_ahead(call.batch, self.decode_steps)
         return self._dispatch(batch, fed_from=call) if batch else None
 
-    def _pack(self, batch: list[Entry], host_ids: bool = True):
-        """(shapes, filters, the input ids [T], the int32 buffer, the fp32 buffer [4, S]) of a
-        batch; the ids 0 without host_ids (a run whose tokens are not on the host yet)."""
+    def _pack(self, batch: list[Entry], rows_of: dict[int, int]):
+        """(shapes, filters, the input ids [T], the int32 buffer, the fp32 buffer [4, S], feed)
+        of a batch. The entries of the sequences in rows_of (id(seq) -> block-table row of the
+        call queued ahead) decode a token that is not on the host yet: their ids are 0 here and
+        feed = (at, rows), _fed_ids's, puts them in on the device (None if there are none)."""
         P = self.page_size
         counts = [e.count for e in batch]
         T = min(_power_of_two(sum(counts)), self.scheduler.max_batch_tokens)
@@ -418,10 +419,17 @@ class Engine:
         f["do_sample"][:n], f["top_k"][:n] = rows.do_sample, rows.top_k
         starts = np.array([e.start for e in batch], np.int32)
         used = int(cu_q[n])
-        ids = np.zeros(T, np.int32)
-        if host_ids:
+        ids, feed = np.zeros(T, np.int32), None
+        fed = [i for i, e in enumerate(batch) if id(e.seq) in rows_of]
+        if fed:
+            at, rows = np.full(T, T, np.int32), np.zeros(T, np.int32)
+            at[:len(fed)] = cu_q[fed]
+            rows[:len(fed)] = [rows_of[id(batch[i].seq)] for i in fed]
+            feed = at, rows
+        if len(fed) < n:  # a fed entry is one token, 0 until _fed_ids
             ids[:used] = np.fromiter(itertools.chain.from_iterable(
-                e.seq.tokens[e.start:e.start + e.count] for e in batch), np.int32, used)
+                (0,) if id(e.seq) in rows_of else e.seq.tokens[e.start:e.start + e.count]
+                for e in batch), np.int32, used)
         f["positions"][:used] = np.arange(used) - np.repeat(cu_q[:n] - starts, counts)
         f["context_lens"][:n] = starts + counts
         f["sample_rows"][:n] = cu_q[1:n + 1] - 1
@@ -435,7 +443,7 @@ class Engine:
                 # rows' zeros mark token 0, under their penalty of 1: no change.
                 seen_ids[i] = penalised[i][0]
                 seen_ids[i, :len(penalised[i])] = penalised[i]
-        return shapes, filters, ids, ints, floats
+        return shapes, filters, ids, ints, floats, feed
 
 
 def _check_positive(name: str, value) -> None:

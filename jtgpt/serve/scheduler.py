@@ -25,11 +25,13 @@ emits eos in the middle keeps the tokens up to it, and the rest of the run's wor
 thrown away. Waiting requests join at the next schedule(), so a run delays them by at most k
 steps.
 
-Overlap. `continue_decode(batch)` gives the decode run that follows a batch in which every
-sequence samples (a decode run, or prefills that reach the end of their prompts) before the
-batch's tokens are known, when nothing else could come next (no waiting request could take a
-place): the engine queues it on the device behind the running one, so the device does not wait
-for the host's update and schedule in between.
+Overlap. `schedule_ahead(batch)` gives the batch that follows one in which every sequence
+samples (a decode run, or prefills that reach the end of their prompts) before the batch's
+tokens are known: the sequences that go on decode, their input tokens taken on the device from
+batch's output, and waiting requests take the places of those that finish by length. The engine
+queues it on the device behind the running one, so the device does not wait for the host's
+update and schedule in between; only a prompt chunk that does not sample, a shortage of pages or
+a sequence's eos (its place is taken at the next schedule) make it wait.
 
 The scheduler never runs the model: `schedule()` says what to compute and `update()` takes what
 came out (for each sequence whose batch entry reached the end of its known tokens, one new token
@@ -143,49 +145,37 @@ class Scheduler:
                 continue
             batch.append(_entry(seq, count))
             budget -= count
-        while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
-            seq = self.waiting[0]
-            matched = (self.pages.match_prefix(seq.tokens, self.namespace)
-                       if self.prefix_caching else [])
-            seq.pages, seq.computed = matched, len(matched) * self.pages.page_size
-            seq.cached_keys = len(matched)
-            seq.last_key = self.pages.key_of(matched[-1]) if matched else None
-            count = min(len(seq.tokens) - seq.computed, budget)
-            try:
-                seq.pages += self.pages.allocate(self._pages_for(seq.computed + count)
-                                                 - len(seq.pages))
-            except OutOfPages:
-                self._release(seq)  # try again next step, still first in line
-                break
-            self.waiting.popleft()
-            self.running.append(seq)
-            batch.append(_entry(seq, count))
-            budget -= count
+        self._admit(batch, budget, self.max_seqs - len(self.running))
         if decode_steps > 1:
             batch = self._look_ahead(batch, decode_steps)
         return batch
 
-    def continue_decode(self, batch: Sequence[Entry], decode_steps: int = 1) -> list[Entry]:
-        """The batch schedule(decode_steps) will give after update(batch), made before batch's
-        tokens are known (so that it can be queued on the device behind batch): when every
-        running sequence is in batch and samples there, the same sequences decoding on, without
-        those that finish by length in batch. [] where schedule() could give something else:
-        batch holds a prompt chunk that does not sample or misses a running sequence, a waiting
-        request could take a freed place, or the pool lacks the run's lookahead pages (this
-        never preempts). A sequence that emits eos in batch is in the run: it computes tokens
-        that update() drops."""
+    def schedule_ahead(self, batch: Sequence[Entry], decode_steps: int = 1) -> list[Entry]:
+        """The batch after `batch`, made before batch's tokens are known (so that it can be
+        queued on the device behind batch), when every running sequence is in batch and samples
+        there: those that do not finish by length in batch decode on, their inputs the tokens
+        batch gives; with waiting requests and places left, as one step with the waiting
+        requests admitted (their pages from the free pool: the finishing sequences' come back
+        only at update), else as a run of up to decode_steps steps. [] where it cannot be made
+        ahead: batch holds a prompt chunk that does not sample or misses a running sequence,
+        the pool lacks the pages (this never preempts), or nothing can be admitted while
+        requests wait; the caller then waits for update() and schedule(). A sequence that emits
+        eos in batch is in the next one: it computes tokens that update() drops."""
         if not batch or not all(e.samples for e in batch):
             return []
         if {id(e.seq) for e in batch} != {id(seq) for seq in self.running}:
             return []
         left = [e.seq.max_new_tokens - len(e.seq.generated) - e.steps for e in batch]
-        go_on = [(e, min(decode_steps, n)) for e, n in zip(batch, left) if n > 0]
-        if not go_on or len(go_on) > self.max_batch_tokens or (
-                self.waiting and len(go_on) < self.max_seqs):
+        go_on = [(e, n) for e, n in zip(batch, left) if n > 0]
+        admit = bool(self.waiting) and len(go_on) < self.max_seqs
+        if not (go_on or admit) or len(go_on) > self.max_batch_tokens:
             return []
-        entries = [Entry(e.seq, e.start + e.count + e.steps - 1, 1, True, steps)
-                   for e, steps in go_on]
+        entries = [Entry(e.seq, e.start + e.count + e.steps - 1, 1, True,
+                         1 if admit else min(decode_steps, n)) for e, n in go_on]
         if not self._take_run_pages([(e.seq, e.start + e.steps) for e in entries]):
+            return []
+        if admit and not self._admit(entries, self.max_batch_tokens - len(entries),
+                                     self.max_seqs - len(entries)):
             return []
         return entries
 
@@ -221,6 +211,31 @@ class Scheduler:
 
     def _pages_for(self, tokens: int) -> int:
         return -(-tokens // self.pages.page_size)
+
+    def _admit(self, batch: list[Entry], budget: int, places: int) -> int:
+        """Waiting requests into batch, first come first served, while `budget` tokens, `places`
+        sequences and the pool's free pages last; how many were admitted."""
+        admitted = 0
+        while self.waiting and budget > 0 and admitted < places:
+            seq = self.waiting[0]
+            matched = (self.pages.match_prefix(seq.tokens, self.namespace)
+                       if self.prefix_caching else [])
+            seq.pages, seq.computed = matched, len(matched) * self.pages.page_size
+            seq.cached_keys = len(matched)
+            seq.last_key = self.pages.key_of(matched[-1]) if matched else None
+            count = min(len(seq.tokens) - seq.computed, budget)
+            try:
+                seq.pages += self.pages.allocate(self._pages_for(seq.computed + count)
+                                                 - len(seq.pages))
+            except OutOfPages:
+                self._release(seq)  # try again next step, still first in line
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            batch.append(_entry(seq, count))
+            budget -= count
+            admitted += 1
+        return admitted
 
     def _look_ahead(self, batch: list[Entry], decode_steps: int) -> list[Entry]:
         """The batch with steps > 1 (module docstring) if every entry decodes one token and the
