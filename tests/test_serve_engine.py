@@ -61,6 +61,18 @@ def _prompts(count, lengths, seed=0, prefix=()):
             for _ in range(count)]
 
 
+def _record_dispatches(engine):
+    """The (batch, fed_from) of each call the engine dispatches from now on, in order."""
+    calls, dispatch = [], engine._dispatch
+
+    def record(batch, fed_from=None):
+        calls.append((batch, fed_from))
+        return dispatch(batch, fed_from=fed_from)
+
+    engine._dispatch = record
+    return calls
+
+
 def _alone(model, prompt, new, **options):
     out = model.generate(np.array([prompt]), max_new_tokens=new, **options)
     return np.asarray(out)[0, len(prompt):].tolist()
@@ -103,14 +115,13 @@ def test_a_shorter_entry_repeats_its_last_step_harmlessly(gpt2):
     cache, and a request that hits that page gets the tokens of a cache miss."""
     engine = Engine(gpt2, page_size=4, num_pages=40, max_seqs=4, max_batch_tokens=32,
                     decode_steps=8)
-    batches, dispatch = [], engine._dispatch
-    engine._dispatch = lambda batch, **kw: batches.append(batch) or dispatch(batch, **kw)
+    calls = _record_dispatches(engine)
     short, long = _prompts(2, [6], seed=6)
     out = engine.generate([short, long], max_new_tokens=[3, 12], eos_token_id=[], progress=False)
-    assert [(e.start, e.steps) for e in batches[1]] == [(6, 2), (6, 8)]  # short: positions 6, 7
-    again, first = short + out[0] + [5], len(batches)  # 8 tokens of 2 pages cached by the run
+    assert [(e.start, e.steps) for e in calls[1][0]] == [(6, 2), (6, 8)]  # short: positions 6, 7
+    again, first = short + out[0] + [5], len(calls)  # 8 tokens of 2 pages cached by the run
     got = engine.generate([again], max_new_tokens=4, eos_token_id=[], progress=False)[0]
-    assert batches[first][0].start == 8  # a prefix-cache hit of both pages
+    assert calls[first][0][0].start == 8  # a prefix-cache hit of both pages
     assert got == _alone(gpt2, again, 4, eos_token_id=[], pad_token_id=0)
     assert engine.num_free_pages == engine.num_pages
 
@@ -176,19 +187,17 @@ def test_a_waiting_request_joins_the_call_queued_ahead(gpt2):
     the device: everyone's tokens are still generate's."""
     engine = Engine(gpt2, page_size=4, num_pages=40, max_seqs=2, max_batch_tokens=32,
                     decode_steps=2)
-    calls, dispatch = [], engine._dispatch
-
-    def record(batch, fed_from=None):
-        fed = set() if fed_from is None else {id(e.seq) for e in fed_from.batch}
-        calls.append((sum(id(e.seq) in fed for e in batch), sum(id(e.seq) not in fed for e in batch)))
-        return dispatch(batch, fed_from=fed_from)
-
-    engine._dispatch = record
+    calls = _record_dispatches(engine)
     prompts, limits = _prompts(3, [5, 7], seed=10), [3, 9, 4]
     out = engine.generate(prompts, max_new_tokens=limits, eos_token_id=[], progress=False)
     for prompt, limit, tokens in zip(prompts, limits, out):
         assert tokens == _alone(gpt2, prompt, limit, eos_token_id=[], pad_token_id=0)
-    assert (1, 1) in calls  # the second request's next token fed, the third's prompt from the host
+    feeds = []  # (entries fed on the device, entries from the host) of each call
+    for batch, fed_from in calls:
+        fed = set() if fed_from is None else {id(e.seq) for e in fed_from.batch}
+        from_device = sum(id(e.seq) in fed for e in batch)
+        feeds.append((from_device, len(batch) - from_device))
+    assert (1, 1) in feeds  # the second request's next token fed, the third's prompt from the host
     assert engine.num_free_pages == engine.num_pages
 
 

@@ -23,10 +23,10 @@ it was batched with, nor on a preemption that recomputed it.
 A batch of decoding sequences alone runs up to `decode_steps` steps in one call (the scheduler's
 multi-step decode): a device loop feeds each step's tokens to the next, so the host's schedule,
 pack, dispatch and update (about 1 ms for 64 GPT-2 sequences on an H100, against 0.75 ms of
-device time a step) are paid once for all of them. The tokens are the same as one step a call gives. The
-loop's trip count is static (a power of two, part of the program's shape): XLA runs a loop of
-data-dependent length by reading its condition back to the host every iteration, which would
-make the dispatch wait for the device. A sequence with fewer steps to go than the run repeats
+device time a step) are paid once for all of them. The tokens are the same as one step a call
+gives. The loop's trip count is static (a power of two, part of the program's shape): XLA runs a
+loop of data-dependent length by reading its condition back to the host every iteration, which
+would make the dispatch wait for the device. A sequence with fewer steps to go than the run repeats
 its last step (its position, context and input stay; it writes the same keys and values again).
 
 Overlap. When every sequence of a call samples, step() dispatches the next call (the
@@ -40,9 +40,9 @@ Shapes. T is rounded up to a power of two (at most max_batch_tokens), the sequen
 max_seqs), the block-table width to a power of two of pages, a decode run's steps to a power of
 two (at most decode_steps): a long run compiles a bounded number of programs (about
 log2(max_batch_tokens) x log2(max_len / page_size), plus the decode runs' step counts, times the
-sampling processors in use; `num_compiled`). A decode step of up to 4 sequences stays at 1-4 rows, so its
-GEMMs take the GEMV path as in generate. A step's input ids, its other integer arrays (one
-buffer) and its sampling settings (a second) are its three host-to-device copies.
+sampling processors in use; `num_compiled`). A decode step of up to 4 sequences stays at 1-4
+rows, so its GEMMs take the GEMV path as in generate. A step's input ids, its other integer
+arrays (one buffer) and its sampling settings (a second) are its three host-to-device copies.
 
 The engine snapshots the model's parameters when it is made, and is not thread-safe: one thread
 drives it (jtgpt.serve.server runs it in its own thread).
@@ -229,7 +229,7 @@ class Engine:
         self._step = _jitted_step(graphdef, treedef)
         self._programs: set[tuple[_Shapes, RowFilters]] = set()
         self._kv = PagedKVCache.empty_pages(num_pages, page_size, self.spec)
-        self._next: _Call | None = None  # a decode run queued behind the last one (step)
+        self._next: _Call | None = None  # the call queued behind the last one (step)
         self._live: dict[int, Request] = {}
         self._settings: dict[int, _Settings] = {}
         self._finished: dict[int, str] = {}
