@@ -275,7 +275,7 @@ def test_num_pages_none_sizes_the_pool_from_memory(model):
 def test_every_int_field_starts_16_byte_aligned():
     """XLA may pass a field of the step's int32 buffer to a Triton kernel as a slice, without a
     copy; the kernels are compiled for 16-byte aligned pointers (a GPU launch refuses others)."""
-    shapes = _Shapes(tokens=8, seqs=3, table=5, tiles=7, block_q=16, seen=3, steps=2)
-    fields = shapes.int_fields()
+    shapes = _Shapes(tokens=8, seqs=3, table=5, tiles=7, block_q=16, seen=3, steps=2, feed=4)
+    fields = shapes.fields()
     assert all(offset % 4 == 0 for _, offset, _ in fields)
     assert all(a[1] + a[2] <= b[1] for a, b in zip(fields, fields[1:]))  # no overlap

@@ -32,7 +32,7 @@ its last step (its position, context and input stay; it writes the same keys and
 Overlap. When every sequence of a call samples, step() dispatches the next call (the
 scheduler's schedule_ahead: the sequences decoding on, and waiting requests admitted into the
 places of those that finish by length) before it waits for the current call's tokens, the
-decoding sequences' input ids taken on the device from the current call's output. The device
+decoding sequences' input ids taken on the device from the current call's last tokens. The device
 then runs one call after the other while the host reads tokens, updates the scheduler and packs;
 what a sequence computes past an eos in the queued call is dropped.
 
@@ -42,7 +42,8 @@ two (at most decode_steps): a long run compiles a bounded number of programs (ab
 log2(max_batch_tokens) x log2(max_len / page_size), plus the decode runs' step counts, times the
 sampling processors in use; `num_compiled`). A decode step of up to 4 sequences stays at 1-4
 rows, so its GEMMs take the GEMV path as in generate. A step's input ids, its other integer
-arrays (one buffer) and its sampling settings (a second) are its three host-to-device copies.
+arrays and its sampling settings travel in one int32 buffer: one host-to-device copy a call (each
+copy and each extra dispatch is host time, which the device waits for between short calls).
 
 The engine snapshots the model's parameters when it is made, and is not thread-safe: one thread
 drives it (jtgpt.serve.server runs it in its own thread).
@@ -83,16 +84,19 @@ class _Shapes(NamedTuple):
     block_q: int  # tokens a tile holds (fewer for a batch that only decodes)
     seen: int    # token ids per row for the repetition penalty (0: no row uses it)
     steps: int   # steps the call runs (> 1 only for a batch that only decodes)
+    feed: int    # F: the engine's max_seqs, the width of every call's last tokens (_run_batch)
 
-    def int_fields(self) -> list[tuple[str, int, int]]:
-        """The int32 buffer's fields, in order: (name, offset, size). Each starts 16-byte
-        aligned: XLA may hand a field to a Triton kernel as a slice of the buffer, without a
-        copy, and the kernels are compiled for 16-byte aligned pointers."""
+    def fields(self) -> list[tuple[str, int, int]]:
+        """The fields of the step's int32 buffer, its one host-to-device copy, in order: (name,
+        offset, size). The sampling settings' floats travel in it bit for bit. Each field starts
+        16-byte aligned: XLA may hand a field to a Triton kernel as a slice of the buffer, without
+        a copy, and the kernels are compiled for 16-byte aligned pointers."""
         T, S = self.tokens, self.seqs
-        sizes = [("positions", T), ("block_tables", S * self.table), ("cu_q", S + 1),
-                 ("context_lens", S), ("tile_seqs", self.tiles), ("tile_starts", self.tiles),
-                 ("sample_rows", S), ("seeds", S), ("generated", S), ("top_k", S),
-                 ("do_sample", S), ("seen_ids", S * self.seen), ("row_steps", S)]
+        sizes = [("input_ids", T), ("positions", T), ("block_tables", S * self.table),
+                 ("cu_q", S + 1), ("context_lens", S), ("tile_seqs", self.tiles),
+                 ("tile_starts", self.tiles), ("sample_rows", S), ("seeds", S), ("generated", S),
+                 ("top_k", S), ("do_sample", S), ("seen_ids", S * self.seen), ("row_steps", S),
+                 ("fed_from", S), ("floats", len(FLOAT_FIELDS) * S)]
         fields, offset = [], 0
         for name, size in sizes:
             fields.append((name, offset, size))
@@ -107,27 +111,33 @@ def _power_of_two(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
-def _unpack(ints, shapes: _Shapes) -> dict:
-    """The int32 buffer's fields (views of ints: a numpy buffer's, or slices of a traced one)."""
-    fields = {name: ints[offset:offset + size] for name, offset, size in shapes.int_fields()}
+def _unpack(buffer, shapes: _Shapes) -> dict:
+    """The int32 buffer's fields (views of buffer: a numpy one's, or slices of a traced one)."""
+    fields = {name: buffer[offset:offset + size] for name, offset, size in shapes.fields()}
     fields["block_tables"] = fields["block_tables"].reshape(shapes.seqs, shapes.table)
     fields["seen_ids"] = fields["seen_ids"].reshape(shapes.seqs, shapes.seen)
+    fields["floats"] = fields["floats"].reshape(len(FLOAT_FIELDS), shapes.seqs)
     return fields
 
 
-def _run_batch(graphdef, treedef, params, pages, ids, ints, floats, *, shapes: _Shapes,
+def _run_batch(graphdef, treedef, params, pages, buffer, fed, *, shapes: _Shapes,
                filters: RowFilters):
-    """(the tokens of each block-table row, int32 [steps, S], row j those of step j; the pages
-    with the batch's keys and values): the model over one packed batch (ids [T], the other
-    integer arrays in ints), then each row's sampling, shapes.steps times (> 1 only for a decode
-    batch, whose tokens are fed back as the next step's: one token a sequence, at rows cu_q[s] =
-    sample_rows[s]; row s advances row_steps[s] - 1 times, then repeats its last step)."""
+    """(the tokens of each block-table row, int32 [steps, S], row j those of step j; the last
+    step's tokens, int32 [F], zero past S; the pages with the batch's keys and values): the model
+    over one packed batch (its input ids and every other integer array in buffer), then each
+    row's sampling, shapes.steps times (> 1 only for a decode batch, whose tokens are fed back as
+    the next step's: one token a sequence, at rows cu_q[s] = sample_rows[s]; row s advances
+    row_steps[s] - 1 times, then repeats its last step). A row s with fed_from[s] >= 0 decodes
+    the token fed[fed_from[s]], the last tokens of the call queued ahead of this one."""
     model = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
-    b = _unpack(ints, shapes)
+    b = _unpack(buffer, shapes)
+    floats = jax.lax.bitcast_convert_type(b["floats"], jnp.float32)
     rows = RowSampling(b["do_sample"] != 0, floats[0], b["top_k"], *floats[1:])
     S, T, V = shapes.seqs, shapes.tokens, model.config.vocab_size
     live = b["context_lens"] > 0  # block-table rows that hold a sequence
     seen = seen_tokens(b["seen_ids"], V) if shapes.seen else None
+    fed_at = jnp.where(b["fed_from"] >= 0, b["sample_rows"], T)  # T: nowhere
+    ids = b["input_ids"].at[fed_at].set(fed[jnp.maximum(b["fed_from"], 0)], mode="drop")
 
     def step(j, state):
         pages, ids, positions, context_lens, seen, out = state
@@ -150,7 +160,8 @@ def _run_batch(graphdef, treedef, params, pages, ids, ints, floats, *, shapes: _
     state = (pages, ids, b["positions"], b["context_lens"], seen,
              jnp.zeros((shapes.steps, S), jnp.int32))
     state = jax.lax.fori_loop(0, shapes.steps, step, state)
-    return state[-1], state[0]
+    tokens = state[-1]
+    return tokens, jnp.zeros(shapes.feed, jnp.int32).at[:S].set(tokens[-1]), state[0]
 
 
 @functools.cache
@@ -162,20 +173,13 @@ def _jitted_step(graphdef, treedef):
                    static_argnames=("shapes", "filters"), donate_argnums=(1,))
 
 
-@jax.jit
-def _fed_ids(ids, tokens, at, rows):
-    """The input ids [T] of a call queued behind another: ids (the host's part) with, at token
-    row at[i] (T: none), the last token of the earlier call's block-table row rows[i], from its
-    tokens [steps, S] (a row that goes on ran every step of its call)."""
-    return ids.at[at].set(tokens[-1, rows], mode="drop")
-
-
 class _Call(NamedTuple):
-    """A batch dispatched to the device, and what it will give: the tokens [steps, S]
-    (_run_batch)."""
+    """A batch dispatched to the device, and what it will give: the tokens [steps, S] and the
+    last step's [F] (_run_batch)."""
     batch: list[Entry]
     filters: RowFilters
     tokens: jax.Array
+    last: jax.Array
 
 
 class _Settings(NamedTuple):
@@ -230,6 +234,7 @@ class Engine:
         self._programs: set[tuple[_Shapes, RowFilters]] = set()
         self._kv = PagedKVCache.empty_pages(num_pages, page_size, self.spec)
         self._next: _Call | None = None  # the call queued behind the last one (step)
+        self._no_feed = jnp.zeros(max_seqs, jnp.int32)  # a call's fed tokens when none are
         self._live: dict[int, Request] = {}
         self._settings: dict[int, _Settings] = {}
         self._finished: dict[int, str] = {}
@@ -360,17 +365,15 @@ class Engine:
     # ---------------------------------------------------------------------------- internals
 
     def _dispatch(self, batch: list[Entry], fed_from: _Call | None = None) -> _Call:
-        """Run batch on the device (asynchronously); its ids from the host, but for the
+        """Run batch on the device (asynchronously); its input ids from the host, but for the
         sequences of fed_from (a call queued ahead of them): theirs from fed_from's output."""
         rows_of = {} if fed_from is None else {id(e.seq): i for i, e in enumerate(fed_from.batch)}
-        shapes, filters, ids, ints, floats, feed = self._pack(batch, rows_of)
-        ids = jnp.asarray(ids)  # a device array either way: one dispatch-cache entry a program
-        if feed is not None:
-            ids = _fed_ids(ids, fed_from.tokens, *feed)
+        shapes, filters, buffer = self._pack(batch, rows_of)
         self._programs.add((shapes, filters))
-        tokens, self._kv = self._step(self._params, self._kv, ids, ints, floats, shapes=shapes,
-                                      filters=filters)
-        return _Call(batch, filters, tokens)
+        fed = self._no_feed if fed_from is None else fed_from.last
+        tokens, last, self._kv = self._step(self._params, self._kv, buffer, fed, shapes=shapes,
+                                            filters=filters)
+        return _Call(batch, filters, tokens, last)
 
     def _follow(self, call: _Call) -> _Call | None:
         """The call that follows call, dispatched before call's tokens are read (the
@@ -382,10 +385,10 @@ class Engine:
         return self._dispatch(batch, fed_from=call) if batch else None
 
     def _pack(self, batch: list[Entry], rows_of: dict[int, int]):
-        """(shapes, filters, the input ids [T], the int32 buffer, the fp32 buffer [4, S], feed)
-        of a batch. The entries of the sequences in rows_of (id(seq) -> block-table row of the
-        call queued ahead) decode a token that is not on the host yet: their ids are 0 here and
-        feed = (at, rows), _fed_ids's, puts them in on the device (None if there are none)."""
+        """(shapes, filters, the int32 buffer) of a batch. The entries of the sequences in
+        rows_of (id(seq) -> block-table row of the call queued ahead) decode a token that is not
+        on the host yet: their input id is 0 here, and fed_from names the row whose last token
+        _run_batch puts in its place."""
         P = self.page_size
         counts = [e.count for e in batch]
         T = min(_power_of_two(sum(counts)), self.scheduler.max_batch_tokens)
@@ -405,31 +408,27 @@ class Engine:
         tile_seqs, tile_starts = paged.plan_tiles(
             cu_q, block_q, S if decode else paged.max_tiles(T, S, block_q))
         steps = min(_power_of_two(max(e.steps for e in batch)), self.decode_steps)
-        shapes = _Shapes(T, S, width, tile_seqs.size, block_q, seen, steps)
-        _, offset, size = shapes.int_fields()[-1]
-        ints = np.zeros(offset + size, np.int32)
-        f = _unpack(ints, shapes)  # views: writing a field writes the buffer
+        shapes = _Shapes(T, S, width, tile_seqs.size, block_q, seen, steps,
+                         self.scheduler.max_seqs)
+        _, offset, size = shapes.fields()[-1]
+        buffer = np.zeros(offset + size, np.int32)
+        f = _unpack(buffer, shapes)  # views: writing a field writes the buffer
         f["cu_q"][:], f["tile_seqs"][:], f["tile_starts"][:] = cu_q, tile_seqs, tile_starts
         tables, seen_ids = f["block_tables"], f["seen_ids"]
         n = len(batch)
         rows = RowSampling(*map(np.array, zip(*(s.row for s in settings))))
-        floats = np.array([1.0, 0.0, -np.inf, 1.0], np.float32)[:, None].repeat(S, 1)  # all off
+        floats = f["floats"].view(np.float32)
+        floats[:] = np.array([1.0, 0.0, -np.inf, 1.0], np.float32)[:, None]  # all off
         for i, name in enumerate(FLOAT_FIELDS):
             floats[i, :n] = getattr(rows, name)
         f["do_sample"][:n], f["top_k"][:n] = rows.do_sample, rows.top_k
         starts = np.array([e.start for e in batch], np.int32)
         used = int(cu_q[n])
-        ids, feed = np.zeros(T, np.int32), None
-        fed = [i for i, e in enumerate(batch) if id(e.seq) in rows_of]
-        if fed:
-            at, rows = np.full(T, T, np.int32), np.zeros(T, np.int32)
-            at[:len(fed)] = cu_q[fed]
-            rows[:len(fed)] = [rows_of[id(batch[i].seq)] for i in fed]
-            feed = at, rows
-        if len(fed) < n:  # a fed entry is one token, 0 until _fed_ids
-            ids[:used] = np.fromiter(itertools.chain.from_iterable(
-                (0,) if id(e.seq) in rows_of else e.seq.tokens[e.start:e.start + e.count]
-                for e in batch), np.int32, used)
+        f["fed_from"][:] = -1
+        f["fed_from"][:n] = [rows_of.get(id(e.seq), -1) for e in batch]
+        f["input_ids"][:used] = np.fromiter(itertools.chain.from_iterable(
+            (0,) if id(e.seq) in rows_of else e.seq.tokens[e.start:e.start + e.count]
+            for e in batch), np.int32, used)  # a fed entry is one token
         f["positions"][:used] = np.arange(used) - np.repeat(cu_q[:n] - starts, counts)
         f["context_lens"][:n] = starts + counts
         f["sample_rows"][:n] = cu_q[1:n + 1] - 1
@@ -443,7 +442,7 @@ class Engine:
                 # rows' zeros mark token 0, under their penalty of 1: no change.
                 seen_ids[i] = penalised[i][0]
                 seen_ids[i, :len(penalised[i])] = penalised[i]
-        return shapes, filters, ids, ints, floats, feed
+        return shapes, filters, buffer
 
 
 def _check_positive(name: str, value) -> None:
