@@ -15,16 +15,18 @@ Workloads (fixed seed; every request arrives at t = 0, an offline batch):
   request is decoding (a call's time / the steps it ran: --decode-steps), against `generate`'s
   step at B = 64. --profile adds both one's GPU kernel tables (jax.profiler).
 
-Competitors on the mixed workload: the engine; jtgpt `generate` in static batches of
---max-seqs requests in arrival order (left-padded to the batch's longest prompt, rounded up to a
-multiple of 64, and run for the batch's longest output, rounded up to a multiple of 32, so that a
-few programs serve all batches; each compiled before timing); HF PyTorch `generate` (eager, SDPA)
-in the same static batches, on the first --hf-requests requests (it is ~10x slower). Only the
-tokens a request asked for count as output. Time to first token: from t = 0 to the step that
-produced it (for static batches, the end of the request's batch: generate returns all at once);
-inter-token latency: between a request's consecutive tokens (static batches: their batch's
-decode time / steps; the engine: the tokens of one multi-step call arrive together, 0 apart). KV memory: the most pages the engine's requests held at once x page bytes,
-against the static cache of the largest batch.
+Competitors on the mixed workload: the engine; jtgpt `generate` in static batches of --max-seqs
+requests in arrival order (left-padded to the batch's longest prompt, rounded up to a multiple of
+64, and run for the batch's longest output, rounded up to a multiple of 32, so that a few
+programs serve all batches; each compiled before timing); HF PyTorch `generate` (eager, SDPA) in
+the same static batches, on the first --hf-requests requests (it is ~10x slower). The engine and
+jtgpt's static batches report the run of median time among --repeats (a new engine each run: a
+cold prefix cache). Only the tokens a request asked for count as output. Time to first token:
+from t = 0 to the step that produced it (for static batches, the end of the request's batch:
+generate returns all at once); inter-token latency: between a request's consecutive tokens
+(static batches: their batch's decode time / steps; the engine: the tokens of one multi-step
+call arrive together, 0 apart). KV memory: the most pages the engine's requests held at once x
+page bytes, against the static cache of the largest batch.
 """
 import argparse
 import os
@@ -107,9 +109,7 @@ def static_batches(prompts, new_lens, batch):
 
 
 def run_static(generate, batches):
-    """Each batch after the other (compiled first): totals and latencies as run_engine's."""
-    for ids, mask, new, _ in batches:  # compile (jtgpt) / warm up (torch) every shape
-        generate(ids, mask, new)
+    """Each batch after the other: totals and latencies as run_engine's."""
     t0 = time.perf_counter()
     ttft, itl, tokens = [], [], 0
     for ids, mask, new, ns in batches:
@@ -121,6 +121,19 @@ def run_static(generate, batches):
         tokens += sum(ns)
     total = time.perf_counter() - t0
     return dict(total=total, tokens=tokens, ttft=percentiles(ttft), itl=percentiles(itl))
+
+
+def median_run(run, repeats):
+    """The run (a dict with its total time) of median total among `repeats` calls of run()."""
+    runs = sorted((run() for _ in range(repeats)), key=lambda r: r["total"])
+    return runs[len(runs) // 2]
+
+
+def compiled_static(generate, batches):
+    """generate, after one call on every batch's shapes (compile for jtgpt, warm-up for torch)."""
+    for ids, mask, new, _ in batches:
+        generate(ids, mask, new)
+    return generate
 
 
 def jtgpt_static(model):
@@ -175,12 +188,15 @@ def bench_model(name, config, args, on_gpu):
     prompts, new_lens = mixed_workload(n, config.vocab_size, max_prompt=512 if on_gpu else 40,
                                        max_new=256 if on_gpu else 8)
     stage(f"{name}: mixed workload, {n} requests, {sum(new_lens)} output tokens")
-    engine = Engine(model, **engine_options)
-    run_engine(engine, other_tokens(prompts, config.vocab_size), new_lens)
-    r = run_engine(engine, prompts, new_lens) | dict(requests=n)
+    run_engine(Engine(model, **engine_options), other_tokens(prompts, config.vocab_size), new_lens)
+    # A new engine for each timed run: its prefix cache starts cold (the compiled steps are
+    # shared by every engine of the model).
+    r = median_run(lambda: run_engine(Engine(model, **engine_options), prompts, new_lens),
+                   args.repeats) | dict(requests=n)
     kv_engine = r["peak_pages"] * page_bytes(model, P) / 1e9
     batches = static_batches(prompts, new_lens, args.max_seqs)
-    s = run_static(jtgpt_static(model), batches) | dict(requests=n)
+    static = compiled_static(jtgpt_static(model), batches)
+    s = median_run(lambda: run_static(static, batches), args.repeats) | dict(requests=n)
     spec = model.kv_spec
     kv_static = max(ids.shape[0] * (ids.shape[1] + new) for ids, _, new, _ in batches) \
         * spec.num_layers * spec.token_width * jnp.dtype(dtype).itemsize / 1e9
@@ -191,8 +207,9 @@ def bench_model(name, config, args, on_gpu):
         m = args.hf_requests
         with tempfile.TemporaryDirectory() as weights:
             model.save_pretrained(weights)
-            h = run_static(hf_static(weights), static_batches(prompts[:m], new_lens[:m],
-                                                              args.max_seqs)) | dict(requests=m)
+            hf_batches = static_batches(prompts[:m], new_lens[:m], args.max_seqs)
+            h = run_static(compiled_static(hf_static(weights), hf_batches), hf_batches) \
+                | dict(requests=m)
         lines.append(row(f"HF PyTorch generate (eager), static batches, first {m} requests", h))
     lines.append(f"\nEngine vs jtgpt static batching: {r['tokens'] / r['total'] / (s['tokens'] / s['total']):.2f}x "
                  f"output tokens/s.\n")
@@ -266,6 +283,8 @@ def main():
     p.add_argument("--max-seqs", type=int, default=64)
     p.add_argument("--max-batch-tokens", type=int, default=2048)
     p.add_argument("--decode-steps", type=int, default=8, help="the engine's decode_steps")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs of the mixed workload, engine and jtgpt static: the median")
     p.add_argument("--profile", action="store_true",
                    help="also the GPU kernel tables of the B=64 decode, engine and generate")
     p.add_argument("--markdown", help="also write the tables to this file")
