@@ -171,3 +171,24 @@ def cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
     if reduction == "none":
         return rows
     return rows.sum() / (jnp.maximum(valid.sum(), 1) if reduction == "mean" else 1)
+
+
+def adamw(params, grads, mu, nu, *, learning_rate, count, b1, b2, eps, eps_root=0.0,
+          weight_decay=0.0, decay_end=None, max_norm=None):
+    """One AdamW step on flat arrays, after `count` earlier updates (optax.adamw's math, clipped
+    by the global norm first when max_norm is given): (new params, updates -lr u, mu, nu), all
+    fp32 but the params and updates, in params' dtype. Elements [0, decay_end) get the decay
+    (None: all)."""
+    g = grads.astype(jnp.float32)
+    if max_norm is not None:
+        norm = jnp.sqrt(jnp.sum(g * g))
+        g = jnp.where(norm < max_norm, g, g / norm * max_norm)
+    p = params.astype(jnp.float32)
+    t = count + 1
+    mu = (1 - b1) * g + b1 * mu
+    nu = (1 - b2) * g * g + b2 * nu
+    u = (mu / (1 - b1 ** t)) / (jnp.sqrt(nu / (1 - b2 ** t) + eps_root) + eps)
+    decayed = jnp.arange(p.shape[0]) < (p.shape[0] if decay_end is None else decay_end)
+    u = jnp.where(decayed, u + weight_decay * p, u)
+    step = -learning_rate * u
+    return (p + step).astype(params.dtype), step.astype(params.dtype), mu, nu

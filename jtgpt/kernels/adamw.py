@@ -1,0 +1,139 @@
+"""AdamW's update of a whole model in one launch, over flat buffers: every parameter, gradient and
+moment of the model laid end to end (jtgpt.optim.FlatLayout), the moments updated in place.
+
+For each element, with g its gradient and t the update's count (1 for the first update):
+
+    g <- g                           if norm < max_norm, or clipping is off   (optax's
+         (g / norm) * max_norm       otherwise                                 clip_by_global_norm)
+    m <- (1 - b1) g + b1 m
+    v <- (1 - b2) g^2 + b2 v
+    u  = (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t) + eps_root) + eps) + wd p     (wd: decayed elements)
+    p <- p - lr u           (apply: the parameters updated in place, optionally also cast to a
+                             16-bit copy: fp32 master weights for a 16-bit model)
+    or out = -lr u          (updates: what optax.adamw's update returns, for optax.apply_updates)
+
+optax.adamw's operations in its order, in fp32 whatever the storage dtypes. Decayed elements are
+the first `decay_end` of the buffer (FlatLayout puts the leaves the mask selects first), so the
+mask costs no bytes.
+
+lr, 1 - b1^t, 1 - b2^t, the gradient's global norm and max_norm are read from a small fp32 array
+at run time (`scalars`): a learning-rate schedule or a new step count never recompiles.
+
+Bytes: the apply form reads p, g, m, v and writes p, m, v, 28 bytes an fp32 element (+2 for a
+bf16 gradient's 2 fewer, +2 a 16-bit copy): the least an AdamW step can move. optax's update under
+jit moves the same bytes when XLA fuses each leaf's chain into one kernel, but launches one kernel
+a leaf (or more).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import triton
+import triton.language as tl
+
+from jtgpt.call import on_gpu, triton_call
+from jtgpt.kernels import check_float_dtype
+
+SCALARS = ("learning_rate", "bias_correction1", "bias_correction2", "grad_norm", "max_norm")
+
+
+class Hyper(NamedTuple):
+    """AdamW's constants: compiled into the kernel (a change recompiles, as with optax's
+    closures)."""
+    b1: float
+    b2: float
+    eps: float
+    eps_root: float
+    weight_decay: float
+
+
+@triton.jit
+def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, scalars_ptr, p_out_ptr, m_out_ptr, v_out_ptr,
+                  cast_ptr, N: tl.constexpr, DECAY_END: tl.constexpr, B1: tl.constexpr,
+                  B2: tl.constexpr, EPS: tl.constexpr, EPS_ROOT: tl.constexpr,
+                  WEIGHT_DECAY: tl.constexpr, CLIP: tl.constexpr, APPLY: tl.constexpr,
+                  CAST: tl.constexpr, BLOCK: tl.constexpr):
+    """Program i: elements [i BLOCK, (i + 1) BLOCK). p_out_ptr: with APPLY the new parameters
+    (p_ptr's buffer, aliased), else the updates -lr u; m_out/v_out: m_ptr's and v_ptr's buffers
+    (aliased); cast_ptr: the new parameters in the copy's dtype when CAST."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    lr = tl.load(scalars_ptr)
+    bc1 = tl.load(scalars_ptr + 1)
+    bc2 = tl.load(scalars_ptr + 2)
+    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    if CLIP:
+        norm = tl.load(scalars_ptr + 3)
+        max_norm = tl.load(scalars_ptr + 4)
+        g = tl.where(norm < max_norm, g, (g / norm) * max_norm)
+    p = tl.load(p_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    m = (1.0 - B1) * g + B1 * tl.load(m_ptr + offs, mask=ok, other=0.0)
+    v = (1.0 - B2) * (g * g) + B2 * tl.load(v_ptr + offs, mask=ok, other=0.0)
+    u = (m / bc1) / (tl.sqrt_rn(v / bc2 + EPS_ROOT) + EPS)
+    if WEIGHT_DECAY != 0.0:
+        u = tl.where(offs < DECAY_END, u + WEIGHT_DECAY * p, u)
+    step = -lr * u
+    tl.store(m_out_ptr + offs, m, mask=ok)
+    tl.store(v_out_ptr + offs, v, mask=ok)
+    if APPLY:
+        p = p + step
+        tl.store(p_out_ptr + offs, p.to(p_out_ptr.dtype.element_ty), mask=ok)
+        if CAST:
+            tl.store(cast_ptr + offs, p.to(cast_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.store(p_out_ptr + offs, step.to(p_out_ptr.dtype.element_ty), mask=ok)
+
+
+def adamw_update(params, grads, mu, nu, scalars, hyper: Hyper, *, decay_end: int,
+                 clip: bool = False, apply: bool = True, cast_dtype=None, block: int | None = None):
+    """One AdamW step over flat buffers (module docstring).
+
+    params [n] (fp32 when applied: the master copy; any float dtype for updates), grads [n] (any
+    float dtype), mu and nu [n] fp32, scalars fp32 [5] (SCALARS: the learning rate, 1 - b1^t,
+    1 - b2^t, the gradient's global norm and max_norm; the last two read only with clip).
+    decay_end: elements [0, decay_end) get the weight decay.
+
+    apply=True: (params, mu, nu), each written into its input's buffer when the caller donates it
+    (jit aliases them), plus the new parameters in cast_dtype when given. apply=False: (updates
+    in params' dtype, mu, nu).
+    """
+    n = params.shape[0] if getattr(params, "ndim", None) == 1 else None
+    for name, array in (("params", params), ("grads", grads), ("mu", mu), ("nu", nu)):
+        if getattr(array, "ndim", None) != 1 or array.shape[0] != n:
+            raise ValueError(f"{name} must be a flat [n] array like params, got shape "
+                             f"{tuple(getattr(array, 'shape', ()))} (params: "
+                             f"{tuple(getattr(params, 'shape', ()))})")
+        check_float_dtype(f"{name} dtype", array.dtype)
+    for name, array in (("mu", mu), ("nu", nu), ("scalars", scalars)):
+        if array.dtype != jnp.float32:
+            raise ValueError(f"{name} must be float32, got {jnp.dtype(array.dtype).name}")
+    if scalars.shape != (len(SCALARS),):
+        raise ValueError(f"scalars must be [{len(SCALARS)}] ({', '.join(SCALARS)}), got "
+                         f"{tuple(scalars.shape)}")
+    if apply and params.dtype != jnp.float32:
+        raise ValueError(f"params must be float32 to be updated in place (the master copy), got "
+                         f"{jnp.dtype(params.dtype).name}")
+    if not 0 <= decay_end <= n:
+        raise ValueError(f"decay_end must be in [0, {n}], got {decay_end}")
+    if cast_dtype is not None:
+        if not apply:
+            raise ValueError("cast_dtype needs apply=True")
+        check_float_dtype("cast_dtype", cast_dtype)
+    block = block or (4096 if on_gpu() else 256)
+    if n == 0:
+        outs = (params, mu, nu)
+        return outs + (params.astype(cast_dtype),) if cast_dtype is not None else outs
+    shape = lambda dtype: jax.ShapeDtypeStruct((n,), dtype)  # noqa: E731
+    out_shape = [shape(params.dtype), shape(jnp.float32), shape(jnp.float32),
+                 shape(cast_dtype or jnp.float32) if cast_dtype is not None
+                 else jax.ShapeDtypeStruct((1,), jnp.float32)]
+    aliases = {2: 1, 3: 2} | ({0: 0} if apply else {})
+    outs = triton_call(
+        params, grads, mu, nu, scalars, kernel=_adamw_kernel, out_shape=out_shape,
+        input_output_aliases=aliases, grid=(triton.cdiv(n, block),), num_warps=8 if on_gpu() else 4,
+        N=n, DECAY_END=decay_end, B1=float(hyper.b1), B2=float(hyper.b2), EPS=float(hyper.eps),
+        EPS_ROOT=float(hyper.eps_root), WEIGHT_DECAY=float(hyper.weight_decay), CLIP=clip,
+        APPLY=apply, CAST=cast_dtype is not None, BLOCK=block)
+    return tuple(outs) if cast_dtype is not None else tuple(outs[:3])

@@ -1,0 +1,159 @@
+"""AdamW as an optax transformation whose update is one Triton launch for the whole model.
+
+    tx = jtgpt.optim.adamw(3e-4, weight_decay=0.1, mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
+    opt_state = tx.init(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+
+optax.adamw's semantics and names (bias correction, decoupled weight decay on the leaves `mask`
+selects, a float or an optax schedule as the learning rate), plus `clip_norm`: the gradient's
+global norm clipped first, as optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(...))
+does, the scaling done inside the kernel. It composes with optax.chain and nnx.Optimizer.
+
+The state keeps the moments flat: every leaf's m (and v) end to end in one fp32 buffer, in the
+order of a FlatLayout (the decayed leaves first), so one launch of jtgpt.kernels.adamw updates
+them all, whatever the number of leaves. Moments are fp32 whatever the parameters' dtype. The
+learning rate and the bias corrections go to the kernel as runtime values: a schedule never
+recompiles the step.
+
+What an optax update costs here on top of the kernel: the gradients and parameters are
+concatenated into flat buffers, and the updates split back into leaves, because optax hands over
+trees. A training loop that keeps its parameters flat skips those copies (`FlatLayout` and
+jtgpt.kernels.adamw.adamw_update with apply=True update them in place).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jtgpt.kernels.adamw import SCALARS, Hyper, adamw_update
+
+
+class FlatLayout(NamedTuple):
+    """Where each leaf of a tree lives in one flat buffer: leaf order[j] of the tree's leaves
+    takes [offsets[j], offsets[j] + its size); the decayed leaves come first and end at
+    decay_end."""
+    treedef: Any
+    shapes: tuple[tuple[int, ...], ...]  # per leaf, in the tree's order
+    order: tuple[int, ...]
+    offsets: tuple[int, ...]
+    decay_end: int
+    size: int
+
+    @staticmethod
+    def of(tree, decayed) -> FlatLayout:
+        """The layout of tree's leaves (arrays or shape-dtype structs); decayed: a bool per leaf,
+        as a tree of tree's structure or a prefix of it (True: every leaf)."""
+        leaves, treedef = jax.tree.flatten(tree)
+        flags = jax.tree.leaves(jax.tree.map(lambda d, sub: jax.tree.map(lambda _: bool(d), sub),
+                                             decayed, tree))
+        if len(flags) != len(leaves):
+            raise ValueError(f"mask must give one bool per parameter leaf ({len(leaves)}), got "
+                             f"{len(flags)}")
+        return _layout(treedef, tuple(tuple(leaf.shape) for leaf in leaves), tuple(flags))
+
+    def flatten(self, tree, dtype=None):
+        """tree's leaves end to end [size] (in dtype, default their common dtype)."""
+        leaves = self.treedef.flatten_up_to(tree)
+        parts = [jnp.ravel(leaves[i]) for i in self.order]
+        if dtype is not None:
+            parts = [p.astype(dtype) for p in parts]
+        return jnp.concatenate(parts) if parts else jnp.zeros((0,), dtype or jnp.float32)
+
+    def unflatten(self, flat, dtypes=None):
+        """The tree of flat's pieces (each leaf cast to dtypes[leaf], a list in the tree's leaf
+        order, when given)."""
+        leaves = [None] * len(self.order)
+        for j, i in enumerate(self.order):
+            size = int(np.prod(self.shapes[i], dtype=np.int64))
+            leaf = flat[self.offsets[j]:self.offsets[j] + size].reshape(self.shapes[i])
+            leaves[i] = leaf if dtypes is None else leaf.astype(dtypes[i])
+        return self.treedef.unflatten(leaves)
+
+
+class AdamWState(NamedTuple):
+    count: jax.Array  # int32: updates applied so far
+    mu: jax.Array     # fp32 [n]: first moments, flat (FlatLayout order)
+    nu: jax.Array     # fp32 [n]: second moments
+
+
+def adamw(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+          weight_decay: float = 1e-4, mask=None, *, eps_root: float = 0.0,
+          clip_norm: float | None = None) -> optax.GradientTransformation:
+    """optax.adamw (same arguments and defaults) updated by one Triton launch (module docstring).
+
+    learning_rate: a float or an optax schedule (a function of the update count). mask: a tree
+    of bools (of the parameters' structure or a prefix of it) or a function of the parameters
+    giving one: the leaves that get the weight decay (None: all). clip_norm: clip the gradient's
+    global norm to it first (None: no clipping).
+    """
+    for name, value in (("b1", b1), ("b2", b2)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {value}")
+    for name, value in (("eps", eps), ("eps_root", eps_root), ("weight_decay", weight_decay)):
+        if value < 0.0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    if clip_norm is not None and not clip_norm > 0.0:
+        raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm}")
+    if not callable(learning_rate) and not learning_rate >= 0.0:
+        raise ValueError(f"learning_rate must be >= 0 or a schedule, got {learning_rate}")
+    hyper = Hyper(b1, b2, eps, eps_root, weight_decay)
+
+    def layout_of(params) -> FlatLayout:
+        decayed = (mask(params) if callable(mask) else mask) if mask is not None else True
+        return FlatLayout.of(params, decayed)
+
+    def init(params):
+        layout = layout_of(params)
+        return AdamWState(jnp.zeros([], jnp.int32), jnp.zeros(layout.size, jnp.float32),
+                          jnp.zeros(layout.size, jnp.float32))
+
+    def update(grads, state, params=None):
+        if params is None:
+            raise ValueError("jtgpt.optim.adamw's update needs params (the weight decay and the "
+                             "layout read them)")
+        layout = layout_of(params)
+        if state.mu.shape != (layout.size,):
+            raise ValueError(f"the optimizer state holds {state.mu.shape[0]} values, the "
+                             f"parameters {layout.size}: init it from these parameters")
+        count = optax.safe_increment(state.count)
+        g = layout.flatten(grads)
+        norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32)))) if clip_norm else None
+        scalars = bias_corrected_scalars(learning_rate, state.count, b1, b2, norm, clip_norm)
+        p = layout.flatten(params)
+        updates, mu, nu = adamw_update(p, g, state.mu, state.nu, scalars, hyper,
+                                       decay_end=layout.decay_end, clip=clip_norm is not None,
+                                       apply=False)
+        dtypes = [leaf.dtype for leaf in jax.tree.leaves(params)]
+        return layout.unflatten(updates, dtypes), AdamWState(count, mu, nu)
+
+    return optax.GradientTransformation(init, update)
+
+
+def bias_corrected_scalars(learning_rate, count, b1: float, b2: float, norm=None,
+                           clip_norm: float | None = None):
+    """The kernel's runtime scalars (jtgpt.kernels.adamw.SCALARS) for the update after `count`
+    updates: the learning rate at count (a schedule's value, as optax's scale_by_schedule reads
+    it), 1 - b1^t and 1 - b2^t at t = count + 1 (optax's bias correction), and the norm and
+    clip_norm (zeros without clipping)."""
+    lr = learning_rate(count) if callable(learning_rate) else learning_rate
+    t = optax.safe_increment(count)
+    values = [lr, 1 - b1 ** t, 1 - b2 ** t, 0.0 if norm is None else norm,
+              0.0 if clip_norm is None else clip_norm]
+    assert len(values) == len(SCALARS)
+    return jnp.stack([jnp.asarray(v, jnp.float32) for v in values])
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(treedef, shapes: tuple, flags: tuple) -> FlatLayout:
+    """FlatLayout.of's result, made once per tree structure, leaf shapes and mask."""
+    order = tuple(sorted(range(len(shapes)), key=lambda i: not flags[i]))  # stable
+    sizes = [int(np.prod(shapes[i], dtype=np.int64)) for i in order]
+    offsets = tuple(int(o) for o in np.cumsum([0] + sizes)[:-1])
+    decay_end = sum(size for size, i in zip(sizes, order) if flags[i])
+    return FlatLayout(treedef, shapes, order, offsets, decay_end, sum(sizes))
