@@ -3,6 +3,7 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 H100_BF16_DENSE_TFLOPS = 989.0  # datasheet, SXM; MFU is against this
@@ -135,3 +136,16 @@ def gpu_kernel_table(run, steps: int, top: int = 30) -> str:
     for key, ns in totals.most_common(top):
         lines.append(f"| {key} | {counts[key] / steps:g} | {ns / steps / 1e6:.3f} | {100 * ns / all_ns:.1f}% |")
     return "\n".join(lines)
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of an XLA elementwise pass over a 1 GiB array (read + written), the roofline's
+    bandwidth: the best of 20 passes, each writing into the buffer the previous one freed."""
+    x = jnp.ones((2**28,), jnp.float32)
+    scale = jax.jit(lambda x: x * 1.0001, donate_argnums=0)  # not an identity XLA could elide
+    times = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        x = jax.block_until_ready(scale(x))
+        times.append(time.perf_counter() - t0)
+    return 2 * x.nbytes / min(times)

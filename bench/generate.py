@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # run from a checkout too
 import jtgpt  # noqa: E402
-from common import gpu_kernel_table, stage  # noqa: E402
+from common import copy_bandwidth, gpu_kernel_table, stage  # noqa: E402
 from jtgpt.models.gpt2 import GPTConfig  # noqa: E402
 from jtgpt.models.llama import PRESETS, LlamaConfig  # noqa: E402
 
@@ -55,19 +55,6 @@ def cases(on_gpu: bool):
         return [(name, config, [(2, 8, 4)]) for name, config in TINY.items()]
     return [("gpt2", GPTConfig(), [(1, 128, 256), (64, 128, 256)]),
             ("llama", PRESETS["llama-3.2-1b"], [(1, 128, 256), (64, 128, 256), (1, 4096, 256)])]
-
-
-def copy_bandwidth() -> float:
-    """Bytes/s of an XLA elementwise pass over a 1 GiB array (read + written), the roofline's
-    bandwidth: the best of 20 passes, each writing into the buffer the previous one freed."""
-    x = jnp.ones((2**28,), jnp.float32)
-    scale = jax.jit(lambda x: x * 1.0001, donate_argnums=0)  # not an identity XLA could elide
-    times = []
-    for _ in range(20):
-        t0 = time.perf_counter()
-        x = jax.block_until_ready(scale(x))
-        times.append(time.perf_counter() - t0)
-    return 2 * x.nbytes / min(times)
 
 
 def timed(fn, repeats: int) -> float:
