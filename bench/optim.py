@@ -60,14 +60,15 @@ def random_tree(config, dtype, seed):
                               for k, leaf in zip(keys, leaves)])
 
 
-def time_chain(step, state, steps: int, repeats: int) -> float:
-    """Median seconds a step over `repeats` chains of `steps` (compiled first); state donated."""
-    state = jax.block_until_ready(step(*state))
+def time_chain(step, state, grads, steps: int, repeats: int) -> float:
+    """Median seconds a step over `repeats` chains of `steps` (compiled first): state =
+    step(*state, grads), the state donated."""
+    state = jax.block_until_ready(step(*state, grads))
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(steps):
-            state = step(*state)
+            state = step(*state, grads)
         jax.block_until_ready(state)
         times.append((time.perf_counter() - t0) / steps)
     return statistics.median(times)
@@ -76,20 +77,21 @@ def time_chain(step, state, steps: int, repeats: int) -> float:
 def optax_step(tx):
     def step(params, opt_state, grads):
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, grads
+        return optax.apply_updates(params, updates), opt_state
     return jax.jit(step, donate_argnums=(0, 1))
 
 
 def fused_step(layout, cast_dtype=None):
-    """jtgpt's AdamW on flat buffers: (master, mu, nu, count, grads[, the 16-bit copy])."""
+    """jtgpt's AdamW on flat buffers: step(master, mu, nu, count[, the last 16-bit copy], grads)
+    -> (master, mu, nu, count[, the new copy]); the state donated."""
     hyper = Hyper(B1, B2, EPS, 0.0, WEIGHT_DECAY)
 
-    def step(master, mu, nu, count, grads, *copy):
+    def step(master, mu, nu, count, *copy_and_grads):
         scalars = optim.bias_corrected_scalars(LEARNING_RATE, count, B1, B2)
-        out = adamw_update(master, grads, mu, nu, scalars, hyper, decay_end=layout.decay_end,
-                           cast_dtype=cast_dtype)
-        return (*out[:3], count + 1, grads, *out[3:])
-    return jax.jit(step, donate_argnums=(0, 1, 2, 5) if cast_dtype else (0, 1, 2))
+        out = adamw_update(master, copy_and_grads[-1], mu, nu, scalars, hyper,
+                           decay_end=layout.decay_end, cast_dtype=cast_dtype)
+        return (*out[:3], count + 1, *out[3:])
+    return jax.jit(step, donate_argnums=(0, 1, 2, 4) if cast_dtype else (0, 1, 2))
 
 
 def bench_size(name, config, args, bandwidth):
@@ -122,39 +124,42 @@ def bench_size(name, config, args, bandwidth):
         p = copy(params)
         check(label, step(p, tx.init(p), grads)[0])
         p = copy(params)
-        add(f"fp32: {label}", time_chain(step, (p, tx.init(p), grads), args.steps, args.repeats))
+        add(f"fp32: {label}", time_chain(step, (p, tx.init(p)), grads, args.steps, args.repeats))
 
     step = fused_step(layout)
     flat_grads = layout.flatten(grads)
     zeros = lambda: jnp.zeros(layout.size, jnp.float32)  # noqa: E731
-    out = step(layout.flatten(params), zeros(), zeros(), jnp.int32(0), flat_grads)
-    check("jtgpt fused", layout.unflatten(out[0]))
+    check("jtgpt fused", layout.unflatten(step(layout.flatten(params), zeros(), zeros(),
+                                               jnp.int32(0), flat_grads)[0]))
     add("fp32: jtgpt fused (flat buffers)", time_chain(
-        step, (layout.flatten(params), zeros(), zeros(), jnp.int32(0), flat_grads),
+        step, (layout.flatten(params), zeros(), zeros(), jnp.int32(0)), flat_grads,
         args.steps, args.repeats))
 
+    del flat_grads  # (the 1B's buffers fill most of an 80 GB GPU)
     bf16_grads = jax.tree.map(lambda g: g.astype(jnp.bfloat16), grads)
+    del grads
 
-    def optax_master(master, opt_state, grads16):
+    def optax_master(master, opt_state, _, grads16):
+        """(master, opt_state, the bf16 copy); the previous copy donated for the new one."""
         up = jax.tree.map(lambda g: g.astype(jnp.float32), grads16)
         updates, opt_state = reference.update(up, opt_state, master)
         master = optax.apply_updates(master, updates)
-        return master, opt_state, grads16, jax.tree.map(lambda p: p.astype(jnp.bfloat16), master)
-    master_step = jax.jit(optax_master, donate_argnums=(0, 1))
-    chained = jax.jit(lambda m, s, g, _: optax_master(m, s, g), donate_argnums=(0, 1, 3))
-    check("bf16: optax", master_step(copy(params), reference.init(params), bf16_grads)[3])
+        return master, opt_state, jax.tree.map(lambda p: p.astype(jnp.bfloat16), master)
+    master_step = jax.jit(optax_master, donate_argnums=(0, 1, 2))
+    bf16_copy = lambda t: jax.tree.map(lambda x: x.astype(jnp.bfloat16), t)  # noqa: E731
+    p = copy(params)
+    check("bf16: optax", master_step(p, reference.init(p), bf16_copy(p), bf16_grads)[2])
     p = copy(params)
     add("bf16 + fp32 master: optax.adamw, then the bf16 cast", time_chain(
-        chained, (p, reference.init(p), bf16_grads, jax.tree.map(
-            lambda x: x.astype(jnp.bfloat16), p)), args.steps, args.repeats))
+        master_step, (p, reference.init(p), bf16_copy(p)), bf16_grads, args.steps, args.repeats))
 
     step = fused_step(layout, jnp.bfloat16)
     flat16 = layout.flatten(bf16_grads)
     copy16 = lambda: layout.flatten(params).astype(jnp.bfloat16)  # noqa: E731
-    out = step(layout.flatten(params), zeros(), zeros(), jnp.int32(0), flat16, copy16())
-    check("bf16: jtgpt fused", layout.unflatten(out[5]))
+    check("bf16: jtgpt fused", layout.unflatten(step(layout.flatten(params), zeros(), zeros(),
+                                                     jnp.int32(0), copy16(), flat16)[4]))
     add("bf16 + fp32 master: jtgpt fused (flat buffers)", time_chain(
-        step, (layout.flatten(params), zeros(), zeros(), jnp.int32(0), flat16, copy16()),
+        step, (layout.flatten(params), zeros(), zeros(), jnp.int32(0), copy16()), flat16,
         args.steps, args.repeats))
 
     lines = [f"### {name}: {n / 1e6:,.1f}M parameters, {len(jax.tree.leaves(params))} leaves\n",
