@@ -4,8 +4,13 @@
     python bench/train.py --batch 8 --seq 2048 --markdown bench/out.md
 
 Every competitor trains the same weights (fp32 master weights, bf16 compute: the usual mixed
-precision) on the same token ids with the same optimizer (jtgpt.train.adamw: global-norm clipping
-then AdamW), dropout as GPT-2 configures it (0.1) in training mode. Before timing, each model's
+precision) on the same token ids with the same optimizer settings (global-norm clipping then
+AdamW): jtgpt with jtgpt.train.adamw (one Triton launch over flat parameters) and, in a second
+row, with train.optax_adamw (optax's transformations); HF Flax with optax's; HF PyTorch with
+torch's fused AdamW. Dropout as GPT-2 configures it (0.1) in training mode. `--devices N` adds
+jtgpt data-parallel over N devices (ZeRO-2), B rows on each: for GPUs. (On the CPU, where the
+kernels run as Python callbacks, a 2-device run hung on the 2-core development machine, with
+JAX's copy of a callback's input to CPU device 0 never done; with 8 devices it ran.) Before timing, each model's
 eval-mode loss on the batch is checked against HF Flax fp32's. Timing: `--steps` chained steps
 (each step's state feeds the next) with one block at the end, `--repeats` times, median.
 
@@ -48,6 +53,8 @@ def main():
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch competitors")
     p.add_argument("--markdown", help="also write the table to this file")
     p.add_argument("--profile", action="store_true", help="also print jtgpt's step kernel by kernel")
+    p.add_argument("--devices", type=int, default=1,
+                   help="also jtgpt data-parallel (ZeRO-2) over this many devices, B rows each")
     args = p.parse_args()
     from transformers import FlaxGPT2LMHeadModel
 
@@ -68,18 +75,20 @@ def main():
               f"params, bf16 compute, dropout 0.1; device: {jax.devices()[0].device_kind}")
     rows = []
 
-    def record(name, seconds, peak, first, last, loss_err):
-        rows.append(dict(name=name, ms=seconds * 1e3, tokens=B * T / seconds, peak_gb=peak / 1e9,
+    def record(name, seconds, peak, first, last, loss_err, rows_per_step=B):
+        tokens = rows_per_step * T / seconds
+        rows.append(dict(name=name, ms=seconds * 1e3, tokens=tokens, peak_gb=peak / 1e9,
                          err=loss_err, first=first, last=last))
-        stage(f"{name}: {seconds * 1e3:.2f} ms/step, {B * T / seconds / 1e3:.1f}k tokens/s, peak "
+        stage(f"{name}: {seconds * 1e3:.2f} ms/step, {tokens / 1e3:.1f}k tokens/s, peak "
                f"{peak / 1e9:.2f} GB, eval-loss rel err {loss_err:.1e}, loss {first:.4f} -> {last:.4f}")
         if args.markdown:
             with open(args.markdown, "w") as f:
                 f.write(_table(header, rows, n_params) + "\n")
 
-    # HF Flax: its own model in training mode, the same optimizer, the same shifted-label loss.
+    # HF Flax: its own model in training mode, the same optimizer in optax's own transformations
+    # (train.optax_adamw), the same shifted-label loss.
     hf = FlaxGPT2LMHeadModel.from_pretrained(weights, dtype=jnp.bfloat16)
-    optimizer = train.adamw(LEARNING_RATE)
+    optimizer = train.optax_adamw(LEARNING_RATE)
 
     def hf_step(state, ids, key):
         params, opt_state = state
@@ -96,9 +105,22 @@ def main():
 
     model = jtgpt.GPT.from_pretrained(weights, dtype=jnp.bfloat16, param_dtype=jnp.float32)
     jt_eval = float(jax.jit(lambda m, ids: m.loss(ids))(model, ids))
+    err = abs(jt_eval - reference) / abs(reference)
+    state, step = train.init(model, train.optax_adamw(LEARNING_RATE))
+    timed = time_steps(step, state, {"input_ids": ids}, steps=args.steps, repeats=args.repeats)
+    record("jtgpt (bf16 compute), optax's AdamW", *timed, err)
+    optimizer = train.adamw(LEARNING_RATE)
     state, step = train.init(model, optimizer)
     timed = time_steps(step, state, {"input_ids": ids}, steps=args.steps, repeats=args.repeats)
-    record("jtgpt (bf16 compute)", *timed, abs(jt_eval - reference) / abs(reference))
+    record("jtgpt (bf16 compute)", *timed, err)
+    if args.devices > 1:
+        mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:args.devices]), (train.DATA,))
+        state, sharded = train.init(model, optimizer, mesh=mesh)
+        batch = {"input_ids": jnp.tile(ids, (args.devices, 1))}  # B rows a device
+        seconds, peak, first, last = time_steps(sharded, state, batch, steps=args.steps,
+                                                repeats=args.repeats)
+        record(f"jtgpt ZeRO-2 on {args.devices} devices (B={B} a device; peak GB a device)",
+               seconds, peak, first, last, err, rows_per_step=B * args.devices)
     if args.profile:
         state, _ = train.init(model, optimizer)  # time_steps donated the first state
         box = [state]

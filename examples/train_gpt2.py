@@ -3,11 +3,17 @@
     python examples/train_gpt2.py --text input.txt                       # GPT-2 124M from scratch
     python examples/train_gpt2.py --text input.txt --init gpt2 --tokenizer gpt2   # fine-tune
     python examples/train_gpt2.py --text input.txt --config tiny --steps 20       # CPU smoke run
+    python examples/train_gpt2.py --text input.txt --devices 8 --checkpoint run/  # 8 GPUs, ZeRO-2
+    python examples/train_gpt2.py --text input.txt --devices 8 --checkpoint run/ --resume
 
 The text is tokenized once (GPT-2's BPE through transformers, or raw bytes: 256 ids, nothing to
-download), 90% of it trains and 10% is held out. Every step draws `--batch` random windows of
-`--seq` tokens. Loss is printed every `--log-every` steps with the tokens/s since the last print
-(the first print includes compilation); the held-out loss (no dropout) is printed at the end.
+download), 90% of it trains and 10% is held out. Step i draws `--batch` random windows of `--seq`
+tokens, seeded by (--seed, i), so a resumed run draws what the uninterrupted one would have.
+Loss is printed every `--log-every` steps with the tokens/s since the last print (the first print
+includes compilation); the held-out loss (no dropout) is printed at the end. `--devices N` trains
+data-parallel over N devices with ZeRO-2 (jtgpt.train); `--checkpoint DIR` saves the whole train
+state there every `--checkpoint-every` steps and at the end, and `--resume` starts from it (on
+any number of devices).
 """
 import argparse
 import dataclasses
@@ -73,7 +79,16 @@ def main(argv=None):
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", help="write the trained model here (HF layout)")
+    p.add_argument("--devices", type=int, default=1,
+                   help="data-parallel over this many devices (ZeRO-2); --batch divides by it")
+    p.add_argument("--checkpoint", help="save the train state here (orbax) while training")
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--resume", action="store_true", help="start from --checkpoint's train state")
     args = p.parse_args(argv)
+    if args.resume and not args.checkpoint:
+        raise SystemExit("--resume needs --checkpoint DIR, the train state to start from")
+    if not 1 <= args.devices <= len(jax.devices()):
+        raise SystemExit(f"--devices {args.devices}: this machine has {len(jax.devices())}")
 
     with open(args.text, encoding="utf-8") as f:
         tokens, vocab_size = tokenize(f.read(), args.tokenizer)
@@ -86,15 +101,23 @@ def main(argv=None):
     if args.seq > model.config.n_positions:
         raise SystemExit(f"--seq {args.seq} exceeds the model's n_positions={model.config.n_positions}")
     schedule = optax_schedule(args.lr, args.warmup, args.steps)
-    state, step = train.init(model, train.adamw(schedule), accum_steps=args.accum)
-    print(f"{model.config}\n{len(train_tokens)} training tokens, {args.batch} x {args.seq} a step")
+    mesh = (jax.sharding.Mesh(np.asarray(jax.devices()[:args.devices]), (train.DATA,))
+            if args.devices > 1 else None)
+    state, step = train.init(model, train.adamw(schedule), accum_steps=args.accum, mesh=mesh)
+    if args.resume:
+        state = train.restore(args.checkpoint, state)
+        print(f"resumed from {args.checkpoint} at step {int(state.step)}")
+    print(f"{model.config}\n{len(train_tokens)} training tokens, {args.batch} x {args.seq} a step"
+          f" on {args.devices} device(s)")
 
-    rng = np.random.default_rng(args.seed)
     key = jax.random.key(args.seed)
     t0, tokens_since = time.perf_counter(), 0
-    for i in range(1, args.steps + 1):
+    for i in range(int(state.step) + 1, args.steps + 1):
+        rng = np.random.default_rng([args.seed, i])
         batch = {"input_ids": jnp.asarray(windows(train_tokens, args.batch, args.seq, rng))}
         state, metrics = step(state, batch, jax.random.fold_in(key, i))
+        if args.checkpoint and (i % args.checkpoint_every == 0 or i == args.steps):
+            train.save(args.checkpoint, state)
         tokens_since += args.batch * args.seq
         if i % args.log_every == 0 or i == args.steps:
             loss = float(metrics["loss"])  # blocks: the timing below covers the steps run
@@ -104,7 +127,7 @@ def main(argv=None):
             t0, tokens_since = time.perf_counter(), 0
 
     trained = train.model_of(model, state)
-    val = jnp.asarray(windows(val_tokens, args.batch, args.seq, rng))
+    val = jnp.asarray(windows(val_tokens, args.batch, args.seq, np.random.default_rng(args.seed)))
     print(f"held-out loss {float(jax.jit(lambda m, ids: m.loss(ids))(trained, val)):.4f}")
     if args.save:
         trained.save_pretrained(args.save)

@@ -18,8 +18,9 @@ recompiles the step.
 
 What an optax update costs here on top of the kernel: the gradients and parameters are
 concatenated into flat buffers, and the updates split back into leaves, because optax hands over
-trees. A training loop that keeps its parameters flat skips those copies (`FlatLayout` and
-jtgpt.kernels.adamw.adamw_update with apply=True update them in place).
+trees (measured in bench/optim.py: more than the kernel saves). A training loop that keeps its
+parameters flat skips those copies: `FlatParams` holds them so, and `apply_flat` updates them
+and the moments in place (jtgpt.train does both).
 """
 from __future__ import annotations
 
@@ -76,10 +77,64 @@ class FlatLayout(NamedTuple):
         return self.treedef.unflatten(leaves)
 
 
+@jax.tree_util.register_pytree_node_class
+class FlatParams:
+    """Parameters as one flat buffer (fp32, the layout's order, possibly padded at the end) and
+    their FlatLayout, which jit sees as static."""
+
+    def __init__(self, buffer, layout: FlatLayout):
+        self.buffer, self.layout = buffer, layout
+
+    def tree(self, dtypes=None):
+        """The parameter tree (slices of the buffer; cast to dtypes, one per leaf, if given)."""
+        return self.layout.unflatten(self.buffer, dtypes)
+
+    def tree_flatten(self):
+        return (self.buffer,), self.layout
+
+    @classmethod
+    def tree_unflatten(cls, layout, children):
+        return cls(children[0], layout)
+
+
 class AdamWState(NamedTuple):
     count: jax.Array  # int32: updates applied so far
     mu: jax.Array     # fp32 [n]: first moments, flat (FlatLayout order)
     nu: jax.Array     # fp32 [n]: second moments
+
+
+class AdamWSettings(NamedTuple):
+    learning_rate: Any  # a float or an optax schedule
+    hyper: Hyper
+    mask: Any           # None, a tree of bools or a function of the parameters
+    clip_norm: float | None
+
+    def layout(self, params) -> FlatLayout:
+        """The flat layout of params, the leaves this mask decays first."""
+        mask = self.mask(params) if callable(self.mask) else self.mask
+        return FlatLayout.of(params, True if mask is None else mask)
+
+
+class AdamW(optax.GradientTransformation):
+    """What jtgpt.optim.adamw returns: optax's (init, update) pair on trees, and `settings`, with
+    which a loop that keeps its parameters flat updates them in place instead (apply_flat)."""
+    settings: AdamWSettings  # set by adamw(): a NamedTuple subclass holds no other fields
+
+
+def apply_flat(settings: AdamWSettings, params, grads, state: AdamWState, *, decay_end,
+               norm=None):
+    """(params, state) after one AdamW step on flat buffers: params fp32 [n] and the moments
+    updated in place when donated, grads [n] (any float dtype). decay_end: the elements [0,
+    decay_end) that get the weight decay (an int, or an int32 array: a shard's own boundary);
+    norm: the gradient's global norm, over every shard (needed with clip_norm)."""
+    if settings.clip_norm is not None and norm is None:
+        raise ValueError("apply_flat: clip_norm is set, so the gradient's global norm is needed")
+    b1, b2 = settings.hyper.b1, settings.hyper.b2
+    scalars = bias_corrected_scalars(settings.learning_rate, state.count, b1, b2, norm,
+                                     settings.clip_norm)
+    params, mu, nu = adamw_update(params, grads, state.mu, state.nu, scalars, settings.hyper,
+                                  decay_end=decay_end, clip=settings.clip_norm is not None)
+    return params, AdamWState(optax.safe_increment(state.count), mu, nu)
 
 
 def adamw(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
@@ -102,14 +157,11 @@ def adamw(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
         raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm}")
     if not callable(learning_rate) and not learning_rate >= 0.0:
         raise ValueError(f"learning_rate must be >= 0 or a schedule, got {learning_rate}")
-    hyper = Hyper(b1, b2, eps, eps_root, weight_decay)
-
-    def layout_of(params) -> FlatLayout:
-        decayed = (mask(params) if callable(mask) else mask) if mask is not None else True
-        return FlatLayout.of(params, decayed)
+    settings = AdamWSettings(learning_rate, Hyper(b1, b2, eps, eps_root, weight_decay), mask,
+                             clip_norm)
 
     def init(params):
-        layout = layout_of(params)
+        layout = settings.layout(params)
         return AdamWState(jnp.zeros([], jnp.int32), jnp.zeros(layout.size, jnp.float32),
                           jnp.zeros(layout.size, jnp.float32))
 
@@ -117,7 +169,7 @@ def adamw(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
         if params is None:
             raise ValueError("jtgpt.optim.adamw's update needs params (the weight decay and the "
                              "layout read them)")
-        layout = layout_of(params)
+        layout = settings.layout(params)
         if state.mu.shape != (layout.size,):
             raise ValueError(f"the optimizer state holds {state.mu.shape[0]} values, the "
                              f"parameters {layout.size}: init it from these parameters")
@@ -126,13 +178,15 @@ def adamw(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
         norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32)))) if clip_norm else None
         scalars = bias_corrected_scalars(learning_rate, state.count, b1, b2, norm, clip_norm)
         p = layout.flatten(params)
-        updates, mu, nu = adamw_update(p, g, state.mu, state.nu, scalars, hyper,
+        updates, mu, nu = adamw_update(p, g, state.mu, state.nu, scalars, settings.hyper,
                                        decay_end=layout.decay_end, clip=clip_norm is not None,
                                        apply=False)
         dtypes = [leaf.dtype for leaf in jax.tree.leaves(params)]
         return layout.unflatten(updates, dtypes), AdamWState(count, mu, nu)
 
-    return optax.GradientTransformation(init, update)
+    tx = AdamW(init, update)
+    tx.settings = settings
+    return tx
 
 
 def bias_corrected_scalars(learning_rate, count, b1: float, b2: float, norm=None,

@@ -2,13 +2,19 @@
 
 On CPU the kernels run in Triton's interpreter, one program instance at a time, so the default
 shapes are tiny (but never multiples of the block sizes); on the GPU `--large` makes them real.
+The CPU platform shows 8 devices (set before JAX starts its backends), so that the data-parallel
+tests split their work over 8 devices on a machine without a GPU.
 """
+import os
 import zlib
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 LARGE = False
 

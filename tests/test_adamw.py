@@ -186,3 +186,24 @@ def test_kernel_builds_for_hopper_without_spills():
                                                cast_dtype=jnp.bfloat16), *args)
     (kernel,) = built
     assert kernel.spill_bytes == 0 and 0 < kernel.registers <= 128, kernel
+
+
+def test_apply_flat_equals_the_transform(key):
+    """The in-place flat step (what jtgpt.train runs) gives the parameters the optax form gives,
+    with the decay boundary as a traced value (each ZeRO shard passes its own)."""
+    params = _tree(key)
+    tx = optim.adamw(optax.linear_schedule(1e-2, 1e-3, 4), weight_decay=0.1, mask=MATRICES,
+                     clip_norm=0.5)
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.fold_in(key, 1), p.shape), params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    expected = optax.apply_updates(params, updates)
+    layout = tx.settings.layout(params)
+    flat_grads = layout.flatten(grads)
+    norm = jnp.sqrt(jnp.sum(flat_grads * flat_grads))
+    step = jax.jit(lambda p, g, s, d, n: optim.apply_flat(tx.settings, p, g, s, decay_end=d,
+                                                          norm=n))
+    buffer, state = step(layout.flatten(params), flat_grads, tx.init(params),
+                         jnp.int32(layout.decay_end), norm)
+    assert int(state.count) == 1
+    for a, b in zip(jax.tree.leaves(layout.unflatten(buffer)), jax.tree.leaves(expected)):
+        assert_close(a, b, rtol=1e-6)

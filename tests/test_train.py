@@ -96,13 +96,32 @@ def test_bad_batch_is_a_clear_error(key):
         train.init(tiny(), train.adamw(1e-3), accum_steps=0)
 
 
-def test_example_script_trains_and_saves(tmp_path, capsys):
+def _example():
     import importlib.util
     import pathlib
     script = pathlib.Path(__file__).parents[1] / "examples" / "train_gpt2.py"
     spec = importlib.util.spec_from_file_location("train_gpt2", script)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
+    return example
+
+
+def test_example_script_resumes_on_another_device_count(tmp_path, capsys):
+    example = _example()
+    text = tmp_path / "input.txt"
+    text.write_text("To be, or not to be, that is the question. " * 20, encoding="utf-8")
+    common = ["--text", str(text), "--config", "tiny", "--batch", "4", "--seq", "16",
+              "--log-every", "1", "--checkpoint", str(tmp_path / "run")]
+    example.main(common + ["--steps", "2", "--devices", str(min(2, len(jax.devices())))])
+    example.main(common + ["--steps", "3", "--resume"])
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "at step 2" in out
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("step")] == \
+        ["1", "2", "3"]
+
+
+def test_example_script_trains_and_saves(tmp_path, capsys):
+    example = _example()
     text = tmp_path / "input.txt"
     text.write_text("To be, or not to be, that is the question. " * 20, encoding="utf-8")
     example.main(["--text", str(text), "--config", "tiny", "--steps", "2", "--batch", "2",
@@ -133,3 +152,130 @@ def test_16_bit_models_train_through_fp32_master_weights(key):
         assert leaf.dtype == dtype and bool(jnp.isfinite(leaf).all())
     after = float(jax.jit(lambda m: m.loss(ids))(trained))
     assert after < 0.8 * before, (before, after)
+
+
+def test_flat_adamw_step_equals_optax(key):
+    """train.adamw keeps the parameters flat and updates them in one kernel: the same parameters
+    and metrics, step for step, as optax's clip + adamw on the tree (a schedule, clipping active)."""
+    model = tiny(**NO_DROPOUT)
+    ids = jax.random.randint(key, (4, 10), 0, 37)
+    schedule = optax.linear_schedule(3e-2, 1e-2, 5)
+    runs = []
+    for optimizer in (train.adamw(schedule, clip_norm=0.5), train.optax_adamw(schedule, clip_norm=0.5)):
+        state, step = train.init(model, optimizer)
+        metrics = []
+        for i in range(3):
+            state, m = step(state, {"input_ids": ids}, jax.random.key(i))
+            metrics.append(m)
+        runs.append((train.model_of(model, state), metrics))
+    (flat, m_flat), (tree, m_tree) = runs
+    assert isinstance(train.init(model, train.adamw(1e-3))[0].params, jtgpt.optim.FlatParams)
+    for a, b in zip(m_flat, m_tree):
+        assert_close(a["loss"], b["loss"], rtol=1e-6)
+        assert_close(a["grad_norm"], b["grad_norm"], rtol=1e-5)
+        assert float(b["grad_norm"]) > 0.5  # the clipping acted
+    for (path, a), (_, b) in zip(nnx.to_flat_state(_without_key_bias(flat)),
+                                 nnx.to_flat_state(_without_key_bias(tree))):
+        assert_close(a[...], b[...], rtol=1e-5, what=str(path))
+
+
+def _without_key_bias(model):
+    """model's parameters, the key part of c_attn's bias zeroed. Its gradient is 0 in exact math
+    (q . (k + b) adds the same q . b to every key's score, which softmax cancels), so what it
+    holds is rounding noise that Adam normalises into steps of ~lr: two correct implementations
+    give it different values."""
+    params = nnx.state(model, nnx.Param)
+    D = model.config.n_embd
+    for block in params["h"].values():
+        bias = block["attn"]["c_attn"]["bias"]
+        bias[...] = bias[...].at[D:2 * D].set(0.0)
+    return params
+
+
+def _mesh(devices):
+    return jax.sharding.Mesh(np.asarray(devices), (train.DATA,))
+
+
+def test_zero2_step_equals_the_one_device_step(key):
+    """Data-parallel over every device the platform has (8 simulated CPU devices in the CPU
+    suite): the same parameters and metrics as one device, and each device holds 1/N of the
+    parameters and moments."""
+    devices = jax.devices()[:8]
+    n = len(devices)
+    model = tiny(**NO_DROPOUT)
+    ids = jax.random.randint(key, (2 * n, 10), 0, 37)
+    labels = ids.at[0, 3:].set(-100)  # devices see different numbers of labelled tokens
+    batch = {"input_ids": ids, "labels": labels}
+    runs = []
+    for mesh in (None, _mesh(devices)):
+        state, step = train.init(model, train.adamw(1e-2, clip_norm=0.1), accum_steps=2,
+                                 mesh=mesh)
+        for i in range(2):
+            state, metrics = step(state, batch, jax.random.key(i))
+        runs.append((state, metrics))
+    (one, m_one), (sharded, m_sharded) = runs
+    assert int(m_one["tokens"]) == int(m_sharded["tokens"])
+    assert_close(m_sharded["loss"], m_one["loss"], rtol=1e-6)
+    assert_close(m_sharded["grad_norm"], m_one["grad_norm"], rtol=1e-5)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(_without_key_bias(train.model_of(model, sharded))),
+                                 nnx.to_flat_state(_without_key_bias(train.model_of(model, one)))):
+        assert_close(a[...], b[...], rtol=1e-5, what=str(path))
+    for array in (sharded.params.buffer, sharded.opt_state.mu, sharded.opt_state.nu):
+        assert array.sharding.spec == jax.sharding.PartitionSpec(train.DATA)
+        assert {s.data.shape[0] for s in array.addressable_shards} == {array.shape[0] // n}
+        assert len(array.addressable_shards) == n
+
+
+def test_bad_meshes_are_clear_errors(key):
+    devices = jax.devices()[:2]
+    with pytest.raises(ValueError, match="must have a 'data' axis"):
+        train.init(tiny(), train.adamw(1e-3),
+                   mesh=jax.sharding.Mesh(np.asarray(devices), ("batch",)))
+    with pytest.raises(ValueError, match="needs jtgpt's AdamW"):
+        train.init(tiny(), optax.adamw(1e-3), mesh=_mesh(devices))
+    if len(devices) == 2:
+        state, step = train.init(tiny(), train.adamw(1e-3), mesh=_mesh(devices))
+        with pytest.raises(ValueError, match="divisible by the mesh's 2 'data' devices"):
+            step(state, {"input_ids": jnp.zeros((3, 8), jnp.int32)}, key)
+
+
+@pytest.mark.parametrize("saved_on, restored_on", [(None, None), (8, 2), (2, None)])
+def test_save_and_restore_round_trip_across_device_counts(key, tmp_path, saved_on, restored_on):
+    """A run saved after two steps and resumed (on the same or another number of devices) makes
+    the same third step as the run that went on."""
+    devices = jax.devices()
+    mesh_of = lambda n: None if n is None or len(devices) < n else _mesh(devices[:n])  # noqa: E731
+    model = tiny(**NO_DROPOUT)
+    batch = {"input_ids": jax.random.randint(key, (8, 10), 0, 37)}
+    state, step = train.init(model, train.adamw(1e-2), mesh=mesh_of(saved_on))
+    for i in range(2):
+        state, _ = step(state, batch, jax.random.key(i))
+    train.save(tmp_path / "ckpt", state)
+    state, reference = step(state, batch, jax.random.key(2))
+
+    fresh, resumed_step = train.init(model, train.adamw(1e-2), mesh=mesh_of(restored_on))
+    resumed = train.restore(tmp_path / "ckpt", fresh)
+    assert int(resumed.step) == 2 and int(resumed.opt_state.count) == 2
+    assert all(a.sharding == b.sharding for a, b in zip(jax.tree.leaves(resumed),
+                                                        jax.tree.leaves(fresh)))
+    resumed, metrics = resumed_step(resumed, batch, jax.random.key(2))
+    assert_close(metrics["loss"], reference["loss"], rtol=1e-6)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(_without_key_bias(train.model_of(model, resumed))),
+                                 nnx.to_flat_state(_without_key_bias(train.model_of(model, state)))):
+        assert_close(a[...], b[...], rtol=1e-5, what=str(path))
+
+
+def test_save_and_restore_an_optax_state(key, tmp_path):
+    model = tiny(**NO_DROPOUT)
+    state, step = train.init(model, optax.adamw(1e-2))
+    state, _ = step(state, {"input_ids": jax.random.randint(key, (2, 8), 0, 37)}, key)
+    train.save(tmp_path / "ckpt", state)
+    restored = train.restore(tmp_path / "ckpt", train.init(model, optax.adamw(1e-2))[0])
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    wider = jtgpt.GPT(GPTConfig(vocab_size=37, n_positions=16, n_embd=64, n_layer=1, n_head=2))
+    other = train.init(wider, optax.adamw(1e-2))[0]
+    with pytest.raises(ValueError, match="does not fit this model and optimizer"):
+        train.restore(tmp_path / "ckpt", other)
+    with pytest.raises(ValueError, match="no train state in"):
+        train.restore(tmp_path / "missing", restored)

@@ -14,7 +14,8 @@ For each element, with g its gradient and t the update's count (1 for the first 
 
 optax.adamw's operations in its order, in fp32 whatever the storage dtypes. Decayed elements are
 the first `decay_end` of the buffer (FlatLayout puts the leaves the mask selects first), so the
-mask costs no bytes.
+mask costs no bytes; decay_end is a runtime value, so that each shard of a buffer split over
+devices (ZeRO) runs the same program with its own boundary.
 
 lr, 1 - b1^t, 1 - b2^t, the gradient's global norm and max_norm are read from a small fp32 array
 at run time (`scalars`): a learning-rate schedule or a new step count never recompiles.
@@ -50,8 +51,8 @@ class Hyper(NamedTuple):
 
 
 @triton.jit
-def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, scalars_ptr, p_out_ptr, m_out_ptr, v_out_ptr,
-                  cast_ptr, N: tl.constexpr, DECAY_END: tl.constexpr, B1: tl.constexpr,
+def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, scalars_ptr, decay_end_ptr, p_out_ptr, m_out_ptr,
+                  v_out_ptr, cast_ptr, N: tl.constexpr, B1: tl.constexpr,
                   B2: tl.constexpr, EPS: tl.constexpr, EPS_ROOT: tl.constexpr,
                   WEIGHT_DECAY: tl.constexpr, CLIP: tl.constexpr, APPLY: tl.constexpr,
                   CAST: tl.constexpr, BLOCK: tl.constexpr):
@@ -73,7 +74,7 @@ def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, scalars_ptr, p_out_ptr, m_out_ptr,
     v = (1.0 - B2) * (g * g) + B2 * tl.load(v_ptr + offs, mask=ok, other=0.0)
     u = (m / bc1) / (tl.sqrt_rn(v / bc2 + EPS_ROOT) + EPS)
     if WEIGHT_DECAY != 0.0:
-        u = tl.where(offs < DECAY_END, u + WEIGHT_DECAY * p, u)
+        u = tl.where(offs < tl.load(decay_end_ptr), u + WEIGHT_DECAY * p, u)
     step = -lr * u
     tl.store(m_out_ptr + offs, m, mask=ok)
     tl.store(v_out_ptr + offs, v, mask=ok)
@@ -86,14 +87,15 @@ def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, scalars_ptr, p_out_ptr, m_out_ptr,
         tl.store(p_out_ptr + offs, step.to(p_out_ptr.dtype.element_ty), mask=ok)
 
 
-def adamw_update(params, grads, mu, nu, scalars, hyper: Hyper, *, decay_end: int,
+def adamw_update(params, grads, mu, nu, scalars, hyper: Hyper, *, decay_end,
                  clip: bool = False, apply: bool = True, cast_dtype=None, block: int | None = None):
     """One AdamW step over flat buffers (module docstring).
 
     params [n] (fp32 when applied: the master copy; any float dtype for updates), grads [n] (any
     float dtype), mu and nu [n] fp32, scalars fp32 [5] (SCALARS: the learning rate, 1 - b1^t,
     1 - b2^t, the gradient's global norm and max_norm; the last two read only with clip).
-    decay_end: elements [0, decay_end) get the weight decay.
+    decay_end (an int, or an int32 array of shape (), traced or not): elements [0, decay_end)
+    get the weight decay.
 
     apply=True: (params, mu, nu), each written into its input's buffer when the caller donates it
     (jit aliases them), plus the new parameters in cast_dtype when given. apply=False: (updates
@@ -115,8 +117,8 @@ def adamw_update(params, grads, mu, nu, scalars, hyper: Hyper, *, decay_end: int
     if apply and params.dtype != jnp.float32:
         raise ValueError(f"params must be float32 to be updated in place (the master copy), got "
                          f"{jnp.dtype(params.dtype).name}")
-    if not 0 <= decay_end <= n:
-        raise ValueError(f"decay_end must be in [0, {n}], got {decay_end}")
+    if isinstance(decay_end, int) and not 0 <= decay_end <= min(n, 2**31 - 1):
+        raise ValueError(f"decay_end must be in [0, {min(n, 2**31 - 1)}], got {decay_end}")
     if cast_dtype is not None:
         if not apply:
             raise ValueError("cast_dtype needs apply=True")
@@ -131,9 +133,9 @@ def adamw_update(params, grads, mu, nu, scalars, hyper: Hyper, *, decay_end: int
                  else jax.ShapeDtypeStruct((1,), jnp.float32)]
     aliases = {2: 1, 3: 2} | ({0: 0} if apply else {})
     outs = triton_call(
-        params, grads, mu, nu, scalars, kernel=_adamw_kernel, out_shape=out_shape,
-        input_output_aliases=aliases, grid=(triton.cdiv(n, block),), num_warps=8 if on_gpu() else 4,
-        N=n, DECAY_END=decay_end, B1=float(hyper.b1), B2=float(hyper.b2), EPS=float(hyper.eps),
+        params, grads, mu, nu, scalars, jnp.asarray(decay_end, jnp.int32).reshape(1),
+        kernel=_adamw_kernel, out_shape=out_shape, input_output_aliases=aliases,
+        grid=(triton.cdiv(n, block),), num_warps=8 if on_gpu() else 4, N=n, B1=float(hyper.b1), B2=float(hyper.b2), EPS=float(hyper.eps),
         EPS_ROOT=float(hyper.eps_root), WEIGHT_DECAY=float(hyper.weight_decay), CLIP=clip,
         APPLY=apply, CAST=cast_dtype is not None, BLOCK=block)
     return tuple(outs) if cast_dtype is not None else tuple(outs[:3])
