@@ -149,3 +149,28 @@ def copy_bandwidth() -> float:
         x = jax.block_until_ready(scale(x))
         times.append(time.perf_counter() - t0)
     return 2 * x.nbytes / min(times)
+
+
+def model_configs(on_gpu: bool) -> dict:
+    """The benchmarks' two models by name: GPT-2 124M and the Llama-3.2-1B shape on the GPU; on
+    the CPU (Triton's interpreter) tiny ones of the same families, for a check run."""
+    from jtgpt.models.gpt2 import GPTConfig
+    from jtgpt.models.llama import PRESETS, LlamaConfig
+    if on_gpu:
+        return {"gpt2": GPTConfig(), "llama": PRESETS["llama-3.2-1b"]}
+    return {"gpt2": GPTConfig(vocab_size=97, n_positions=128, n_embd=64, n_layer=2, n_head=4),
+            "llama": LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=88,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=128)}
+
+
+def print_tables(names: str, table_of, header: str, markdown: str | None) -> None:
+    """header, then table_of(name) for each comma-separated name, printed as each is done; all
+    of it also written to the file `markdown` when given."""
+    out = [header]
+    for name in names.split(","):
+        out.append(table_of(name))
+        print(out[-1], flush=True)
+    if markdown:
+        with open(markdown, "w") as f:
+            f.write("\n".join(out))

@@ -38,21 +38,16 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # run from a checkout too
 import jtgpt  # noqa: E402
-from common import copy_bandwidth, gpu_kernel_table, stage  # noqa: E402
+from common import copy_bandwidth, gpu_kernel_table, model_configs, stage  # noqa: E402
 from jtgpt.models.gpt2 import GPTConfig  # noqa: E402
-from jtgpt.models.llama import PRESETS, LlamaConfig  # noqa: E402
+from jtgpt.models.llama import PRESETS  # noqa: E402
 
 CHECK_ROWS, CHECK_NEW = 2, 32
-
-TINY = {"gpt2": GPTConfig(vocab_size=97, n_positions=64, n_embd=64, n_layer=2, n_head=4),
-        "llama": LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=88,
-                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)}
-
 
 def cases(on_gpu: bool):
     """(model name, config, [(B, prompt, new), ...])."""
     if not on_gpu:
-        return [(name, config, [(2, 8, 4)]) for name, config in TINY.items()]
+        return [(name, config, [(2, 8, 4)]) for name, config in model_configs(False).items()]
     return [("gpt2", GPTConfig(), [(1, 128, 256), (64, 128, 256)]),
             ("llama", PRESETS["llama-3.2-1b"], [(1, 128, 256), (64, 128, 256), (1, 4096, 256)])]
 

@@ -34,21 +34,14 @@ from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # run from a checkout too
 import jtgpt  # noqa: E402
-from common import copy_bandwidth, stage  # noqa: E402
+from common import copy_bandwidth, model_configs, print_tables, stage  # noqa: E402
 from jtgpt import optim  # noqa: E402
 from jtgpt.kernels.adamw import Hyper, adamw_update  # noqa: E402
 from jtgpt.models.gpt2 import GPTConfig  # noqa: E402
-from jtgpt.models.llama import PRESETS, LlamaConfig  # noqa: E402
 
 LEARNING_RATE, WEIGHT_DECAY, B1, B2, EPS = 3e-4, 0.1, 0.9, 0.999, 1e-8
 MATRICES = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
 BYTES_PER_PARAM = 28
-
-TINY = {"gpt2": GPTConfig(vocab_size=97, n_positions=64, n_embd=64, n_layer=2, n_head=4),
-        "llama": LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=88,
-                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                             max_position_embeddings=64)}
-
 
 def random_tree(config, dtype, seed):
     """A tree of the model's parameter shapes, random values in dtype."""
@@ -180,16 +173,11 @@ def main():
     p.add_argument("--repeats", type=int, default=5 if on_gpu else 1)
     p.add_argument("--markdown", help="also write the tables to this file")
     args = p.parse_args()
-    configs = {"gpt2": GPTConfig(), "llama": PRESETS["llama-3.2-1b"]} if on_gpu else TINY
+    configs = model_configs(on_gpu)
     bandwidth = copy_bandwidth() if on_gpu else float("nan")
-    out = [f"device: {jax.devices()[0].device_kind}; copy bandwidth {bandwidth / 1e12:.2f} TB/s\n"]
-    for name in args.only.split(","):
-        out.append(bench_size(name, configs[name], args, bandwidth))
-        print(out[-1], flush=True)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write("\n".join(out))
-
+    print_tables(args.only, lambda name: bench_size(name, configs[name], args, bandwidth),
+                 f"device: {jax.devices()[0].device_kind}; copy bandwidth "
+                 f"{bandwidth / 1e12:.2f} TB/s\n", args.markdown)
 
 if __name__ == "__main__":
     main()

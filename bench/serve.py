@@ -41,16 +41,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # run from a checkout too
 import jtgpt  # noqa: E402
-from common import gpu_kernel_table, stage  # noqa: E402
+from common import gpu_kernel_table, model_configs, print_tables, stage  # noqa: E402
 from jtgpt.models.gpt2 import GPTConfig  # noqa: E402
-from jtgpt.models.llama import PRESETS, LlamaConfig  # noqa: E402
 from jtgpt.serve import Engine  # noqa: E402
-
-TINY = {"gpt2": GPTConfig(vocab_size=97, n_positions=128, n_embd=64, n_layer=2, n_head=4),
-        "llama": LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=88,
-                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                             max_position_embeddings=128)}
-
 
 def mixed_workload(n, vocab, seed=0, max_prompt=512, max_new=256):
     """(prompts, output lengths) of the mixed workload (module docstring)."""
@@ -289,15 +282,10 @@ def main():
                    help="also the GPU kernel tables of the B=64 decode, engine and generate")
     p.add_argument("--markdown", help="also write the tables to this file")
     args = p.parse_args()
-    configs = {"gpt2": GPTConfig(), "llama": PRESETS["llama-3.2-1b"]} if on_gpu else TINY
-    out = [f"device: {jax.devices()[0].device_kind}, bf16, greedy, random weights\n"]
-    for name in args.only.split(","):
-        out.append(bench_model(name, configs[name], args, on_gpu))
-        print(out[-1], flush=True)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write("\n".join(out))
-
+    configs = model_configs(on_gpu)
+    print_tables(args.only, lambda name: bench_model(name, configs[name], args, on_gpu),
+                 f"device: {jax.devices()[0].device_kind}, bf16, greedy, random weights\n",
+                 args.markdown)
 
 if __name__ == "__main__":
     main()
