@@ -167,6 +167,7 @@ def test_flat_adamw_step_equals_optax(key):
         for i in range(3):
             state, m = step(state, {"input_ids": ids}, jax.random.key(i))
             metrics.append(m)
+        assert step._cache_size() == 1  # the schedule's values never recompiled the step
         runs.append((train.model_of(model, state), metrics))
     (flat, m_flat), (tree, m_tree) = runs
     assert isinstance(train.init(model, train.adamw(1e-3))[0].params, jtgpt.optim.FlatParams)
