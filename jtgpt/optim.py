@@ -1,6 +1,7 @@
 """AdamW as an optax transformation whose update is one Triton launch for the whole model.
 
-    tx = jtgpt.optim.adamw(3e-4, weight_decay=0.1, mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
+    matrices = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    tx = jtgpt.optim.adamw(3e-4, weight_decay=0.1, mask=matrices)
     opt_state = tx.init(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)

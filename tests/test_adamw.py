@@ -136,8 +136,9 @@ def test_composes_with_optax_chain_and_nnx_optimizer():
     # parameters would carry the model's own rounding into the comparison.
     grads = nnx.grad(lambda m: m.loss(ids))(model)
     results = []
-    for tx in (optax.chain(optax.scale_by_schedule(lambda n: 1.0), optim.adamw(1e-2, mask=MATRICES)),
-               optax.chain(optax.scale_by_schedule(lambda n: 1.0), optax.adamw(1e-2, mask=MATRICES))):
+    unit = optax.scale_by_schedule(lambda n: 1.0)
+    for tx in (optax.chain(unit, optim.adamw(1e-2, mask=MATRICES)),
+               optax.chain(unit, optax.adamw(1e-2, mask=MATRICES))):
         m = nnx.clone(model)
         optimizer = nnx.Optimizer(m, tx, wrt=nnx.Param)
         for _ in range(2):

@@ -156,12 +156,13 @@ def test_16_bit_models_train_through_fp32_master_weights(key):
 
 def test_flat_adamw_step_equals_optax(key):
     """train.adamw keeps the parameters flat and updates them in one kernel: the same parameters
-    and metrics, step for step, as optax's clip + adamw on the tree (a schedule, clipping active)."""
+    and metrics, step for step, as optax's clip + adamw on the tree (a schedule; clipping acts)."""
     model = tiny(**NO_DROPOUT)
     ids = jax.random.randint(key, (4, 10), 0, 37)
     schedule = optax.linear_schedule(3e-2, 1e-2, 5)
     runs = []
-    for optimizer in (train.adamw(schedule, clip_norm=0.5), train.optax_adamw(schedule, clip_norm=0.5)):
+    for optimizer in (train.adamw(schedule, clip_norm=0.5),
+                      train.optax_adamw(schedule, clip_norm=0.5)):
         state, step = train.init(model, optimizer)
         metrics = []
         for i in range(3):
@@ -175,8 +176,13 @@ def test_flat_adamw_step_equals_optax(key):
         assert_close(a["loss"], b["loss"], rtol=1e-6)
         assert_close(a["grad_norm"], b["grad_norm"], rtol=1e-5)
         assert float(b["grad_norm"]) > 0.5  # the clipping acted
-    for (path, a), (_, b) in zip(nnx.to_flat_state(_without_key_bias(flat)),
-                                 nnx.to_flat_state(_without_key_bias(tree))):
+    _assert_same_params(flat, tree)
+
+
+def _assert_same_params(model, expected):
+    """Each parameter within fp32 rounding of expected's, the key bias left out (below)."""
+    for (path, a), (_, b) in zip(nnx.to_flat_state(_without_key_bias(model)),
+                                 nnx.to_flat_state(_without_key_bias(expected))):
         assert_close(a[...], b[...], rtol=1e-5, what=str(path))
 
 
@@ -218,9 +224,7 @@ def test_zero2_step_equals_the_one_device_step(key):
     assert int(m_one["tokens"]) == int(m_sharded["tokens"])
     assert_close(m_sharded["loss"], m_one["loss"], rtol=1e-6)
     assert_close(m_sharded["grad_norm"], m_one["grad_norm"], rtol=1e-5)
-    for (path, a), (_, b) in zip(nnx.to_flat_state(_without_key_bias(train.model_of(model, sharded))),
-                                 nnx.to_flat_state(_without_key_bias(train.model_of(model, one)))):
-        assert_close(a[...], b[...], rtol=1e-5, what=str(path))
+    _assert_same_params(train.model_of(model, sharded), train.model_of(model, one))
     for array in (sharded.params.buffer, sharded.opt_state.mu, sharded.opt_state.nu):
         assert array.sharding.spec == jax.sharding.PartitionSpec(train.DATA)
         assert {s.data.shape[0] for s in array.addressable_shards} == {array.shape[0] // n}
@@ -261,9 +265,7 @@ def test_save_and_restore_round_trip_across_device_counts(key, tmp_path, saved_o
                                                         jax.tree.leaves(fresh)))
     resumed, metrics = resumed_step(resumed, batch, jax.random.key(2))
     assert_close(metrics["loss"], reference["loss"], rtol=1e-6)
-    for (path, a), (_, b) in zip(nnx.to_flat_state(_without_key_bias(train.model_of(model, resumed))),
-                                 nnx.to_flat_state(_without_key_bias(train.model_of(model, state)))):
-        assert_close(a[...], b[...], rtol=1e-5, what=str(path))
+    _assert_same_params(train.model_of(model, resumed), train.model_of(model, state))
 
 
 def test_save_and_restore_an_optax_state(key, tmp_path):

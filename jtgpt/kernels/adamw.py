@@ -7,7 +7,7 @@ For each element, with g its gradient and t the update's count (1 for the first 
          (g / norm) * max_norm       otherwise                                 clip_by_global_norm)
     m <- (1 - b1) g + b1 m
     v <- (1 - b2) g^2 + b2 v
-    u  = (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t) + eps_root) + eps) + wd p     (wd: decayed elements)
+    u  = (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t) + eps_root) + eps) + wd p    (wd: decayed only)
     p <- p - lr u           (apply: the parameters updated in place, optionally also cast to a
                              16-bit copy: fp32 master weights for a 16-bit model)
     or out = -lr u          (updates: what optax.adamw's update returns, for optax.apply_updates)
@@ -135,7 +135,8 @@ def adamw_update(params, grads, mu, nu, scalars, hyper: Hyper, *, decay_end,
     outs = triton_call(
         params, grads, mu, nu, scalars, jnp.asarray(decay_end, jnp.int32).reshape(1),
         kernel=_adamw_kernel, out_shape=out_shape, input_output_aliases=aliases,
-        grid=(triton.cdiv(n, block),), num_warps=8 if on_gpu() else 4, N=n, B1=float(hyper.b1), B2=float(hyper.b2), EPS=float(hyper.eps),
-        EPS_ROOT=float(hyper.eps_root), WEIGHT_DECAY=float(hyper.weight_decay), CLIP=clip,
+        grid=(triton.cdiv(n, block),), num_warps=8 if on_gpu() else 4, N=n, B1=float(hyper.b1),
+        B2=float(hyper.b2), EPS=float(hyper.eps), EPS_ROOT=float(hyper.eps_root),
+        WEIGHT_DECAY=float(hyper.weight_decay), CLIP=clip,
         APPLY=apply, CAST=cast_dtype is not None, BLOCK=block)
     return tuple(outs) if cast_dtype is not None else tuple(outs[:3])
