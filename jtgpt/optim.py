@@ -86,10 +86,6 @@ class FlatParams:
     def __init__(self, buffer, layout: FlatLayout):
         self.buffer, self.layout = buffer, layout
 
-    def tree(self, dtypes=None):
-        """The parameter tree (slices of the buffer; cast to dtypes, one per leaf, if given)."""
-        return self.layout.unflatten(self.buffer, dtypes)
-
     def tree_flatten(self):
         return (self.buffer,), self.layout
 

@@ -68,19 +68,22 @@ def adamw(learning_rate, *, weight_decay: float = 0.1, b1: float = 0.9, b2: floa
     learning_rate: a float or an optax schedule. Weight decay applies to parameters with two or
     more axes (the GEMM weights and the embeddings), not to biases or LayerNorm scales.
     """
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
     return optim.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                       mask=decay_mask, clip_norm=clip_norm)
+                       mask=_decayed, clip_norm=clip_norm)
 
 
 def optax_adamw(learning_rate, *, weight_decay: float = 0.1, b1: float = 0.9, b2: float = 0.95,
                 eps: float = 1e-8, clip_norm: float | None = 1.0) -> optax.GradientTransformation:
     """adamw's settings in optax's own transformations (clip_by_global_norm, adamw): the same
     updates to rounding, on the parameter tree, one XLA kernel or more a leaf."""
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
     adam = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                       mask=decay_mask)
+                       mask=_decayed)
     return adam if clip_norm is None else optax.chain(optax.clip_by_global_norm(clip_norm), adam)
+
+
+def _decayed(params):
+    """The weight-decay mask of adamw and optax_adamw: the leaves with two or more axes."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
 def init(model: nnx.Module, optimizer: optax.GradientTransformation, *, accum_steps: int = 1,
@@ -162,10 +165,6 @@ def _init_flat(params, settings: optim.AdamWSettings, summed_grads, mesh):
     # The decay boundary within each shard: the decayed leaves come first in the layout.
     decay_ends = np.clip(layout.decay_end - shard * np.arange(shards), 0, shard).astype(np.int32)
 
-    def flat(tree):
-        """tree's leaves end to end, zero-padded to the shards' total."""
-        return jnp.pad(layout.flatten(tree, jnp.float32), (0, shard * shards - layout.size))
-
     def local_step(buffer, opt_state, batch, key):
         """One device's step: buffer, the moments and the gradient are its shard."""
         if mesh is not None:
@@ -175,7 +174,7 @@ def _init_flat(params, settings: optim.AdamWSettings, summed_grads, mesh):
         else:
             full = buffer
         loss, tokens, grads = summed_grads(layout.unflatten(full), batch, key)
-        grads = flat(grads)
+        grads = _padded_flat(layout, grads, shard * shards)
         if mesh is not None:
             grads = jax.lax.psum_scatter(grads, DATA, tiled=True)  # the sum of this shard
             loss, tokens = jax.lax.psum((loss, tokens), DATA)
@@ -204,10 +203,10 @@ def _init_flat(params, settings: optim.AdamWSettings, summed_grads, mesh):
         buffer, opt_state, metrics = run(state.params.buffer, state.opt_state, batch, key)
         return TrainState(optim.FlatParams(buffer, layout), opt_state, state.step + 1), metrics
 
-    buffer = flat(params)
-    zeros = jnp.zeros_like(buffer)
+    buffer = _padded_flat(layout, params, shard * shards)
     state = TrainState(optim.FlatParams(buffer, layout),
-                       optim.AdamWState(jnp.zeros([], jnp.int32), zeros, jnp.zeros_like(buffer)),
+                       optim.AdamWState(jnp.zeros([], jnp.int32), jnp.zeros_like(buffer),
+                                        jnp.zeros_like(buffer)),
                        jnp.int32(0))
     if mesh is not None:
         state = jax.device_put(state, state_shardings(state, mesh))
@@ -254,18 +253,19 @@ def restore(directory, state: TrainState) -> TrainState:
         saved = checkpointer.restore(path, target)
     if not isinstance(state.params, optim.FlatParams):
         return TrainState(saved["params"], saved["opt_state"], saved["step"])
-    layout = state.params.layout
-    shardings = jax.tree.map(lambda x: x.sharding, state)
-
-    def flat(tree, like):
-        buffer = layout.flatten(tree, jnp.float32)
-        return jnp.pad(buffer, (0, like.shape[0] - layout.size))
+    layout, total = state.params.layout, state.params.buffer.shape[0]
     restored = TrainState(
-        optim.FlatParams(flat(saved["params"], state.params.buffer), layout),
-        optim.AdamWState(saved["count"], flat(saved["mu"], state.opt_state.mu),
-                         flat(saved["nu"], state.opt_state.nu)),
+        optim.FlatParams(_padded_flat(layout, saved["params"], total), layout),
+        optim.AdamWState(saved["count"], _padded_flat(layout, saved["mu"], total),
+                         _padded_flat(layout, saved["nu"], total)),
         saved["step"])
-    return jax.device_put(restored, shardings)
+    return jax.device_put(restored, jax.tree.map(lambda x: x.sharding, state))
+
+
+def _padded_flat(layout: optim.FlatLayout, tree, total: int):
+    """tree's leaves end to end in fp32 (layout's order), zero-padded to `total` values: the
+    flat buffers' length, a multiple of the devices they are split over."""
+    return jnp.pad(layout.flatten(tree, jnp.float32), (0, total - layout.size))
 
 
 def _portable(state: TrainState) -> dict:
