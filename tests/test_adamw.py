@@ -177,6 +177,19 @@ def test_bad_updates_are_refused(key):
     with pytest.raises(ValueError, match="decay_end must be in"):
         adamw_update(jnp.ones(3), jnp.ones(3), jnp.ones(3), jnp.ones(3), jnp.ones(5), HYPER,
                      decay_end=4)
+    with pytest.raises(ValueError, match=r"scalars must be \[5\]"):
+        adamw_update(jnp.ones(3), jnp.ones(3), jnp.ones(3), jnp.ones(3), jnp.ones(4), HYPER,
+                     decay_end=0)
+    with pytest.raises(ValueError, match="params must be float32 to be updated in place"):
+        adamw_update(jnp.ones(3, jnp.bfloat16), jnp.ones(3), jnp.ones(3), jnp.ones(3),
+                     jnp.ones(5), HYPER, decay_end=0)
+    with pytest.raises(ValueError, match="cast_dtype needs apply=True"):
+        adamw_update(jnp.ones(3), jnp.ones(3), jnp.ones(3), jnp.ones(3), jnp.ones(5), HYPER,
+                     decay_end=0, apply=False, cast_dtype=jnp.bfloat16)
+    clipped = optim.adamw(1e-3, clip_norm=1.0)
+    with pytest.raises(ValueError, match="the gradient's global norm is needed"):
+        optim.apply_flat(clipped.settings, jnp.ones(3), jnp.ones(3), clipped.init(jnp.ones(3)),
+                         decay_end=3)
 
 
 def test_kernel_builds_for_hopper_without_spills():

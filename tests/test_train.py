@@ -120,6 +120,17 @@ def test_example_script_resumes_on_another_device_count(tmp_path, capsys):
         ["1", "2", "3"]
 
 
+def test_example_script_refuses_bad_options(tmp_path):
+    example = _example()
+    text = tmp_path / "input.txt"
+    text.write_text("To be, or not to be. " * 20, encoding="utf-8")
+    common = ["--text", str(text), "--config", "tiny", "--steps", "1"]
+    with pytest.raises(SystemExit, match="--resume needs --checkpoint DIR"):
+        example.main(common + ["--resume"])
+    with pytest.raises(SystemExit, match="--devices 0: this machine has"):
+        example.main(common + ["--devices", "0"])
+
+
 def test_example_script_trains_and_saves(tmp_path, capsys):
     example = _example()
     text = tmp_path / "input.txt"
