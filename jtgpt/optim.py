@@ -119,16 +119,18 @@ class AdamW(optax.GradientTransformation):
 
 
 def apply_flat(settings: AdamWSettings, params, grads, state: AdamWState, *, decay_end,
-               norm=None):
+               norm=None, grad_scale=1.0):
     """(params, state) after one AdamW step on flat buffers: params fp32 [n] and the moments
-    updated in place when donated, grads [n] (any float dtype). decay_end: the elements [0,
-    decay_end) that get the weight decay (an int, or an int32 array: a shard's own boundary);
-    norm: the gradient's global norm, over every shard (needed with clip_norm)."""
+    updated in place when donated; the gradient is grad_scale * grads (grads [n], any float
+    dtype; grad_scale a float or an fp32 scalar array, applied in the kernel). decay_end: the
+    elements [0, decay_end) that get the weight decay (an int, or an int32 array: a shard's own
+    boundary); norm: the global norm of grad_scale * grads over every shard (needed with
+    clip_norm)."""
     if settings.clip_norm is not None and norm is None:
         raise ValueError("apply_flat: clip_norm is set, so the gradient's global norm is needed")
     b1, b2 = settings.hyper.b1, settings.hyper.b2
     scalars = bias_corrected_scalars(settings.learning_rate, state.count, b1, b2, norm,
-                                     settings.clip_norm)
+                                     settings.clip_norm, grad_scale=grad_scale)
     params, mu, nu = adamw_update(params, grads, state.mu, state.nu, scalars, settings.hyper,
                                   decay_end=decay_end, clip=settings.clip_norm is not None)
     return params, AdamWState(optax.safe_increment(state.count), mu, nu)
@@ -187,14 +189,14 @@ def adamw(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
 
 
 def bias_corrected_scalars(learning_rate, count, b1: float, b2: float, norm=None,
-                           clip_norm: float | None = None):
+                           clip_norm: float | None = None, *, grad_scale=1.0):
     """The kernel's runtime scalars (jtgpt.kernels.adamw.SCALARS) for the update after `count`
     updates: the learning rate at count (a schedule's value, as optax's scale_by_schedule reads
-    it), 1 - b1^t and 1 - b2^t at t = count + 1 (optax's bias correction), and the norm and
-    clip_norm (zeros without clipping)."""
+    it), 1 - b1^t and 1 - b2^t at t = count + 1 (optax's bias correction), the gradient's scale,
+    and the norm and clip_norm (zeros without clipping)."""
     lr = learning_rate(count) if callable(learning_rate) else learning_rate
     t = optax.safe_increment(count)
-    values = [lr, 1 - b1 ** t, 1 - b2 ** t, 0.0 if norm is None else norm,
+    values = [lr, 1 - b1 ** t, 1 - b2 ** t, grad_scale, 0.0 if norm is None else norm,
               0.0 if clip_norm is None else clip_norm]
     assert len(values) == len(SCALARS)
     return jnp.stack([jnp.asarray(v, jnp.float32) for v in values])

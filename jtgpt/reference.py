@@ -174,12 +174,12 @@ def cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
 
 
 def adamw(params, grads, mu, nu, *, learning_rate, count, b1, b2, eps, eps_root=0.0,
-          weight_decay=0.0, decay_end=None, max_norm=None):
-    """One AdamW step on flat arrays, after `count` earlier updates (optax.adamw's math, clipped
-    by the global norm first when max_norm is given): (new params, updates -lr u, mu, nu), all
-    fp32 but the params and updates, in params' dtype. Elements [0, decay_end) get the decay
-    (None: all)."""
-    g = grads.astype(jnp.float32)
+          weight_decay=0.0, decay_end=None, max_norm=None, grad_scale=1.0):
+    """One AdamW step on flat arrays with the gradient grad_scale * grads, after `count` earlier
+    updates (optax.adamw's math, clipped by the global norm first when max_norm is given): (new
+    params, updates -lr u, mu, nu), all fp32 but the params and updates, in params' dtype.
+    Elements [0, decay_end) get the decay (None: all)."""
+    g = grads.astype(jnp.float32) * grad_scale
     if max_norm is not None:
         norm = jnp.sqrt(jnp.sum(g * g))
         g = jnp.where(norm < max_norm, g, g / norm * max_norm)

@@ -179,12 +179,12 @@ def _init_flat(params, settings: optim.AdamWSettings, summed_grads, mesh):
             grads = jax.lax.psum_scatter(grads, DATA, tiled=True)  # the sum of this shard
             loss, tokens = jax.lax.psum((loss, tokens), DATA)
         scale = 1.0 / jnp.maximum(tokens, 1).astype(jnp.float32)
-        grads = grads * scale
-        squares = jnp.sum(grads * grads)
+        # The kernel scales the summed gradient itself: scaling here would write a copy of it.
+        squares = jnp.sum(jnp.square(grads * scale))
         norm = jnp.sqrt(squares if mesh is None else jax.lax.psum(squares, DATA))
         decay_end = decay_ends[0] if mesh is None else jnp.asarray(decay_ends)[index]
         buffer, opt_state = optim.apply_flat(settings, buffer, grads, opt_state,
-                                             decay_end=decay_end, norm=norm)
+                                             decay_end=decay_end, norm=norm, grad_scale=scale)
         return buffer, opt_state, {"loss": loss * scale, "grad_norm": norm, "tokens": tokens}
 
     if mesh is None:

@@ -11,7 +11,7 @@ from flax import nnx
 import jtgpt
 from jtgpt import optim, reference
 from jtgpt.call import compile_only
-from jtgpt.kernels.adamw import Hyper, adamw_update
+from jtgpt.kernels.adamw import SCALARS, Hyper, adamw_update
 from jtgpt.models.gpt2 import GPTConfig
 
 HYPER = Hyper(b1=0.9, b2=0.95, eps=1e-8, eps_root=0.0, weight_decay=0.1)
@@ -34,18 +34,19 @@ def _flat_inputs(key, n, grad_dtype):
 @pytest.mark.parametrize("apply", [True, False])
 def test_kernel_matches_the_reference(key, n, grad_dtype, clip, apply):
     params, grads, mu, nu = _flat_inputs(key, n, grad_dtype)
-    count, lr, decay_end = 6, 3e-3, n // 3
-    norm = jnp.sqrt(jnp.sum(jnp.square(grads.astype(jnp.float32))))
+    count, lr, decay_end, scale = 6, 3e-3, n // 3, 0.37
+    norm = jnp.sqrt(jnp.sum(jnp.square(grads.astype(jnp.float32) * scale)))
     if clip:
         clip = clip * float(norm)
     scalars = optim.bias_corrected_scalars(lr, jnp.int32(count), HYPER.b1, HYPER.b2,
-                                           norm if clip else None, clip)
+                                           norm if clip else None, clip, grad_scale=scale)
     step = jax.jit(lambda p, g, m, v, s: adamw_update(
         p, g, m, v, s, HYPER, decay_end=decay_end, clip=clip is not None, apply=apply))
     out, m_out, v_out = step(params, grads, mu, nu, scalars)
     new, updates, m_ref, v_ref = reference.adamw(
         params, grads, mu, nu, learning_rate=lr, count=count, b1=HYPER.b1, b2=HYPER.b2,
-        eps=HYPER.eps, weight_decay=HYPER.weight_decay, decay_end=decay_end, max_norm=clip)
+        eps=HYPER.eps, weight_decay=HYPER.weight_decay, decay_end=decay_end, max_norm=clip,
+        grad_scale=scale)
     assert_close(m_out, m_ref, rtol=1e-6, what="mu")
     assert_close(v_out, v_ref, rtol=1e-6, what="nu")
     if apply:
@@ -55,7 +56,8 @@ def test_kernel_matches_the_reference(key, n, grad_dtype, clip, apply):
     if clip and clip < norm:  # the clip changed the step: a test of the clipping, not a no-op
         unclipped = reference.adamw(params, grads, mu, nu, learning_rate=lr, count=count,
                                     b1=HYPER.b1, b2=HYPER.b2, eps=HYPER.eps,
-                                    weight_decay=HYPER.weight_decay, decay_end=decay_end)
+                                    weight_decay=HYPER.weight_decay, decay_end=decay_end,
+                                    grad_scale=scale)
         assert not np.allclose(np.asarray(m_out), np.asarray(unclipped[2]))
 
 
@@ -170,21 +172,21 @@ def test_bad_updates_are_refused(key):
         tx.update({"w": jnp.ones(3)}, state, {"w": jnp.ones(3)})
     with pytest.raises(ValueError, match="mu must be float32"):
         adamw_update(jnp.ones(3), jnp.ones(3), jnp.ones(3, jnp.bfloat16), jnp.ones(3),
-                     jnp.ones(5), HYPER, decay_end=0)
+                     jnp.ones(6), HYPER, decay_end=0)
     with pytest.raises(ValueError, match="grads must be a flat"):
-        adamw_update(jnp.ones(3), jnp.ones(4), jnp.ones(3), jnp.ones(3), jnp.ones(5), HYPER,
+        adamw_update(jnp.ones(3), jnp.ones(4), jnp.ones(3), jnp.ones(3), jnp.ones(6), HYPER,
                      decay_end=0)
     with pytest.raises(ValueError, match="decay_end must be in"):
-        adamw_update(jnp.ones(3), jnp.ones(3), jnp.ones(3), jnp.ones(3), jnp.ones(5), HYPER,
+        adamw_update(jnp.ones(3), jnp.ones(3), jnp.ones(3), jnp.ones(3), jnp.ones(6), HYPER,
                      decay_end=4)
-    with pytest.raises(ValueError, match=r"scalars must be \[5\]"):
+    with pytest.raises(ValueError, match=r"scalars must be \[6\]"):
         adamw_update(jnp.ones(3), jnp.ones(3), jnp.ones(3), jnp.ones(3), jnp.ones(4), HYPER,
                      decay_end=0)
     with pytest.raises(ValueError, match="params must be float32 to be updated in place"):
         adamw_update(jnp.ones(3, jnp.bfloat16), jnp.ones(3), jnp.ones(3), jnp.ones(3),
-                     jnp.ones(5), HYPER, decay_end=0)
+                     jnp.ones(6), HYPER, decay_end=0)
     with pytest.raises(ValueError, match="cast_dtype needs apply=True"):
-        adamw_update(jnp.ones(3), jnp.ones(3), jnp.ones(3), jnp.ones(3), jnp.ones(5), HYPER,
+        adamw_update(jnp.ones(3), jnp.ones(3), jnp.ones(3), jnp.ones(3), jnp.ones(6), HYPER,
                      decay_end=0, apply=False, cast_dtype=jnp.bfloat16)
     clipped = optim.adamw(1e-3, clip_norm=1.0)
     with pytest.raises(ValueError, match="the gradient's global norm is needed"):
@@ -194,7 +196,8 @@ def test_bad_updates_are_refused(key):
 
 def test_kernel_builds_for_hopper_without_spills():
     n = 10_000
-    args = [jax.ShapeDtypeStruct((n,), jnp.float32)] * 4 + [jax.ShapeDtypeStruct((5,), jnp.float32)]
+    args = [jax.ShapeDtypeStruct((n,), jnp.float32)] * 4 + [jax.ShapeDtypeStruct((len(SCALARS),),
+                                                                      jnp.float32)]
     with compile_only(capability=90) as built:
         jax.eval_shape(lambda *a: adamw_update(*a, HYPER, decay_end=n // 2, clip=True,
                                                cast_dtype=jnp.bfloat16), *args)

@@ -3,6 +3,7 @@ moment of the model laid end to end (jtgpt.optim.FlatLayout), the moments update
 
 For each element, with g its gradient and t the update's count (1 for the first update):
 
+    g <- s g                         (s: a scale, e.g. 1 / the batch's tokens for a summed gradient)
     g <- g                           if norm < max_norm, or clipping is off   (optax's
          (g / norm) * max_norm       otherwise                                 clip_by_global_norm)
     m <- (1 - b1) g + b1 m
@@ -17,8 +18,10 @@ the first `decay_end` of the buffer (FlatLayout puts the leaves the mask selects
 mask costs no bytes; decay_end is a runtime value, so that each shard of a buffer split over
 devices (ZeRO) runs the same program with its own boundary.
 
-lr, 1 - b1^t, 1 - b2^t, the gradient's global norm and max_norm are read from a small fp32 array
-at run time (`scalars`): a learning-rate schedule or a new step count never recompiles.
+lr, 1 - b1^t, 1 - b2^t, s, the global norm of s g and max_norm are read from a small fp32 array at
+run time (`scalars`): a learning-rate schedule or a new step count never recompiles. Scaling the
+gradient here rather than before the call saves a pass over it: the caller hands over the
+gradient as its backward summed it, and XLA's norm of s g reads it without writing a copy.
 
 Bytes: the apply form reads p, g, m, v and writes p, m, v, 28 bytes an fp32 element (+2 for a
 bf16 gradient's 2 fewer, +2 a 16-bit copy): the least an AdamW step can move. optax's update under
@@ -37,7 +40,8 @@ import triton.language as tl
 from jtgpt.call import on_gpu, triton_call
 from jtgpt.kernels import check_float_dtype
 
-SCALARS = ("learning_rate", "bias_correction1", "bias_correction2", "grad_norm", "max_norm")
+SCALARS = ("learning_rate", "bias_correction1", "bias_correction2", "grad_scale", "grad_norm",
+           "max_norm")
 
 
 class Hyper(NamedTuple):
@@ -64,10 +68,10 @@ def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, scalars_ptr, decay_end_ptr, p_out_
     lr = tl.load(scalars_ptr)
     bc1 = tl.load(scalars_ptr + 1)
     bc2 = tl.load(scalars_ptr + 2)
-    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32) * tl.load(scalars_ptr + 3)
     if CLIP:
-        norm = tl.load(scalars_ptr + 3)
-        max_norm = tl.load(scalars_ptr + 4)
+        norm = tl.load(scalars_ptr + 4)
+        max_norm = tl.load(scalars_ptr + 5)
         g = tl.where(norm < max_norm, g, (g / norm) * max_norm)
     p = tl.load(p_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     m = (1.0 - B1) * g + B1 * tl.load(m_ptr + offs, mask=ok, other=0.0)
@@ -92,8 +96,9 @@ def adamw_update(params, grads, mu, nu, scalars, hyper: Hyper, *, decay_end,
     """One AdamW step over flat buffers (module docstring).
 
     params [n] (fp32 when applied: the master copy; any float dtype for updates), grads [n] (any
-    float dtype), mu and nu [n] fp32, scalars fp32 [5] (SCALARS: the learning rate, 1 - b1^t,
-    1 - b2^t, the gradient's global norm and max_norm; the last two read only with clip).
+    float dtype), mu and nu [n] fp32, scalars fp32 [6] (SCALARS: the learning rate, 1 - b1^t,
+    1 - b2^t, the gradient's scale s, the global norm of s grads and max_norm; the last two read
+    only with clip).
     decay_end (an int, or an int32 array of shape (), traced or not): elements [0, decay_end)
     get the weight decay.
 
