@@ -11,7 +11,7 @@ from conftest import TOLERANCE, assert_close, shapes
 from jtgpt import reference
 from jtgpt.call import compile_only
 from jtgpt.kernels import matmul as matmul_module
-from jtgpt.kernels.matmul import linear, matmul
+from jtgpt.kernels.matmul import add_matmul, linear, matmul
 
 DTYPES = [jnp.float32, jnp.float16, jnp.bfloat16]
 # (leading dims, K, N): none a multiple of the interpreter's 64x64x32 tiles.
@@ -179,6 +179,36 @@ def test_matmul_fp32_output_from_bf16(key, transpose_a, transpose_b):
     _check_vjp(jax.random.fold_in(key, 1), f,
                lambda a, b: _reference_matmul(a, b, transpose_a, transpose_b, jnp.float32), a, b,
                rtol=TOLERANCE["bfloat16"])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("transpose_a,transpose_b", [(False, True), (True, False)])
+def test_add_matmul_accumulates_into_acc(key, dtype, transpose_a, transpose_b):
+    """Three products summed into one fp32 accumulator through add_matmul under jit, the
+    accumulator donated (so written in place), equal the fp32 sum of the reference products."""
+    ops = [_operands(jax.random.fold_in(key, i), 37, 45, 70, dtype, transpose_a, transpose_b)
+           for i in range(3)]
+    acc = jax.random.normal(jax.random.fold_in(key, 9), (37, 70), jnp.float32)
+    expected = acc + sum(_reference_matmul(a, b, transpose_a, transpose_b, jnp.float32)
+                         for a, b in ops)
+    step = jax.jit(lambda acc, a, b: add_matmul(acc, a, b, transpose_a=transpose_a,
+                                                transpose_b=transpose_b), donate_argnums=0)
+    for a, b in ops:
+        acc = step(acc, a, b)
+    assert acc.dtype == jnp.float32
+    assert_close(acc, expected, rtol=TOLERANCE["float32"] if dtype == jnp.float32 else 1e-5)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda acc, a, b: add_matmul(acc.astype(jnp.bfloat16), a, b), "acc must be float32"),
+    (lambda acc, a, b: add_matmul(acc, a, b.astype(jnp.bfloat16)), "one dtype"),
+    (lambda acc, a, b: add_matmul(acc[:2], a, b), r"does not make acc's shape \[2, 6\]"),
+    (lambda acc, a, b: add_matmul(acc, a, b, transpose_b=True), r"op\(b\) \[6, 8\]"),
+    (lambda acc, a, b: add_matmul(acc, a, b, precision="bf16"), "precision"),
+])
+def test_add_matmul_rejects_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(jnp.ones((3, 6)), jnp.ones((3, 8)), jnp.ones((8, 6)))
 
 
 @pytest.mark.parametrize("dtype,transpose_a,transpose_b", [(jnp.float32, True, False),

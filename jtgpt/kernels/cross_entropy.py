@@ -27,9 +27,10 @@ softmax); lse = m + log s. The gradient pass streams the row once more. Ignored 
 the loss, never holding the logits of the whole batch. The N tokens go in chunks of C rows; per
 chunk, one GEMM makes the logits, the forward kernel (in its gradient mode) writes loss_c and dx_c
 in one go (two reads of the chunk's logits, one write), and two GEMMs give dh_c = dx_c @ w and
-dw += dx_c^T h_c (fp32 accumulation across chunks). The gradient is thus computed in the forward
-rule of the custom_vjp, with the cotangent g taken as 1 (as Liger Kernel does): the logits are made
-once per training step, and the backward rule only scales the saved (dh, dw) by g. The primal
+dw += dx_c^T h_c (fp32 accumulation across chunks, added in the GEMM's epilogue into dw's
+buffer: add_matmul). The gradient is thus computed in the forward rule of the custom_vjp, with
+the cotangent g taken as 1 (as Liger Kernel does): the logits are made once per training step,
+and the backward rule only scales the saved (dh, dw) by g. The primal
 (no-grad) path runs only the logits GEMM and the loss. w is padded with zero rows to a multiple of
 VOCAB_ALIGN first, so that every logits row is aligned for the GEMMs that read it (_padded_vocab).
 """
@@ -46,7 +47,7 @@ import triton.language as tl
 
 from jtgpt.call import on_gpu, triton_call
 from jtgpt.kernels import check_float_dtype
-from jtgpt.kernels.matmul import linear, matmul
+from jtgpt.kernels.matmul import add_matmul, linear, matmul
 
 REDUCTIONS = ("mean", "sum", "none")
 PRECISIONS = ("ieee", "tf32")
@@ -305,7 +306,7 @@ def _linear_ce_with_grads(h, w, targets, scale, ignore_index, chunk, precision):
         logits = linear(h_c, w, transpose_w=True, precision=precision)
         loss_rows, _, dlogits = _ce_forward(logits, t_c, ignore_index, s_c, vocab=v)
         dh = matmul(dlogits, w, precision=precision)
-        dw = dw + matmul(dlogits, h_c, transpose_a=True, out_dtype=jnp.float32, precision=precision)
+        dw = add_matmul(dw, dlogits, h_c, transpose_a=True, precision=precision)
         return (total + jnp.sum(loss_rows), dw), dh
 
     init = (jnp.zeros((), jnp.float32), jnp.zeros(w.shape, jnp.float32))

@@ -490,11 +490,15 @@ def _gemv(a, b, transpose_b, out_dtype, *, bias, residual, activation, norm):
 
 
 def _gemm(a, b, transpose_a, transpose_b, out_dtype, precision, *, bias=None, residual=None,
-          activation=None, dropout_p=0.0, seed=None, save_pre=False, norm=None):
+          activation=None, dropout_p=0.0, seed=None, save_pre=False, norm=None,
+          residual_in_place=False):
     """op(a) @ op(b) with the epilogue in one `_matmul_kernel` launch (plus an XLA sum of the
     partials when split over K, only without an epilogue), or for a few rows one `_gemv` launch;
     returns out, or (out, pre). activation None, "gelu_tanh" or "swiglu" (op(b) [K, 2F] gives
-    out [M, F], pre [M, 2F]). norm (a Norm, applied to a's rows first) only where _gemv_fits."""
+    out [M, F], pre [M, 2F]). norm (a Norm, applied to a's rows first) only where _gemv_fits.
+    residual_in_place: out is written into residual's buffer (out_dtype and [M, N], like it), an
+    accumulation `residual += op(a) @ op(b)` with no buffer of its own where residual is dead
+    after the call (XLA copies it first otherwise)."""
     M, K = a.shape[::-1] if transpose_a else a.shape
     b_n = b.shape[0] if transpose_b else b.shape[1]
     swiglu = activation == "swiglu"
@@ -502,6 +506,10 @@ def _gemm(a, b, transpose_a, transpose_b, out_dtype, precision, *, bias=None, re
     if M == 0 or N == 0:  # nothing to compute, and a grid of no programs is no GPU launch
         out = jnp.zeros((M, N), out_dtype)
         return (out, jnp.zeros((M, b_n), a.dtype)) if save_pre else out
+    if residual_in_place and (residual is None or residual.shape != (M, N)
+                              or residual.dtype != out_dtype):
+        raise ValueError(f"residual_in_place needs a {jnp.dtype(out_dtype).name} [{M}, {N}] "
+                         f"residual")
     if _gemv_fits(M, K, a.dtype, transpose_a, precision, dropout_p, save_pre, norm):
         return _gemv(a, b, transpose_b, out_dtype, bias=bias, residual=residual,
                      activation=activation, norm=norm)
@@ -524,6 +532,7 @@ def _gemm(a, b, transpose_a, transpose_b, out_dtype, precision, *, bias=None, re
         jnp.zeros((), jnp.int32) if seed is None else seed,
         kernel=_matmul_kernel,
         out_shape=(out_shape, jax.ShapeDtypeStruct((M, b_n) if save_pre else (1,), a.dtype)),
+        input_output_aliases={3: 0} if residual_in_place else None,
         grid=(triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), splits),
         M=M, N=N, K=K, stride_am=1 if transpose_a else K, stride_ak=M if transpose_a else 1,
         stride_bk=1 if transpose_b else b_n, stride_bn=K if transpose_b else 1,
@@ -566,6 +575,28 @@ def matmul(a, b, *, transpose_a=False, transpose_b=False, out_dtype=None, precis
         raise ValueError(f"matmul: out_dtype must be a's dtype ({a.dtype}) or float32, got {out_dtype}")
     _check_precision("matmul", precision)
     return _matmul(a, b, _MatmulConfig(bool(transpose_a), bool(transpose_b), out_dtype, precision))
+
+
+def add_matmul(acc, a, b, *, transpose_a=False, transpose_b=False, precision="ieee"):
+    """acc + op(a) @ op(b) in one Triton GEMM whose epilogue adds acc [M, N] (fp32) and writes
+    the sum into acc's buffer: an accumulation over several products (chunks of a batch) with no
+    buffer per product and no separate add pass. a, b as in matmul. Not differentiable: it is
+    for sums inside other ops' gradient rules."""
+    acc, a, b = jnp.asarray(acc), jnp.asarray(a), jnp.asarray(b)
+    if acc.dtype != jnp.float32:
+        raise ValueError(f"add_matmul: acc must be float32, got {jnp.dtype(acc.dtype).name}")
+    if a.ndim != 2 or b.ndim != 2 or b.dtype != a.dtype:
+        raise ValueError(f"add_matmul: a and b must be 2-D matrices of one dtype, got "
+                         f"{a.dtype}{list(a.shape)} and {b.dtype}{list(b.shape)}")
+    check_float_dtype("add_matmul: a dtype", a.dtype)
+    _check_precision("add_matmul", precision)
+    M, K = a.shape[::-1] if transpose_a else a.shape
+    K_b, N = b.shape[::-1] if transpose_b else b.shape
+    if K_b != K or acc.shape != (M, N):
+        raise ValueError(f"add_matmul: op(a) {[M, K]} @ op(b) {[K_b, N]} does not make acc's "
+                         f"shape {list(acc.shape)}")
+    return _gemm(a, b, transpose_a, transpose_b, jnp.float32, precision, residual=acc,
+                 residual_in_place=True)
 
 
 class _MatmulConfig(NamedTuple):
