@@ -31,12 +31,14 @@ Backward, with g = dout * keep / (1 - p) (the same function of dout as of h abov
 
 One kernel computes either table's gradient. An XLA stable argsort of the tokens' rows lists each
 row's tokens together, in token order, and offsets[v] (the number of tokens with row < v, from a
-bincount) says where; the out-of-range tokens (row V) sort last, past offsets[V], where no program
-reads. One program per block of table rows sums each row's tokens BLOCK_T at a time, in fp32, and
-writes the row once in the table's dtype (zeros where no token reads it). So there are no atomics
-and the result is bit-for-bit deterministic, and the work is the table written once plus one read
-of dout per token. A row's tokens are summed serially by one program, BLOCK_T (32 at D >= 128) a
-step: 8192 padding tokens of one id take 256 dependent steps.
+bincount) says where; the out-of-range tokens (row V) sort last, past offsets[V]. There is one
+program per token in that order (and feature block); the first token of each row sums the row's
+tokens BLOCK_T at a time, in fp32, and writes the row once in the table's dtype, while the others
+return at once. The table starts as zeros (an XLA fill of the output's buffer), so the rows no
+token reads cost no program any work: with GPT-2's V = 50257 most rows of the table are not read
+by a batch. There are no atomics, the result is bit-for-bit deterministic, and the work is one
+read of dout per token and one write per row read. A row's tokens are summed serially by one
+program, BLOCK_T (32 at D >= 128) a step: 8192 padding tokens of one id take 256 dependent steps.
 
 What the custom_vjp saves: the tokens' wte and wpe rows (int32, after the index mapping) and the
 seed; none of the tables' values.
@@ -58,9 +60,8 @@ from jtgpt.kernels import check_float_dtype, dropout_seed
 TILE = 4096
 # Widest feature block; wider rows are split over the grid's second axis (no reduction here).
 MAX_BLOCK_D = 1024
-# Backward: the feature block and the table rows one program sums (see _backward_config).
+# Backward: the feature block one program sums (see _backward_config).
 BWD_BLOCK_D = 128
-BWD_BLOCK_ROWS = 16
 
 
 @triton.jit
@@ -102,24 +103,23 @@ def _embedding_fwd_kernel(ids_ptr, pos_ptr, wte_ptr, wpe_ptr, seed_ptr, out_ptr,
 
 
 @triton.jit
-def _embedding_bwd_kernel(order_ptr, offsets_ptr, dout_ptr, seed_ptr, dtable_ptr,
-                          N_ROWS: tl.constexpr, D: tl.constexpr, DROPOUT_P: tl.constexpr,
-                          BLOCK_ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program (i, j): table rows [i * BLOCK_ROWS, ...), features block j.
-
-    Row r's tokens are order[offsets[r]:offsets[r + 1]] (token indices, ascending).
-    """
-    first = tl.program_id(0) * BLOCK_ROWS
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    out_ptrs = dtable_ptr + first.to(tl.int64) * D + cols  # int64: V * D can pass 2**31
-    end = tl.load(offsets_ptr + first)
-    for row in range(first, tl.minimum(first + BLOCK_ROWS, N_ROWS)):
-        start = end
+def _embedding_bwd_kernel(order_ptr, sorted_rows_ptr, offsets_ptr, dout_ptr, seed_ptr, zeros_ptr,
+                          dtable_ptr, N_ROWS: tl.constexpr, D: tl.constexpr,
+                          DROPOUT_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (k, j): the k-th token in row order, features block j. The first token of each
+    table row sums the row's tokens order[offsets[r]:offsets[r + 1]] (token indices, ascending)
+    and writes the row; every other program returns at once. dtable's buffer is zeros_ptr's
+    (aliased): rows no token reads keep its zeros."""
+    k = tl.program_id(0)
+    row = tl.load(sorted_rows_ptr + k)
+    previous = tl.load(sorted_rows_ptr + tl.maximum(k - 1, 0))
+    if (row < N_ROWS) & ((k == 0) | (previous != row)):
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        col_ok = cols < D
         end = tl.load(offsets_ptr + row + 1)
         acc = tl.zeros([BLOCK_D], tl.float32)
-        for k in range(start, end, BLOCK_T):
-            idx = k + tl.arange(0, BLOCK_T)
+        for first in range(k, end, BLOCK_T):
+            idx = first + tl.arange(0, BLOCK_T)
             tok_ok = idx < end
             tok = tl.load(order_ptr + idx, mask=tok_ok, other=0)
             offs = tok.to(tl.int64)[:, None] * D + cols[None, :]  # as the forward's, for dropout
@@ -128,8 +128,9 @@ def _embedding_bwd_kernel(order_ptr, offsets_ptr, dout_ptr, seed_ptr, dtable_ptr
             if DROPOUT_P > 0.0:
                 g = _dropout(g, seed_ptr, offs, DROPOUT_P)
             acc += tl.sum(g, axis=0)
-        tl.store(out_ptrs, acc.to(dtable_ptr.dtype.element_ty), mask=col_ok)
-        out_ptrs += D
+        # int64: V * D can pass 2**31
+        tl.store(dtable_ptr + row.to(tl.int64) * D + cols, acc.to(dtable_ptr.dtype.element_ty),
+                 mask=col_ok)
 
 
 def _launch_config(n_tokens: int, d: int) -> tuple[int, int, int]:
@@ -150,9 +151,7 @@ def _backward_config(n_tokens: int, d: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_D, num_warps) of the backward.
 
     Narrow feature blocks (BWD_BLOCK_D, 256 bytes of bf16 a token: whole cache lines) leave room
-    for many tokens a step, so a row read by many tokens takes few serial steps; the table rows
-    no token reads cost one store each. BWD_BLOCK_ROWS rows a program: V = 50257 makes ~3k
-    programs a feature block.
+    for many tokens a step, so a row read by many tokens takes few serial steps.
     """
     block_d = min(triton.next_power_of_2(d), BWD_BLOCK_D)
     block_t = max(1, min(TILE // block_d, triton.next_power_of_2(n_tokens)))
@@ -272,8 +271,8 @@ def _table_grad(rows, dout, seed, n_rows: int, dtype, dropout_rate: float):
     offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts, dtype=jnp.int32)])
     block_t, block_d, num_warps = _backward_config(n_tokens, d)
     return triton_call(
-        order, offsets, dout, seed,
+        order, rows[order], offsets, dout, seed, jnp.zeros((n_rows, d), dtype),
         kernel=_embedding_bwd_kernel, out_shape=jax.ShapeDtypeStruct((n_rows, d), dtype),
-        grid=(triton.cdiv(n_rows, BWD_BLOCK_ROWS), triton.cdiv(d, block_d)), num_warps=num_warps,
-        N_ROWS=n_rows, D=d, DROPOUT_P=dropout_rate, BLOCK_ROWS=BWD_BLOCK_ROWS, BLOCK_T=block_t,
-        BLOCK_D=block_d)
+        input_output_aliases={5: 0},
+        grid=(n_tokens, triton.cdiv(d, block_d)), num_warps=num_warps,
+        N_ROWS=n_rows, D=d, DROPOUT_P=dropout_rate, BLOCK_T=block_t, BLOCK_D=block_d)
