@@ -48,6 +48,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jtgpt import optim
+from jtgpt.kernels.adamw import sum_of_squares
 from jtgpt.layers import next_token_targets
 
 DATA = "data"  # the mesh axis a batch and the ZeRO shards are split over
@@ -180,8 +181,8 @@ def _init_flat(params, settings: optim.AdamWSettings, summed_grads, mesh):
             loss, tokens = jax.lax.psum((loss, tokens), DATA)
         scale = 1.0 / jnp.maximum(tokens, 1).astype(jnp.float32)
         # The kernel scales the summed gradient itself: scaling here would write a copy of it.
-        squares = jnp.sum(jnp.square(grads * scale))
-        norm = jnp.sqrt(squares if mesh is None else jax.lax.psum(squares, DATA))
+        squares = sum_of_squares(grads)
+        norm = jnp.sqrt(squares if mesh is None else jax.lax.psum(squares, DATA)) * scale
         decay_end = decay_ends[0] if mesh is None else jnp.asarray(decay_ends)[index]
         buffer, opt_state = optim.apply_flat(settings, buffer, grads, opt_state,
                                              decay_end=decay_end, norm=norm, grad_scale=scale)

@@ -11,7 +11,7 @@ from flax import nnx
 import jtgpt
 from jtgpt import optim, reference
 from jtgpt.call import compile_only
-from jtgpt.kernels.adamw import SCALARS, Hyper, adamw_update
+from jtgpt.kernels.adamw import SCALARS, Hyper, adamw_update, sum_of_squares
 from jtgpt.models.gpt2 import GPTConfig
 
 HYPER = Hyper(b1=0.9, b2=0.95, eps=1e-8, eps_root=0.0, weight_decay=0.1)
@@ -59,6 +59,17 @@ def test_kernel_matches_the_reference(key, n, grad_dtype, clip, apply):
                                     weight_decay=HYPER.weight_decay, decay_end=decay_end,
                                     grad_scale=scale)
         assert not np.allclose(np.asarray(m_out), np.asarray(unclipped[2]))
+
+
+@pytest.mark.parametrize("n", [*SIZES, 0])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_sum_of_squares_matches_the_reference(key, n, dtype):
+    x = jax.random.normal(key, (n,), jnp.float32).astype(dtype)
+    got = jax.jit(lambda x: sum_of_squares(x, block=256))(x)
+    assert got.dtype == jnp.float32
+    assert_close(got, jnp.sum(jnp.square(x.astype(jnp.float32))), rtol=1e-5)
+    with pytest.raises(ValueError, match="x must be a flat"):
+        sum_of_squares(x.reshape(1, n))
 
 
 def test_kernel_writes_a_16_bit_copy_of_the_master_weights(key):

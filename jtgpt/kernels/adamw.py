@@ -91,6 +91,32 @@ def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, scalars_ptr, decay_end_ptr, p_out_
         tl.store(p_out_ptr + offs, step.to(p_out_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _sum_of_squares_kernel(x_ptr, partial_ptr, N: tl.constexpr, BLOCK: tl.constexpr):
+    """Program i: the fp32 sum of x^2 over elements [i BLOCK, (i + 1) BLOCK) into partial i."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < N, other=0.0).to(tl.float32)
+    tl.store(partial_ptr + tl.program_id(0), tl.sum(x * x))
+
+
+def sum_of_squares(x, *, block: int | None = None):
+    """sum(x^2) over a flat [n] array (any float dtype) in fp32: the squared global norm that
+    clipping needs, in one read of x (a partial a block, then an XLA sum of the partials:
+    deterministic)."""
+    if getattr(x, "ndim", None) != 1:
+        raise ValueError(f"x must be a flat [n] array, got shape {tuple(getattr(x, 'shape', ()))}")
+    check_float_dtype("x dtype", x.dtype)
+    n = x.shape[0]
+    if n == 0:
+        return jnp.zeros((), jnp.float32)
+    block = block or (16384 if on_gpu() else 1024)
+    partials = triton_call(x, kernel=_sum_of_squares_kernel,
+                           out_shape=jax.ShapeDtypeStruct((triton.cdiv(n, block),), jnp.float32),
+                           grid=(triton.cdiv(n, block),), num_warps=8 if on_gpu() else 4, N=n,
+                           BLOCK=block)
+    return jnp.sum(partials)
+
+
 def adamw_update(params, grads, mu, nu, scalars, hyper: Hyper, *, decay_end,
                  clip: bool = False, apply: bool = True, cast_dtype=None, block: int | None = None):
     """One AdamW step over flat buffers (module docstring).

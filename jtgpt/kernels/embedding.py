@@ -24,7 +24,8 @@ it from the seed alone. The seed is an array read inside the kernel: a new seed 
 not recompile. Use a different seed for every dropout site: two ops with the same seed and
 overlapping offsets draw the same mask.
 
-Backward, with g = dout * keep / (1 - p) (the same function of dout as of h above):
+Backward, with g = dout * keep / (1 - p) (the same function of dout as of h above; with dropout,
+one elementwise kernel makes g for both tables, so the row sums below draw no random numbers):
 
     d_wte[v] = sum of g[n] over the tokens n with row ids[n] == v      (0 if there are none)
     d_wpe[q] = sum of g[n] over the tokens n with row positions[n] == q
@@ -103,9 +104,21 @@ def _embedding_fwd_kernel(ids_ptr, pos_ptr, wte_ptr, wpe_ptr, seed_ptr, out_ptr,
 
 
 @triton.jit
-def _embedding_bwd_kernel(order_ptr, sorted_rows_ptr, offsets_ptr, dout_ptr, seed_ptr, zeros_ptr,
-                          dtable_ptr, N_ROWS: tl.constexpr, D: tl.constexpr,
-                          DROPOUT_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _dropout_bwd_kernel(dout_ptr, seed_ptr, g_ptr, N: tl.constexpr, DROPOUT_P: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """g = dout * keep / (1 - p) over the flat [tokens * D] cotangent: the forward's mask, drawn
+    at the same offsets."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    g = _dropout(tl.load(dout_ptr + offs, mask=ok, other=0.0).to(tl.float32), seed_ptr, offs,
+                 DROPOUT_P)
+    tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _embedding_bwd_kernel(order_ptr, sorted_rows_ptr, offsets_ptr, g_ptr, zeros_ptr, dtable_ptr,
+                          N_ROWS: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
     """Program (k, j): the k-th token in row order, features block j. The first token of each
     table row sums the row's tokens order[offsets[r]:offsets[r + 1]] (token indices, ascending)
     and writes the row; every other program returns at once. dtable's buffer is zeros_ptr's
@@ -122,12 +135,9 @@ def _embedding_bwd_kernel(order_ptr, sorted_rows_ptr, offsets_ptr, dout_ptr, see
             idx = first + tl.arange(0, BLOCK_T)
             tok_ok = idx < end
             tok = tl.load(order_ptr + idx, mask=tok_ok, other=0)
-            offs = tok.to(tl.int64)[:, None] * D + cols[None, :]  # as the forward's, for dropout
-            g = tl.load(dout_ptr + offs, mask=tok_ok[:, None] & col_ok[None, :], other=0.0)
-            g = g.to(tl.float32)
-            if DROPOUT_P > 0.0:
-                g = _dropout(g, seed_ptr, offs, DROPOUT_P)
-            acc += tl.sum(g, axis=0)
+            g = tl.load(g_ptr + tok.to(tl.int64)[:, None] * D + cols[None, :],
+                        mask=tok_ok[:, None] & col_ok[None, :], other=0.0)
+            acc += tl.sum(g.to(tl.float32), axis=0)
         # int64: V * D can pass 2**31
         tl.store(dtable_ptr + row.to(tl.int64) * D + cols, acc.to(dtable_ptr.dtype.element_ty),
                  mask=col_ok)
@@ -250,19 +260,30 @@ def _embedding_fwd(ids, positions, wte, wpe, seed, cfg):
 
 def _embedding_bwd(cfg, saved, dout):
     ids, positions, seed = saved
-    d_wte = _table_grad(ids, dout, seed, cfg.wte_rows, cfg.wte_dtype, cfg.dropout_rate)
-    d_wpe = None if positions is None else _table_grad(positions, dout, seed, cfg.wpe_rows,
-                                                       cfg.wpe_dtype, cfg.dropout_rate)
+    g = dout if cfg.dropout_rate == 0.0 else _dropout_grad(dout, seed, cfg.dropout_rate)
+    d_wte = _table_grad(ids, g, cfg.wte_rows, cfg.wte_dtype)
+    d_wpe = None if positions is None else _table_grad(positions, g, cfg.wpe_rows, cfg.wpe_dtype)
     return None, None, d_wte, d_wpe, None  # ids, positions and seed are integers
 
 
 _embedding.defvjp(_embedding_fwd, _embedding_bwd)
 
 
-def _table_grad(rows, dout, seed, n_rows: int, dtype, dropout_rate: float):
-    """[n_rows, D] in dtype: row r sums the (dropped-out) dout of the tokens with rows == r;
-    the tokens with rows == n_rows (out of range) count in no row."""
-    n_tokens, d = dout.shape
+def _dropout_grad(dout, seed, dropout_rate: float):
+    """dout [tokens, D] with the forward's dropout applied: the gradient both tables sum."""
+    n = dout.size
+    if n == 0:
+        return dout
+    return triton_call(dout, seed, kernel=_dropout_bwd_kernel,
+                       out_shape=jax.ShapeDtypeStruct(dout.shape, dout.dtype),
+                       grid=(triton.cdiv(n, TILE),), num_warps=8, N=n, DROPOUT_P=dropout_rate,
+                       BLOCK=TILE)
+
+
+def _table_grad(rows, g, n_rows: int, dtype):
+    """[n_rows, D] in dtype: row r sums g of the tokens with rows == r; the tokens with
+    rows == n_rows (out of range) count in no row."""
+    n_tokens, d = g.shape
     if n_tokens == 0 or d == 0:
         return jnp.zeros((n_rows, d), dtype)
     order = jnp.argsort(rows, stable=True).astype(jnp.int32)  # stable: each row's tokens ascending
@@ -271,8 +292,7 @@ def _table_grad(rows, dout, seed, n_rows: int, dtype, dropout_rate: float):
     offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts, dtype=jnp.int32)])
     block_t, block_d, num_warps = _backward_config(n_tokens, d)
     return triton_call(
-        order, rows[order], offsets, dout, seed, jnp.zeros((n_rows, d), dtype),
+        order, rows[order], offsets, g, jnp.zeros((n_rows, d), dtype),
         kernel=_embedding_bwd_kernel, out_shape=jax.ShapeDtypeStruct((n_rows, d), dtype),
-        input_output_aliases={5: 0},
-        grid=(n_tokens, triton.cdiv(d, block_d)), num_warps=num_warps,
-        N_ROWS=n_rows, D=d, DROPOUT_P=dropout_rate, BLOCK_T=block_t, BLOCK_D=block_d)
+        input_output_aliases={4: 0}, grid=(n_tokens, triton.cdiv(d, block_d)),
+        num_warps=num_warps, N_ROWS=n_rows, D=d, BLOCK_T=block_t, BLOCK_D=block_d)

@@ -354,9 +354,10 @@ def _store_dz(dz_ptr, dbias_ptr, offsets, in_bounds, dz, pid_m, offs_n, N: tl.co
 
 
 def _block_config(M: int, N: int, K: int, dtype, dropout: bool = False, swiglu: bool = False,
-                  fp32_ieee: bool = False) -> dict:
+                  fp32_ieee: bool = False, fp32_residual: bool = False) -> dict:
     """Tile sizes and launch shape per dtype, shrunk to the problem for small matrices. N is the
-    output's width: with SwiGLU, F, each program accumulating two [BLOCK_M, BLOCK_N] tiles."""
+    output's width: with SwiGLU, F, each program accumulating two [BLOCK_M, BLOCK_N] tiles.
+    fp32_residual: a 16-bit product adds an fp32 residual tile (add_matmul's accumulator)."""
     if not on_gpu():  # the interpreter: fewest program instances, smallest tiles that fit
         return dict(BLOCK_M=_fit(M, 64), BLOCK_N=_fit(N, 64), BLOCK_K=_fit(K, 32), GROUP_M=8,
                     num_warps=4, num_stages=1)
@@ -381,8 +382,10 @@ def _block_config(M: int, N: int, K: int, dtype, dropout: bool = False, swiglu: 
         # With the residual epilogue this tile spills 32 bytes a thread (255 registers, seen with
         # compile_only); 256x128 does not. `python bench/kernels.py --sweep` on a GPU decides.
         # Dropout's Philox state next to a 128-value accumulator spills 56-384 bytes at 128x256 or
-        # 256x128; at 128x128 (64 accumulator values a thread) it fits in 167-178 registers.
-        cfg = dict(BLOCK_M=128, BLOCK_N=128 if dropout else 256, BLOCK_K=64, GROUP_M=8,
+        # 256x128; at 128x128 (64 accumulator values a thread) it fits in 167-178 registers. So
+        # does an fp32 residual tile, which spills 208 bytes at 128x256 (the LM head's dW).
+        narrow = dropout or fp32_residual
+        cfg = dict(BLOCK_M=128, BLOCK_N=128 if narrow else 256, BLOCK_K=64, GROUP_M=8,
                    num_warps=8, num_stages=3)
     if swiglu:
         # The gate and up accumulators together hold the registers of one [BLOCK_M, 2 BLOCK_N]
@@ -516,7 +519,8 @@ def _gemm(a, b, transpose_a, transpose_b, out_dtype, precision, *, bias=None, re
     assert norm is None, "a norm prologue runs only in _gemv"
     fp32_ieee = a.dtype == jnp.float32 and precision == "ieee"
     cfg = _block_config(M, N, K, a.dtype, dropout=dropout_p > 0.0, swiglu=swiglu,
-                        fp32_ieee=fp32_ieee)
+                        fp32_ieee=fp32_ieee,
+                        fp32_residual=residual is not None and residual.dtype == jnp.float32)
     plain = bias is None and residual is None and activation is None and dropout_p == 0.0
     k_tiles = triton.cdiv(K, cfg["BLOCK_K"])
     k_per_split = triton.cdiv(k_tiles, _split_k(M, N, K, cfg) if plain else 1) * cfg["BLOCK_K"]
