@@ -4,6 +4,7 @@ training batch, 16*1024), against XLA.
     python bench/kernels.py            # the kernels with their chosen configs, vs XLA
     python bench/kernels.py --sweep    # also try other GEMM tile configs
     python bench/kernels.py --only train   # fwd+bwd of each op of the GPT-2 training step
+    python bench/kernels.py --only gemm --dtype tf32 --sweep   # fp32 GEMMs on tf32 tensor cores
 
 For tuning: prints TFLOP/s (GEMM) or GB/s (layernorm, embedding) per kernel, each output checked
 against its reference first. GPU only. Attention has its own script, bench/attention.py.
@@ -31,7 +32,7 @@ def bench(fn, *args, calls=20, repeats=5):
     return compile_and_time(fn, *args, calls=calls, repeats=repeats)[0] * 1e3
 
 
-def bench_gemms(dtype, sweep):
+def bench_gemms(dtype, sweep, precision="ieee"):
     shapes = {"c_attn": (768, 2304, dict(bias=True)), "attn.c_proj": (768, 768, dict(bias=True, residual=True)),
               "c_fc+gelu": (768, 3072, dict(bias=True, activation="gelu_tanh")),
               "mlp.c_proj": (3072, 768, dict(bias=True, residual=True))}
@@ -43,15 +44,18 @@ def bench_gemms(dtype, sweep):
         r = jax.random.normal(next(key), (M, N), dtype)
         kw = dict(bias=b if epi.get("bias") else None, residual=r if epi.get("residual") else None,
                   activation=epi.get("activation"))
-        ref = jax.jit(lambda x, w: reference.linear(x, w, **kw))
+        ref = jax.jit(lambda x, w: reference.linear(x, w, **kw))  # XLA's default precision
         flops = 2 * M * K * N
-        xla_ms = bench(lambda x, w: _xla_linear(x, w, **kw), x, w)
+        # IEEE fp32 against XLA's IEEE fp32 ("highest"); tf32 and bf16 against its default
+        xla_precision = "highest" if dtype == jnp.float32 and precision == "ieee" else None
+        with jax.default_matmul_precision(xla_precision):
+            xla_ms = bench(lambda x, w: _xla_linear(x, w, **kw), x, w)
         _row(f"XLA {name}", xla_ms, flops / xla_ms / 1e9, "TFLOP/s")
-        configs = [None] + (SWEEP_GEMM if sweep else [])
+        configs = [None] + (SWEEP_GEMM[jnp.dtype(dtype).name] if sweep else [])
         for cfg in configs:
             if cfg is not None:
                 matmul._block_config = lambda *shape_dtype, cfg=cfg, **epilogue: dict(cfg)
-            fn = jax.jit(lambda x, w: linear(x, w, **kw))
+            fn = jax.jit(lambda x, w: linear(x, w, precision=precision, **kw))
             try:
                 err = relative_error(fn(x, w), ref(x, w))
                 ms = bench(fn, x, w)
@@ -82,10 +86,18 @@ def _short(cfg):
 
 
 DEFAULT_GEMM_CONFIG = matmul._block_config
-SWEEP_GEMM = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s)
-              for bm, bn, bk, w, s in [(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4),
-                                       (256, 128, 64, 8, 3), (128, 256, 64, 8, 4), (64, 256, 64, 4, 4),
-                                       (128, 128, 128, 8, 3)]]
+SWEEP_GEMM = {  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per input dtype
+    dtype: [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in configs]
+    for dtype, configs in {
+        "bfloat16": [(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4),
+                     (256, 128, 64, 8, 3), (128, 256, 64, 8, 4), (64, 256, 64, 4, 4),
+                     (128, 128, 128, 8, 3)],
+        # fp32 tiles take twice the shared memory a stage of bf16's
+        "float32": [(128, 128, 32, 8, 3), (128, 128, 32, 4, 4), (128, 256, 32, 8, 3),
+                    (256, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 3),
+                    (64, 256, 32, 4, 4), (128, 64, 64, 4, 4)],
+    }.items()}
 
 
 def bench_layernorm(dtype):
@@ -179,12 +191,15 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--only", default="gemm,layernorm,lm_head,train")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "tf32", "fp32"],
+                   help="tf32: fp32 data on the tensor cores (GEMMs; the rest runs fp32)")
     args = p.parse_args()
-    dtype = jnp.bfloat16
-    print(f"{jax.devices()[0].device_kind}, bf16, M = {M} tokens")
+    dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
+    precision = "tf32" if args.dtype == "tf32" else "ieee"
+    print(f"{jax.devices()[0].device_kind}, {args.dtype}, M = {M} tokens")
     print("| kernel | ms | rate | unit | check |\n|---|---:|---:|---|---|")
     if "gemm" in args.only:
-        bench_gemms(dtype, args.sweep)
+        bench_gemms(dtype, args.sweep, precision)
     if "layernorm" in args.only:
         bench_layernorm(dtype)
     if "lm_head" in args.only:
