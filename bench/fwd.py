@@ -5,7 +5,9 @@
 
 Every competitor runs in this process on the same weights and token ids, after a warm-up; each
 output is checked against Hugging Face Flax GPT-2 in fp32 ("highest" precision dots) before it is
-timed, and the jtgpt logits against FlaxGPT2LMHeadModel's. Timing: `--calls` back-to-back calls
+timed, and the jtgpt logits against FlaxGPT2LMHeadModel's. The modes are the precisions of the
+PyTorch "Triton GPT" table this project answers (fp32, tf32, mixed fp16, fp16) plus bf16 and
+mixed bf16, each beside Hugging Face's row in the same precision. Timing: `--calls` back-to-back calls
 with one block at the end, repeated `--repeats` times, median.
 
 FLOPs per forward, L layers, width D, M = B*T tokens, causal attention counted once per pair:
@@ -14,6 +16,7 @@ Peak memory for JAX programs is XLA's buffer assignment for the compiled call (a
 outputs + temporaries - aliased); for torch, torch.cuda.max_memory_allocated.
 """
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -35,6 +38,17 @@ MODES = {
     "tf32": ("jtgpt tf32", jnp.float32, jnp.float32, "tf32", "HF Flax fp32", 1e-2),
     "mixed": ("jtgpt mixed (fp32 params, bf16)", jnp.bfloat16, jnp.float32, "ieee", "HF Flax bf16", 5e-2),
     "bf16": ("jtgpt bf16", jnp.bfloat16, jnp.bfloat16, "ieee", "HF Flax bf16", 5e-2),
+    "mixed-fp16": ("jtgpt mixed fp16 (fp32 params, fp16)", jnp.float16, jnp.float32, "ieee",
+                   "HF Flax mixed fp16 (fp32 params)", 1e-2),
+    "fp16": ("jtgpt fp16", jnp.float16, jnp.float16, "ieee", "HF Flax fp16", 1e-2),
+}
+# The Hugging Face Flax baselines: (compute dtype, param dtype), and the jtgpt modes after each.
+# Flax's `dtype` is the compute dtype: fp32 params with dtype fp16 is its mixed precision.
+HF_FLAX = {
+    "HF Flax bf16": (jnp.bfloat16, jnp.bfloat16, ("bf16", "mixed")),
+    "HF Flax fp16": (jnp.float16, jnp.float16, ("fp16",)),
+    "HF Flax mixed fp16 (fp32 params)": (jnp.float16, jnp.float32, ("mixed-fp16",)),
+    "HF Flax fp32": (jnp.float32, jnp.float32, ("tf32", "fp32")),
 }
 
 
@@ -56,7 +70,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=512 if on_gpu else 2)
     p.add_argument("--seq", type=int, default=300 if on_gpu else 16)
-    p.add_argument("--modes", default="fp32,tf32,mixed,bf16", help="jtgpt modes: " + ",".join(MODES))
+    p.add_argument("--modes", default=",".join(MODES), help="jtgpt modes: " + ",".join(MODES))
     p.add_argument("--calls", type=int, default=10 if on_gpu else 1)
     p.add_argument("--repeats", type=int, default=5 if on_gpu else 1)
     p.add_argument("--check-batch", type=int, default=8, help="rows checked against HF fp32")
@@ -111,9 +125,9 @@ def main():
             with open(args.markdown, "w") as f:
                 f.write(_table(header, rows, ceiling) + "\n")
 
-    def hf_flax(name, dtype):
+    def hf_flax(name, dtype, param_dtype):
         model = FlaxGPT2Model.from_pretrained(weights, dtype=dtype)
-        params = jax.tree.map(lambda a: a.astype(dtype), model.params)
+        params = jax.tree.map(lambda a: a.astype(param_dtype), model.params)
         seconds, peak, out = compile_and_time(
             lambda params, ids: model(ids, params=params).last_hidden_state, params, ids,
             calls=args.calls, repeats=args.repeats)
@@ -128,18 +142,22 @@ def main():
         assert err < tol, f"{label}: relative error {err:.2e} against HF Flax fp32 exceeds {tol}"
         record(label, seconds, peak, err, baseline)
 
-    # Half precision first (the headline), then fp32; each jtgpt mode right after its baseline.
-    # HF Flax bf16 computes in bf16 on bf16 params; HF Flax fp32 uses XLA's default dot precision.
+    # Half precision first (the headline), then fp32; each jtgpt mode right after its baseline
+    # (a baseline none of the asked modes needs is skipped). HF Flax fp32 uses XLA's default dot
+    # precision (tf32 on these GPUs).
     modes = args.modes.split(",")
-    hf_flax("HF Flax bf16", jnp.bfloat16)
-    for mode in [m for m in ("bf16", "mixed") if m in modes]:
-        ours(mode)
-    hf_flax("HF Flax fp32", jnp.float32)
-    for mode in [m for m in ("tf32", "fp32") if m in modes]:
-        ours(mode)
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        p.error(f"--modes: unknown {sorted(unknown)}; choose from {','.join(MODES)}")
+    for name, (dtype, param_dtype, its_modes) in HF_FLAX.items():
+        if any(m in modes for m in its_modes):
+            hf_flax(name, dtype, param_dtype)
+            for mode in [m for m in its_modes if m in modes]:
+                ours(mode)
     if not args.no_torch:
-        for name, seconds, peak, err in _torch_rows(weights, np.asarray(ids), reference, check, args):
-            record(name, seconds, peak, err, "HF Flax bf16")
+        for name, seconds, peak, err, baseline in _torch_rows(weights, np.asarray(ids), reference,
+                                                              check, args):
+            record(name, seconds, peak, err, baseline)
     print("\n" + _table(header, rows, ceiling))
 
 
@@ -168,8 +186,9 @@ def _randomize_norms(model):
 
 
 def _torch_rows(weights, ids, reference, check, args):
-    """(name, seconds, peak bytes, rel err) of HF PyTorch GPT-2 (SDPA) in bf16, eager and
-    torch.compile, where CUDA torch is installed."""
+    """(name, seconds, peak bytes, rel err, baseline) of HF PyTorch GPT-2 (SDPA), where CUDA
+    torch is installed: bf16 eager and torch.compile, and the origin table's fp16 rows (fp16
+    weights, and autocast fp16 over fp32 weights: its mixed precision) eager."""
     try:
         import torch
         from transformers import GPT2Model
@@ -177,16 +196,29 @@ def _torch_rows(weights, ids, reference, check, args):
         return
     if not torch.cuda.is_available():
         return
-    model = GPT2Model.from_pretrained(weights, torch_dtype=torch.bfloat16, attn_implementation="sdpa")
-    model = model.cuda().eval()
     ids_t = torch.from_numpy(np.array(ids)).cuda()
-    for name, fn in (("HF PyTorch bf16 (SDPA)", model),
-                     ("HF PyTorch bf16 + torch.compile", torch.compile(model))):
-        with torch.no_grad():
-            out = fn(ids_t).last_hidden_state  # also the warm-up
-            err = relative_error(out[check].float().cpu().numpy(), reference)
-            seconds, peak, _ = time_torch(lambda: fn(ids_t), calls=args.calls, repeats=args.repeats)
-        yield name, seconds, peak, err
+    for weights_dtype, autocast in ((torch.bfloat16, None), (torch.float16, None),
+                                    (torch.float32, torch.float16)):
+        model = GPT2Model.from_pretrained(weights, torch_dtype=weights_dtype,
+                                          attn_implementation="sdpa").cuda().eval()
+        if autocast is None:
+            kind = "bf16" if weights_dtype == torch.bfloat16 else "fp16"
+            variants = [(f"HF PyTorch {kind} (SDPA)", model)]
+            if kind == "bf16":
+                variants.append(("HF PyTorch bf16 + torch.compile", torch.compile(model)))
+            baseline = f"HF Flax {kind}"
+        else:
+            variants = [("HF PyTorch mixed fp16 (autocast, SDPA)", model)]
+            baseline = "HF Flax mixed fp16 (fp32 params)"
+        for name, fn in variants:
+            mixed = torch.autocast("cuda", autocast) if autocast else contextlib.nullcontext()
+            with torch.no_grad(), mixed:
+                out = fn(ids_t).last_hidden_state  # also the warm-up
+                err = relative_error(out[check].float().cpu().numpy(), reference)
+                seconds, peak, _ = time_torch(lambda: fn(ids_t), calls=args.calls,
+                                              repeats=args.repeats)
+            yield name, seconds, peak, err, baseline
+        del model, variants
 
 
 if __name__ == "__main__":
