@@ -166,6 +166,17 @@ def test_matmul_and_grads_match_reference(key, dtype, transpose_a, transpose_b, 
                lambda a, b: _reference_matmul(a, b, transpose_a, transpose_b), a, b)
 
 
+@pytest.mark.parametrize("transpose_a,transpose_b", TRANSPOSES)
+def test_matmul_tf32_and_grads_in_every_layout(key, transpose_a, transpose_b):
+    """tf32 products (operands made K-major first where they are not) and their gradients, at
+    tf32's 10-bit mantissa tolerance."""
+    a, b = _operands(key, 37, 45, 70, jnp.float32, transpose_a, transpose_b)
+    _check_vjp(jax.random.fold_in(key, 1),
+               lambda a, b: matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b,
+                                   precision="tf32"),
+               lambda a, b: _reference_matmul(a, b, transpose_a, transpose_b), a, b, rtol=2e-3)
+
+
 @pytest.mark.parametrize("transpose_a,transpose_b", [(False, True), (True, False)])
 def test_matmul_fp32_output_from_bf16(key, transpose_a, transpose_b):
     """The fp32 accumulation comes out unrounded: fp32 tolerance against fp32 math on the same
@@ -539,8 +550,11 @@ def test_backward_builds_for_hopper(dtype, precision):
     assert {k.name for k in built} == {"_matmul_kernel", "_linear_dz_kernel"}
     gemms = [k.constexprs for k in built if k.name == "_matmul_kernel"]
     assert any(c["SAVE_PRE"] and c["DROPOUT_P"] for c in gemms)
-    assert any(c["K_PER_SPLIT"] < c["K"] and c["stride_am"] == 1 for c in gemms)  # split dW
-    assert any(c["M"] == 50257 and c["stride_am"] == 1 for c in gemms)  # the LM head's dW
+    # The dW GEMMs read x^T in place; tf32 makes such an operand K-major first (see _gemm).
+    transposed_a = 1 if precision != "tf32" else sizes["x"][0]  # stride of [M, tokens]
+    assert any(c["K_PER_SPLIT"] < c["K"] and c["stride_am"] == transposed_a
+               for c in gemms)  # split dW
+    assert any(c["M"] == 50257 for c in gemms)  # the LM head's dW
     for k in built:
         assert 0 < k.registers <= 255 and k.shared_bytes <= 227 * 1024, k
         assert dtype == jnp.float32 or k.spill_bytes == 0, k

@@ -21,7 +21,9 @@ With SwiGLU each program owns a tile of the [M, F] output: per K step it loads i
 the gate and up tiles of B (columns n.. and F + n..) into two fp32 accumulators, so x is read
 once and the [M, 2F] pre-activation never goes to memory in inference.
 fp32 inputs use true IEEE fp32 products by default (`precision="ieee"`); `precision="tf32"` opts
-into the tensor cores' tf32 (Triton's own default for fp32, chosen explicitly here).
+into the tensor cores' tf32 (Triton's own default for fp32, chosen explicitly here). The one
+exception to reading operands in place: Hopper's tf32 instruction takes both operands K-major, so
+a tf32 product first transposes (in XLA) an operand stored the other way (see _gemm).
 
 Backward. With dz = dy * keep / (1 - p) * gelu_tanh'(pre), pre = x @ W + bias (each factor only
 when that epilogue is on), or for SwiGLU, with dy' = dy * keep / (1 - p) [M, F],
@@ -518,6 +520,15 @@ def _gemm(a, b, transpose_a, transpose_b, out_dtype, precision, *, bias=None, re
                      activation=activation, norm=norm)
     assert norm is None, "a norm prologue runs only in _gemv"
     fp32_ieee = a.dtype == jnp.float32 and precision == "ieee"
+    if a.dtype == jnp.float32 and precision == "tf32":
+        # Hopper's tf32 tensor-core instruction (wgmma) reads both operands K-major from shared
+        # memory. An N-major B ([K, N], GPT-2's Conv1D weights) or M-major A then reaches shared
+        # memory 4 bytes a copy, transposed on the way (the PTX has 48 4-byte cp.async a thread a
+        # stage where a K-major operand takes 16-byte ones); one XLA transpose first is cheaper.
+        if not transpose_b:
+            b, transpose_b = b.T, True
+        if transpose_a:
+            a, transpose_a = a.T, False
     cfg = _block_config(M, N, K, a.dtype, dropout=dropout_p > 0.0, swiglu=swiglu,
                         fp32_ieee=fp32_ieee,
                         fp32_residual=residual is not None and residual.dtype == jnp.float32)
