@@ -37,18 +37,28 @@ from jtgpt.kernels.adamw import SCALARS, Hyper, adamw_update
 
 
 class FlatLayout(NamedTuple):
-    """Where each leaf of a tree lives in one flat buffer: leaf order[j] of the tree's leaves
-    takes [offsets[j], offsets[j] + its size); the decayed leaves come first and end at
-    decay_end."""
+    """Where each leaf of a tree lives in one flat buffer, possibly split into `shards` equal
+    blocks (one a device, jtgpt.train's ZeRO-2). Each leaf is split into `shards` pieces of
+    pieces[j] values (its last piece zero-padded); block d holds piece d of every leaf, leaf
+    order[j] at [offsets[j], offsets[j] + pieces[j]) within the block. The decayed leaves come
+    first: a block's elements [0, decay_end) get the weight decay. With one shard the buffer is
+    the leaves end to end, unpadded."""
     treedef: Any
     shapes: tuple[tuple[int, ...], ...]  # per leaf, in the tree's order
     order: tuple[int, ...]
-    offsets: tuple[int, ...]
-    decay_end: int
-    size: int
+    pieces: tuple[int, ...]              # per leaf, in `order`
+    offsets: tuple[int, ...]             # within a block, in `order`
+    decay_end: int                       # within a block
+    size: int                            # the tree's values, without padding
+    shards: int = 1
+
+    @property
+    def shard_size(self) -> int:
+        """Values in one block: the buffer holds shards * shard_size."""
+        return sum(self.pieces)
 
     @staticmethod
-    def of(tree, decayed) -> FlatLayout:
+    def of(tree, decayed, shards: int = 1) -> FlatLayout:
         """The layout of tree's leaves (arrays or shape-dtype structs); decayed: a bool per leaf,
         as a tree of tree's structure or a prefix of it (True: every leaf)."""
         leaves, treedef = jax.tree.flatten(tree)
@@ -57,25 +67,43 @@ class FlatLayout(NamedTuple):
         if len(flags) != len(leaves):
             raise ValueError(f"mask must give one bool per parameter leaf ({len(leaves)}), got "
                              f"{len(flags)}")
-        return _layout(treedef, tuple(tuple(leaf.shape) for leaf in leaves), tuple(flags))
+        if shards < 1:
+            raise ValueError(f"shards must be >= 1, got {shards}")
+        return _layout(treedef, tuple(tuple(leaf.shape) for leaf in leaves), tuple(flags), shards)
 
     def flatten(self, tree, dtype=None):
-        """tree's leaves end to end [size] (in dtype, default their common dtype)."""
+        """tree's leaves in the buffer's layout [shards * shard_size] (in dtype, default their
+        common dtype)."""
         leaves = self.treedef.flatten_up_to(tree)
-        parts = [jnp.ravel(leaves[i]) for i in self.order]
+        if not leaves:
+            return jnp.zeros((0,), dtype or jnp.float32)
+        blocks = [self.split(leaves[i], j) for j, i in enumerate(self.order)]
         if dtype is not None:
-            parts = [p.astype(dtype) for p in parts]
-        return jnp.concatenate(parts) if parts else jnp.zeros((0,), dtype or jnp.float32)
+            blocks = [b.astype(dtype) for b in blocks]
+        return jnp.concatenate(blocks, axis=1).reshape(-1)
 
     def unflatten(self, flat, dtypes=None):
         """The tree of flat's pieces (each leaf cast to dtypes[leaf], a list in the tree's leaf
         order, when given)."""
+        blocks = flat.reshape(self.shards, self.shard_size)
         leaves = [None] * len(self.order)
         for j, i in enumerate(self.order):
-            size = int(np.prod(self.shapes[i], dtype=np.int64))
-            leaf = flat[self.offsets[j]:self.offsets[j] + size].reshape(self.shapes[i])
-            leaves[i] = leaf if dtypes is None else leaf.astype(dtypes[i])
+            piece = blocks[:, self.offsets[j]:self.offsets[j] + self.pieces[j]]
+            leaves[i] = self.joined(piece.reshape(-1), j)
+            if dtypes is not None:
+                leaves[i] = leaves[i].astype(dtypes[i])
         return self.treedef.unflatten(leaves)
+
+    def split(self, leaf, j: int):
+        """Leaf order[j] as its [shards, pieces[j]] pieces, the last one zero-padded."""
+        flat = jnp.ravel(leaf)
+        return jnp.pad(flat, (0, self.shards * self.pieces[j] - flat.shape[0])).reshape(
+            self.shards, self.pieces[j])
+
+    def joined(self, pieces, j: int):
+        """Leaf order[j] from its pieces end to end [shards * pieces[j]] (the padding dropped)."""
+        shape = self.shapes[self.order[j]]
+        return pieces[:int(np.prod(shape, dtype=np.int64))].reshape(shape)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -106,10 +134,10 @@ class AdamWSettings(NamedTuple):
     mask: Any           # None, a tree of bools or a function of the parameters
     clip_norm: float | None
 
-    def layout(self, params) -> FlatLayout:
-        """The flat layout of params, the leaves this mask decays first."""
+    def layout(self, params, shards: int = 1) -> FlatLayout:
+        """The flat layout of params (in `shards` blocks), the leaves this mask decays first."""
         mask = self.mask(params) if callable(self.mask) else self.mask
-        return FlatLayout.of(params, True if mask is None else mask)
+        return FlatLayout.of(params, True if mask is None else mask, shards)
 
 
 class AdamW(optax.GradientTransformation):
@@ -123,8 +151,7 @@ def apply_flat(settings: AdamWSettings, params, grads, state: AdamWState, *, dec
     """(params, state) after one AdamW step on flat buffers: params fp32 [n] and the moments
     updated in place when donated; the gradient is grad_scale * grads (grads [n], any float
     dtype; grad_scale a float or an fp32 scalar array, applied in the kernel). decay_end: the
-    elements [0, decay_end) that get the weight decay (an int, or an int32 array: a shard's own
-    boundary); norm: the global norm of grad_scale * grads over every shard (needed with
+    elements [0, decay_end) that get the weight decay (an int, or an int32 array); norm: the global norm of grad_scale * grads over every shard (needed with
     clip_norm)."""
     if settings.clip_norm is not None and norm is None:
         raise ValueError("apply_flat: clip_norm is set, so the gradient's global norm is needed")
@@ -203,10 +230,11 @@ def bias_corrected_scalars(learning_rate, count, b1: float, b2: float, norm=None
 
 
 @functools.lru_cache(maxsize=64)
-def _layout(treedef, shapes: tuple, flags: tuple) -> FlatLayout:
-    """FlatLayout.of's result, made once per tree structure, leaf shapes and mask."""
+def _layout(treedef, shapes: tuple, flags: tuple, shards: int) -> FlatLayout:
+    """FlatLayout.of's result, made once per tree structure, leaf shapes, mask and shard count."""
     order = tuple(sorted(range(len(shapes)), key=lambda i: not flags[i]))  # stable
     sizes = [int(np.prod(shapes[i], dtype=np.int64)) for i in order]
-    offsets = tuple(int(o) for o in np.cumsum([0] + sizes)[:-1])
-    decay_end = sum(size for size, i in zip(sizes, order) if flags[i])
-    return FlatLayout(treedef, shapes, order, offsets, decay_end, sum(sizes))
+    pieces = tuple(-(-size // shards) for size in sizes)
+    offsets = tuple(int(o) for o in np.cumsum([0] + list(pieces))[:-1])
+    decay_end = sum(piece for piece, i in zip(pieces, order) if flags[i])
+    return FlatLayout(treedef, shapes, order, pieces, offsets, decay_end, sum(sizes), shards)

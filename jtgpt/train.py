@@ -26,14 +26,18 @@ With jtgpt's AdamW (`adamw` here, jtgpt.optim.adamw) the state keeps the paramet
 them and the moments in place; the clipping's scale is applied inside it. Any other optax
 transformation gets the parameter tree.
 
-ZeRO-2 (`mesh`, a jax.sharding.Mesh with a "data" axis of N devices; jtgpt's AdamW only). The
-flat parameters and both moments are split into N equal shards, one a device; the batch too. A
-step runs on each device (shard_map, so every Triton kernel runs on its device's shard):
-all-gather the parameters, forward and backward on the device's part of the batch,
-reduce-scatter the gradient (each device gets the sum of its shard), update the shard. The update
-equals the one-device step's to rounding; each device holds 1/N of the parameters and optimizer
-state between steps. The collectives are JAX's (all_gather, psum_scatter), so the same step runs
-across hosts under jax.distributed.
+ZeRO-2 (`mesh`, a jax.sharding.Mesh with a "data" axis of N devices; jtgpt's AdamW only). Every
+leaf is split into N pieces, and the flat parameters and both moments into N equal shards, one a
+device, shard d holding piece d of every leaf (optim.FlatLayout with N shards); the batch is
+split too. A step runs on each device (shard_map, so every Triton kernel runs on its device's
+shard): all-gather the parameters, forward and backward on the device's part of the batch,
+reduce-scatter the gradient (each device gets the sum of its shard), update the shard. The
+collectives go leaf by leaf, so that XLA can overlap them with the layers' compute: a layer's
+gather with the layers before it, a leaf's reduce-scatter with the rest of the backward. The
+update equals the one-device step's to rounding; each device holds 1/N of the parameters and
+optimizer state between steps (ZeRO-3's storage; the gathered parameters live through the step,
+as in ZeRO-2). The collectives are JAX's (all_gather, psum_scatter), so the same step runs across
+hosts under jax.distributed.
 """
 from __future__ import annotations
 
@@ -42,7 +46,6 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -157,35 +160,32 @@ def init(model: nnx.Module, optimizer: optax.GradientTransformation, *, accum_st
 def _init_flat(params, settings: optim.AdamWSettings, summed_grads, mesh):
     """init's state and step for jtgpt's AdamW: flat parameters and moments, updated by one
     kernel, over mesh's "data" axis when given (ZeRO-2, module docstring)."""
-    layout = settings.layout(params)
     shards = 1 if mesh is None else mesh.shape[DATA]
-    shard = -(-layout.size // shards)
-    if shard >= 2**31:
-        raise ValueError(f"{layout.size} parameters over {shards} devices: a shard of {shard} "
-                         f"values passes the kernel's int32 element index")
-    # The decay boundary within each shard: the decayed leaves come first in the layout.
-    decay_ends = np.clip(layout.decay_end - shard * np.arange(shards), 0, shard).astype(np.int32)
+    layout = settings.layout(params, shards)
+    if layout.shard_size >= 2**31:
+        raise ValueError(f"{layout.size} parameters over {shards} devices: a shard of "
+                         f"{layout.shard_size} values passes the kernel's int32 element index")
 
     def local_step(buffer, opt_state, batch, key):
         """One device's step: buffer, the moments and the gradient are its shard."""
-        if mesh is not None:
-            index = jax.lax.axis_index(DATA)
-            full = jax.lax.all_gather(buffer, DATA, tiled=True)
-            key = jax.random.fold_in(key, index)  # each device's own dropout
+        if mesh is None:
+            params = layout.unflatten(buffer)
         else:
-            full = buffer
-        loss, tokens, grads = summed_grads(layout.unflatten(full), batch, key)
-        grads = _padded_flat(layout, grads, shard * shards)
-        if mesh is not None:
-            grads = jax.lax.psum_scatter(grads, DATA, tiled=True)  # the sum of this shard
+            key = jax.random.fold_in(key, jax.lax.axis_index(DATA))  # each device's own dropout
+            params = _gathered(layout, buffer)
+        loss, tokens, grads = summed_grads(params, batch, key)
+        if mesh is None:
+            grads = layout.flatten(grads, jnp.float32)
+        else:
+            grads = _reduce_scattered(layout, grads)
             loss, tokens = jax.lax.psum((loss, tokens), DATA)
         scale = 1.0 / jnp.maximum(tokens, 1).astype(jnp.float32)
         # The kernel scales the summed gradient itself: scaling here would write a copy of it.
         squares = sum_of_squares(grads)
         norm = jnp.sqrt(squares if mesh is None else jax.lax.psum(squares, DATA)) * scale
-        decay_end = decay_ends[0] if mesh is None else jnp.asarray(decay_ends)[index]
         buffer, opt_state = optim.apply_flat(settings, buffer, grads, opt_state,
-                                             decay_end=decay_end, norm=norm, grad_scale=scale)
+                                             decay_end=layout.decay_end, norm=norm,
+                                             grad_scale=scale)
         return buffer, opt_state, {"loss": loss * scale, "grad_norm": norm, "tokens": tokens}
 
     if mesh is None:
@@ -204,7 +204,7 @@ def _init_flat(params, settings: optim.AdamWSettings, summed_grads, mesh):
         buffer, opt_state, metrics = run(state.params.buffer, state.opt_state, batch, key)
         return TrainState(optim.FlatParams(buffer, layout), opt_state, state.step + 1), metrics
 
-    buffer = _padded_flat(layout, params, shard * shards)
+    buffer = layout.flatten(params, jnp.float32)
     state = TrainState(optim.FlatParams(buffer, layout),
                        optim.AdamWState(jnp.zeros([], jnp.int32), jnp.zeros_like(buffer),
                                         jnp.zeros_like(buffer)),
@@ -212,6 +212,26 @@ def _init_flat(params, settings: optim.AdamWSettings, summed_grads, mesh):
     if mesh is not None:
         state = jax.device_put(state, state_shardings(state, mesh))
     return state, jax.jit(step, donate_argnums=0)
+
+
+def _gathered(layout: optim.FlatLayout, shard):
+    """The parameter tree from this device's shard: each leaf all-gathered from its pieces on
+    its own, so that XLA can run a leaf's collective while earlier layers compute."""
+    leaves = [None] * len(layout.order)
+    for j, i in enumerate(layout.order):
+        piece = shard[layout.offsets[j]:layout.offsets[j] + layout.pieces[j]]
+        leaves[i] = layout.joined(jax.lax.all_gather(piece, DATA, tiled=True), j)
+    return layout.treedef.unflatten(leaves)
+
+
+def _reduce_scattered(layout: optim.FlatLayout, grads):
+    """This device's shard of the gradient summed over the devices: each leaf reduce-scattered
+    on its own (so XLA can start it as soon as the backward has made it), fp32."""
+    leaves = layout.treedef.flatten_up_to(grads)
+    pieces = [jax.lax.psum_scatter(layout.split(leaves[i].astype(jnp.float32), j), DATA,
+                                   scatter_dimension=0, tiled=True)
+              for j, i in enumerate(layout.order)]
+    return jnp.concatenate(pieces, axis=1).reshape(-1)
 
 
 def state_shardings(state: TrainState, mesh: jax.sharding.Mesh):
@@ -254,19 +274,12 @@ def restore(directory, state: TrainState) -> TrainState:
         saved = checkpointer.restore(path, target)
     if not isinstance(state.params, optim.FlatParams):
         return TrainState(saved["params"], saved["opt_state"], saved["step"])
-    layout, total = state.params.layout, state.params.buffer.shape[0]
-    restored = TrainState(
-        optim.FlatParams(_padded_flat(layout, saved["params"], total), layout),
-        optim.AdamWState(saved["count"], _padded_flat(layout, saved["mu"], total),
-                         _padded_flat(layout, saved["nu"], total)),
-        saved["step"])
+    layout = state.params.layout
+    flat = lambda tree: layout.flatten(tree, jnp.float32)  # noqa: E731
+    restored = TrainState(optim.FlatParams(flat(saved["params"]), layout),
+                          optim.AdamWState(saved["count"], flat(saved["mu"]), flat(saved["nu"])),
+                          saved["step"])
     return jax.device_put(restored, jax.tree.map(lambda x: x.sharding, state))
-
-
-def _padded_flat(layout: optim.FlatLayout, tree, total: int):
-    """tree's leaves end to end in fp32 (layout's order), zero-padded to `total` values: the
-    flat buffers' length, a multiple of the devices they are split over."""
-    return jnp.pad(layout.flatten(tree, jnp.float32), (0, total - layout.size))
 
 
 def _portable(state: TrainState) -> dict:

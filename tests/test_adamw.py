@@ -94,6 +94,31 @@ def _tree(key, dtype=jnp.float32):
 MATRICES = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
 
 
+@pytest.mark.parametrize("shards", [1, 3])
+def test_flat_layout_splits_every_leaf_over_the_shards(key, shards):
+    """Block d of the buffer holds piece d of every leaf (the decayed ones first), each leaf's
+    last piece zero-padded; unflatten undoes flatten."""
+    params = _tree(key)
+    layout = optim.FlatLayout.of(params, MATRICES(params), shards)
+    flat = layout.flatten(params)
+    assert flat.shape == (shards * layout.shard_size,)
+    leaves = jax.tree.leaves(params)
+    assert layout.shard_size == sum(-(-leaf.size // shards) for leaf in leaves)
+    assert layout.decay_end == sum(-(-leaf.size // shards) for leaf in leaves if leaf.ndim >= 2)
+    blocks = np.asarray(flat).reshape(shards, layout.shard_size)
+    for j, i in enumerate(layout.order):
+        values = np.ravel(np.asarray(leaves[i]))
+        piece = blocks[:, layout.offsets[j]:layout.offsets[j] + layout.pieces[j]].reshape(-1)
+        np.testing.assert_array_equal(piece[:values.size], values)
+        assert not piece[values.size:].any()
+        assert (j < len(layout.order) - 1 or layout.offsets[j] + layout.pieces[j]
+                == layout.shard_size)
+    assert [leaves[i].ndim >= 2 for i in layout.order] == sorted(
+        [leaf.ndim >= 2 for leaf in leaves], reverse=True)
+    for a, b in zip(jax.tree.leaves(layout.unflatten(flat)), leaves):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 @pytest.mark.parametrize("learning_rate", [3e-3, optax.warmup_cosine_decay_schedule(
     0.0, 1e-2, warmup_steps=2, decay_steps=10)])
 @pytest.mark.parametrize("mask", [None, MATRICES, "tree"])

@@ -14,9 +14,9 @@ For each element, with g its gradient and t the update's count (1 for the first 
     or out = -lr u          (updates: what optax.adamw's update returns, for optax.apply_updates)
 
 optax.adamw's operations in its order, in fp32 whatever the storage dtypes. Decayed elements are
-the first `decay_end` of the buffer (FlatLayout puts the leaves the mask selects first), so the
-mask costs no bytes; decay_end is a runtime value, so that each shard of a buffer split over
-devices (ZeRO) runs the same program with its own boundary.
+the first `decay_end` of the buffer (FlatLayout puts the leaves the mask selects first, in each
+shard of a buffer split over devices too), so the mask costs no bytes; decay_end is read at run
+time, like the scalars below.
 
 lr, 1 - b1^t, 1 - b2^t, s, the global norm of s g and max_norm are read from a small fp32 array at
 run time (`scalars`): a learning-rate schedule or a new step count never recompiles. Scaling the
