@@ -38,6 +38,8 @@ class Compute:
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
 
     def cast(self, param: nnx.Param):
+        """The parameter in the compute dtype. Every module reads its parameters through here
+        and only here: jtgpt.train relies on it to all-gather them already rounded."""
         return param[...].astype(self.dtype)
 
 

@@ -36,7 +36,8 @@ collectives go leaf by leaf, so that XLA can overlap them with the layers' compu
 gather with the layers before it, a leaf's reduce-scatter with the rest of the backward. The
 update equals the one-device step's to rounding; each device holds 1/N of the parameters and
 optimizer state between steps (ZeRO-3's storage; the gathered parameters live through the step,
-as in ZeRO-2). The collectives are JAX's (all_gather, psum_scatter), so the same step runs across
+as in ZeRO-2). A jtgpt model with a 16-bit compute dtype has its parameters gathered in it: half
+the bytes, and the same step (it reads each parameter rounded to that dtype anyway). The collectives are JAX's (all_gather, psum_scatter), so the same step runs across
 hosts under jax.distributed.
 """
 from __future__ import annotations
@@ -52,7 +53,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jtgpt import optim
 from jtgpt.kernels.adamw import sum_of_squares
-from jtgpt.layers import next_token_targets
+from jtgpt.layers import Compute, next_token_targets
 
 DATA = "data"  # the mesh axis a batch and the ZeRO shards are split over
 
@@ -154,10 +155,20 @@ def init(model: nnx.Module, optimizer: optax.GradientTransformation, *, accum_st
 
         state = TrainState(params, optimizer.init(params), jnp.int32(0))
         return state, jax.jit(step, donate_argnums=0)
-    return _init_flat(params, optimizer.settings, summed_grads, mesh)
+    return _init_flat(params, optimizer.settings, summed_grads, mesh, _gather_dtype(model))
 
 
-def _init_flat(params, settings: optim.AdamWSettings, summed_grads, mesh):
+def _gather_dtype(model: nnx.Module):
+    """The dtype ZeRO-2 all-gathers parameters in: a jtgpt model's 16-bit compute dtype (it reads
+    every parameter through Compute.cast, so it sees only the rounded values: gathering them
+    rounded gives the same forward and gradients for half the bytes), fp32 otherwise."""
+    compute = getattr(model, "compute", None)
+    if isinstance(compute, Compute) and compute.dtype.itemsize == 2:
+        return compute.dtype
+    return jnp.dtype(jnp.float32)
+
+
+def _init_flat(params, settings: optim.AdamWSettings, summed_grads, mesh, gather_dtype):
     """init's state and step for jtgpt's AdamW: flat parameters and moments, updated by one
     kernel, over mesh's "data" axis when given (ZeRO-2, module docstring)."""
     shards = 1 if mesh is None else mesh.shape[DATA]
@@ -172,7 +183,7 @@ def _init_flat(params, settings: optim.AdamWSettings, summed_grads, mesh):
             params = layout.unflatten(buffer)
         else:
             key = jax.random.fold_in(key, jax.lax.axis_index(DATA))  # each device's own dropout
-            params = _gathered(layout, buffer)
+            params = _gathered(layout, buffer, gather_dtype)
         loss, tokens, grads = summed_grads(params, batch, key)
         if mesh is None:
             grads = layout.flatten(grads, jnp.float32)
@@ -214,13 +225,16 @@ def _init_flat(params, settings: optim.AdamWSettings, summed_grads, mesh):
     return state, jax.jit(step, donate_argnums=0)
 
 
-def _gathered(layout: optim.FlatLayout, shard):
-    """The parameter tree from this device's shard: each leaf all-gathered from its pieces on
-    its own, so that XLA can run a leaf's collective while earlier layers compute."""
+def _gathered(layout: optim.FlatLayout, shard, dtype):
+    """The fp32 parameter tree from this device's shard: each leaf all-gathered from its pieces
+    on its own, so that XLA can run a leaf's collective while earlier layers compute, in dtype
+    (see _gather_dtype). Back in fp32 the leaves get fp32 gradients, so that a leaf read twice
+    (GPT-2's tied wte) sums its two in fp32, as on one device."""
     leaves = [None] * len(layout.order)
     for j, i in enumerate(layout.order):
-        piece = shard[layout.offsets[j]:layout.offsets[j] + layout.pieces[j]]
-        leaves[i] = layout.joined(jax.lax.all_gather(piece, DATA, tiled=True), j)
+        piece = shard[layout.offsets[j]:layout.offsets[j] + layout.pieces[j]].astype(dtype)
+        gathered = jax.lax.all_gather(piece, DATA, tiled=True)
+        leaves[i] = layout.joined(gathered, j).astype(jnp.float32)
     return layout.treedef.unflatten(leaves)
 
 
