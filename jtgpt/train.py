@@ -37,8 +37,9 @@ gather with the layers before it, a leaf's reduce-scatter with the rest of the b
 update equals the one-device step's to rounding; each device holds 1/N of the parameters and
 optimizer state between steps (ZeRO-3's storage; the gathered parameters live through the step,
 as in ZeRO-2). A jtgpt model with a 16-bit compute dtype has its parameters gathered in it: half
-the bytes, and the same step (it reads each parameter rounded to that dtype anyway). The collectives are JAX's (all_gather, psum_scatter), so the same step runs across
-hosts under jax.distributed.
+the bytes, and the same forward (it reads each parameter rounded to that dtype anyway). The
+collectives are JAX's (all_gather, psum_scatter), so the same step runs across hosts under
+jax.distributed.
 """
 from __future__ import annotations
 
@@ -161,7 +162,7 @@ def init(model: nnx.Module, optimizer: optax.GradientTransformation, *, accum_st
 def _gather_dtype(model: nnx.Module):
     """The dtype ZeRO-2 all-gathers parameters in: a jtgpt model's 16-bit compute dtype (it reads
     every parameter through Compute.cast, so it sees only the rounded values: gathering them
-    rounded gives the same forward and gradients for half the bytes), fp32 otherwise."""
+    rounded gives the same forward for half the bytes), fp32 otherwise."""
     compute = getattr(model, "compute", None)
     if isinstance(compute, Compute) and compute.dtype.itemsize == 2:
         return compute.dtype
