@@ -7,8 +7,8 @@ Every competitor runs in this process on the same weights and token ids, after a
 output is checked against Hugging Face Flax GPT-2 in fp32 ("highest" precision dots) before it is
 timed, and the jtgpt logits against FlaxGPT2LMHeadModel's. The modes are the precisions of the
 PyTorch "Triton GPT" table this project answers (fp32, tf32, mixed fp16, fp16) plus bf16 and
-mixed bf16, each beside Hugging Face's row in the same precision. Timing: `--calls` back-to-back calls
-with one block at the end, repeated `--repeats` times, median.
+mixed bf16, each beside Hugging Face's row in the same precision. Timing: `--calls` back-to-back
+calls with one block at the end, repeated `--repeats` times, median.
 
 FLOPs per forward, L layers, width D, M = B*T tokens, causal attention counted once per pair:
     L * (24 M D^2  +  4 B T (T+1)/2 D)
@@ -197,28 +197,23 @@ def _torch_rows(weights, ids, reference, check, args):
     if not torch.cuda.is_available():
         return
     ids_t = torch.from_numpy(np.array(ids)).cuda()
-    for weights_dtype, autocast in ((torch.bfloat16, None), (torch.float16, None),
-                                    (torch.float32, torch.float16)):
+    # (name, stored weights, autocast dtype or None, torch.compile, the HF Flax row it is read by)
+    rows = [("HF PyTorch bf16 (SDPA)", torch.bfloat16, None, False, "HF Flax bf16"),
+            ("HF PyTorch bf16 + torch.compile", torch.bfloat16, None, True, "HF Flax bf16"),
+            ("HF PyTorch fp16 (SDPA)", torch.float16, None, False, "HF Flax fp16"),
+            ("HF PyTorch mixed fp16 (autocast, SDPA)", torch.float32, torch.float16, False,
+             "HF Flax mixed fp16 (fp32 params)")]
+    for name, weights_dtype, autocast, compiled, baseline in rows:
         model = GPT2Model.from_pretrained(weights, torch_dtype=weights_dtype,
                                           attn_implementation="sdpa").cuda().eval()
-        if autocast is None:
-            kind = "bf16" if weights_dtype == torch.bfloat16 else "fp16"
-            variants = [(f"HF PyTorch {kind} (SDPA)", model)]
-            if kind == "bf16":
-                variants.append(("HF PyTorch bf16 + torch.compile", torch.compile(model)))
-            baseline = f"HF Flax {kind}"
-        else:
-            variants = [("HF PyTorch mixed fp16 (autocast, SDPA)", model)]
-            baseline = "HF Flax mixed fp16 (fp32 params)"
-        for name, fn in variants:
-            mixed = torch.autocast("cuda", autocast) if autocast else contextlib.nullcontext()
-            with torch.no_grad(), mixed:
-                out = fn(ids_t).last_hidden_state  # also the warm-up
-                err = relative_error(out[check].float().cpu().numpy(), reference)
-                seconds, peak, _ = time_torch(lambda: fn(ids_t), calls=args.calls,
-                                              repeats=args.repeats)
-            yield name, seconds, peak, err, baseline
-        del model, variants
+        fn = torch.compile(model) if compiled else model
+        mixed = torch.autocast("cuda", autocast) if autocast else contextlib.nullcontext()
+        with torch.no_grad(), mixed:
+            out = fn(ids_t).last_hidden_state  # also the warm-up
+            err = relative_error(out[check].float().cpu().numpy(), reference)
+            seconds, peak, _ = time_torch(lambda: fn(ids_t), calls=args.calls,
+                                          repeats=args.repeats)
+        yield name, seconds, peak, err, baseline
 
 
 if __name__ == "__main__":
