@@ -501,9 +501,9 @@ def _gemm(a, b, transpose_a, transpose_b, out_dtype, precision, *, bias=None, re
     partials when split over K, only without an epilogue), or for a few rows one `_gemv` launch;
     returns out, or (out, pre). activation None, "gelu_tanh" or "swiglu" (op(b) [K, 2F] gives
     out [M, F], pre [M, 2F]). norm (a Norm, applied to a's rows first) only where _gemv_fits.
-    residual_in_place: out is written into residual's buffer (out_dtype and [M, N], like it), an
-    accumulation `residual += op(a) @ op(b)` with no buffer of its own where residual is dead
-    after the call (XLA copies it first otherwise)."""
+    residual_in_place: out is written into residual's buffer (the caller, add_matmul, checks
+    that residual is out_dtype and [M, N]), an accumulation `residual += op(a) @ op(b)` with no
+    buffer of its own where residual is dead after the call (XLA copies it first otherwise)."""
     M, K = a.shape[::-1] if transpose_a else a.shape
     b_n = b.shape[0] if transpose_b else b.shape[1]
     swiglu = activation == "swiglu"
@@ -511,10 +511,6 @@ def _gemm(a, b, transpose_a, transpose_b, out_dtype, precision, *, bias=None, re
     if M == 0 or N == 0:  # nothing to compute, and a grid of no programs is no GPU launch
         out = jnp.zeros((M, N), out_dtype)
         return (out, jnp.zeros((M, b_n), a.dtype)) if save_pre else out
-    if residual_in_place and (residual is None or residual.shape != (M, N)
-                              or residual.dtype != out_dtype):
-        raise ValueError(f"residual_in_place needs a {jnp.dtype(out_dtype).name} [{M}, {N}] "
-                         f"residual")
     if _gemv_fits(M, K, a.dtype, transpose_a, precision, dropout_p, save_pre, norm):
         return _gemv(a, b, transpose_b, out_dtype, bias=bias, residual=residual,
                      activation=activation, norm=norm)
