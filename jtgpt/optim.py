@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jtgpt.kernels.adamw import SCALARS, Hyper, adamw_update
+from jtgpt.kernels.adamw import SCALARS, Hyper, adamw_update, sum_of_squares
 
 
 class FlatLayout(NamedTuple):
@@ -108,8 +108,8 @@ class FlatLayout(NamedTuple):
 
 @jax.tree_util.register_pytree_node_class
 class FlatParams:
-    """Parameters as one flat buffer (fp32, the layout's order, possibly padded at the end) and
-    their FlatLayout, which jit sees as static."""
+    """Parameters as one flat buffer (fp32, in their FlatLayout: split into its shards, each
+    leaf's last piece zero-padded) and that layout, which jit sees as static."""
 
     def __init__(self, buffer, layout: FlatLayout):
         self.buffer, self.layout = buffer, layout
@@ -151,8 +151,8 @@ def apply_flat(settings: AdamWSettings, params, grads, state: AdamWState, *, dec
     """(params, state) after one AdamW step on flat buffers: params fp32 [n] and the moments
     updated in place when donated; the gradient is grad_scale * grads (grads [n], any float
     dtype; grad_scale a float or an fp32 scalar array, applied in the kernel). decay_end: the
-    elements [0, decay_end) that get the weight decay (an int, or an int32 array); norm: the global norm of grad_scale * grads over every shard (needed with
-    clip_norm)."""
+    elements [0, decay_end) that get the weight decay (an int, or an int32 array); norm: the
+    global norm of grad_scale * grads over every shard (needed with clip_norm)."""
     if settings.clip_norm is not None and norm is None:
         raise ValueError("apply_flat: clip_norm is set, so the gradient's global norm is needed")
     b1, b2 = settings.hyper.b1, settings.hyper.b2
@@ -201,7 +201,7 @@ def adamw(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                              f"parameters {layout.size}: init it from these parameters")
         count = optax.safe_increment(state.count)
         g = layout.flatten(grads)
-        norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32)))) if clip_norm else None
+        norm = jnp.sqrt(sum_of_squares(g)) if clip_norm else None
         scalars = bias_corrected_scalars(learning_rate, state.count, b1, b2, norm, clip_norm)
         p = layout.flatten(params)
         updates, mu, nu = adamw_update(p, g, state.mu, state.nu, scalars, settings.hyper,

@@ -21,7 +21,8 @@ time, like the scalars below.
 lr, 1 - b1^t, 1 - b2^t, s, the global norm of s g and max_norm are read from a small fp32 array at
 run time (`scalars`): a learning-rate schedule or a new step count never recompiles. Scaling the
 gradient here rather than before the call saves a pass over it: the caller hands over the
-gradient as its backward summed it, and XLA's norm of s g reads it without writing a copy.
+gradient as its backward summed it, and its norm (sum_of_squares, times s) reads it without
+writing a copy.
 
 Bytes: the apply form reads p, g, m, v and writes p, m, v, 28 bytes an fp32 element (+2 for a
 bf16 gradient's 2 fewer, +2 a 16-bit copy): the least an AdamW step can move. optax's update under
