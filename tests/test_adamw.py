@@ -117,6 +117,8 @@ def test_flat_layout_splits_every_leaf_over_the_shards(key, shards):
         [leaf.ndim >= 2 for leaf in leaves], reverse=True)
     for a, b in zip(jax.tree.leaves(layout.unflatten(flat)), leaves):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="shards must be >= 1, got 0"):
+        optim.FlatLayout.of(params, MATRICES(params), 0)
 
 
 @pytest.mark.parametrize("learning_rate", [3e-3, optax.warmup_cosine_decay_schedule(
