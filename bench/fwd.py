@@ -35,6 +35,7 @@ from jtgpt.models.gpt2 import GPTConfig  # noqa: E402
 # compared with, tolerance of its relative error against HF Flax fp32).
 MODES = {
     "fp32": ("jtgpt fp32 (ieee)", jnp.float32, jnp.float32, "ieee", "HF Flax fp32", 1e-4),
+    "tf32x3": ("jtgpt fp32 (3xtf32)", jnp.float32, jnp.float32, "tf32x3", "HF Flax fp32", 1e-4),
     "tf32": ("jtgpt tf32", jnp.float32, jnp.float32, "tf32", "HF Flax fp32", 1e-2),
     "mixed": ("jtgpt mixed (fp32 params, bf16)", jnp.bfloat16, jnp.float32, "ieee", "HF Flax bf16", 5e-2),
     "bf16": ("jtgpt bf16", jnp.bfloat16, jnp.bfloat16, "ieee", "HF Flax bf16", 5e-2),
@@ -48,7 +49,7 @@ HF_FLAX = {
     "HF Flax bf16": (jnp.bfloat16, jnp.bfloat16, ("bf16", "mixed")),
     "HF Flax fp16": (jnp.float16, jnp.float16, ("fp16",)),
     "HF Flax mixed fp16 (fp32 params)": (jnp.float16, jnp.float32, ("mixed-fp16",)),
-    "HF Flax fp32": (jnp.float32, jnp.float32, ("tf32", "fp32")),
+    "HF Flax fp32": (jnp.float32, jnp.float32, ("tf32", "tf32x3", "fp32")),
 }
 
 

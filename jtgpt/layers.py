@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jtgpt.kernels import check_float_dtype
+from jtgpt.kernels import check_float_dtype, check_precision
 from jtgpt.kernels.cross_entropy import linear_cross_entropy
 from jtgpt.kernels.layernorm import layer_norm, rms_norm
 from jtgpt.kernels.matmul import Norm, linear
@@ -27,14 +27,14 @@ INIT_STD = 0.02  # Hugging Face's initializer_range for GPT-2 and Llama: normal(
 
 @dataclasses.dataclass(frozen=True)
 class Compute:
-    """How a module computes: its dtype, and the fp32 dot precision ("ieee" or "tf32")."""
+    """How a module computes: its dtype, and the fp32 dot precision (jtgpt.kernels.PRECISIONS:
+    "ieee", "tf32x3" or "tf32")."""
     dtype: Any
     precision: str = "ieee"
 
     def __post_init__(self):
         check_float_dtype("dtype", self.dtype)
-        if self.precision not in ("ieee", "tf32"):
-            raise ValueError(f"precision must be 'ieee' or 'tf32', got {self.precision!r}")
+        check_precision("Compute", self.precision)
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
 
     def cast(self, param: nnx.Param):

@@ -137,11 +137,13 @@ def test_lse(key, blocks, causal):
     np.testing.assert_allclose(lse[seen], expected[seen], rtol=1e-5, atol=1e-5)
 
 
-def test_tf32_precision(key):
+# tf32 keeps 10 mantissa bits: ~1e-3, like fp16; tf32x3 about fp32's accuracy (fp32's tolerance).
+@pytest.mark.parametrize("precision,rtol", [("tf32x3", None), ("tf32", 2e-3)])
+def test_tensor_core_fp32_precision(key, precision, rtol):
     B, T, H, D = 1, 37, 2, 64
     qkv = packed_qkv(key, B, T, H, H, D, jnp.float32)
-    out, _, ref = run(qkv, num_heads=H, precision="tf32")
-    assert_close(out, ref, rtol=2e-3)  # tf32 keeps 10 mantissa bits: ~1e-3, like fp16
+    out, _, ref = run(qkv, num_heads=H, precision=precision)
+    assert_close(out, ref, rtol=rtol)
 
 
 def test_flash_attention_returns_out(key):
@@ -278,7 +280,7 @@ BWD_KERNELS = {"_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"}
 
 @pytest.mark.parametrize("dtype,precision,D", [
     (jnp.bfloat16, "ieee", 64), (jnp.bfloat16, "ieee", 128),
-    (jnp.float32, "tf32", 64)], ids=str)
+    (jnp.float32, "tf32", 64), (jnp.float32, "tf32x3", 64)], ids=str)
 def test_backward_builds_for_hopper(dtype, precision, D, monkeypatch, tmp_path):
     """The backward kernels of causal (GPT-2), padded + dropout, and non-causal attention build
     for sm_90: registers and shared memory fit an H100 SM; bf16 dQ does not spill and dK/dV only

@@ -21,7 +21,8 @@ KERNELS = {"_embedding_fwd_kernel", "_layer_norm_fwd_kernel", "_matmul_kernel", 
 
 
 @pytest.mark.parametrize("dtype,precision", [(jnp.bfloat16, "ieee"), (jnp.float16, "ieee"),
-                                             (jnp.float32, "tf32"), (jnp.float32, "ieee")])
+                                             (jnp.float32, "tf32"), (jnp.float32, "tf32x3"),
+                                             (jnp.float32, "ieee")])
 @pytest.mark.parametrize("dropout", [False, True])
 def test_gpt2_forward_builds_for_hopper(dtype, precision, dropout):
     config = GPTConfig(attn_pdrop=0.0)

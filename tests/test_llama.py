@@ -121,11 +121,12 @@ def test_half_precision_logits_track_fp32(hf_checkpoint, key, dtype, param_dtype
     assert_close(logits, _hf_logits(hf, ids), rtol=rtol)
 
 
-def test_tf32_is_an_option(hf_checkpoint, key):
+@pytest.mark.parametrize("precision,rtol", [("tf32x3", 1e-4), ("tf32", 1e-2)])
+def test_tensor_core_fp32_is_an_option(hf_checkpoint, key, precision, rtol):
     path, hf = hf_checkpoint
-    model = jtgpt.Llama.from_pretrained(path, precision="tf32")
+    model = jtgpt.Llama.from_pretrained(path, precision=precision)
     ids = _ids(hf, key, (2, 13))
-    assert_close(jax.jit(lambda m, ids: m(ids))(model, ids), _hf_logits(hf, ids), rtol=1e-2)
+    assert_close(jax.jit(lambda m, ids: m(ids))(model, ids), _hf_logits(hf, ids), rtol=rtol)
 
 
 def test_every_dot_is_a_triton_kernel(hf_checkpoint):

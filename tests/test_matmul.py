@@ -68,10 +68,16 @@ def test_linear_swiglu_matches_reference(key, dtype, lead, K, N, epilogue):
     assert_close(out, reference.linear(**args, **kwargs))
 
 
-def test_linear_tf32_is_an_option(key):
+# fp32 on the tensor cores: (precision, tolerance). tf32 keeps a 10-bit mantissa; tf32x3 about
+# fp32's accuracy, so fp32's tolerance (on the GPU a plain tf32 product would fail it).
+TENSOR_CORE_FP32 = [("tf32x3", None), ("tf32", 2e-3)]
+
+
+@pytest.mark.parametrize("precision,rtol", TENSOR_CORE_FP32)
+def test_linear_tensor_core_fp32_is_an_option(key, precision, rtol):
     x, w, bias, _ = _inputs(key, (33,), 48, 40, jnp.float32)
-    out = linear(x, w, bias, precision="tf32")
-    assert_close(out, reference.linear(x, w, bias), rtol=2e-3)  # tf32: 10-bit mantissa
+    out = linear(x, w, bias, precision=precision)
+    assert_close(out, reference.linear(x, w, bias), rtol=rtol)
 
 
 @pytest.mark.parametrize("activation", [None, "swiglu"])
@@ -166,15 +172,17 @@ def test_matmul_and_grads_match_reference(key, dtype, transpose_a, transpose_b, 
                lambda a, b: _reference_matmul(a, b, transpose_a, transpose_b), a, b)
 
 
+@pytest.mark.parametrize("precision,rtol", TENSOR_CORE_FP32)
 @pytest.mark.parametrize("transpose_a,transpose_b", TRANSPOSES)
-def test_matmul_tf32_and_grads_in_every_layout(key, transpose_a, transpose_b):
-    """tf32 products (operands made K-major first where they are not) and their gradients, at
-    tf32's 10-bit mantissa tolerance."""
+def test_matmul_tensor_core_fp32_and_grads_in_every_layout(key, transpose_a, transpose_b,
+                                                           precision, rtol):
+    """tf32 and tf32x3 products (operands made K-major first where they are not) and their
+    gradients, each at its precision's tolerance."""
     a, b = _operands(key, 37, 45, 70, jnp.float32, transpose_a, transpose_b)
     _check_vjp(jax.random.fold_in(key, 1),
                lambda a, b: matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b,
-                                   precision="tf32"),
-               lambda a, b: _reference_matmul(a, b, transpose_a, transpose_b), a, b, rtol=2e-3)
+                                   precision=precision),
+               lambda a, b: _reference_matmul(a, b, transpose_a, transpose_b), a, b, rtol=rtol)
 
 
 @pytest.mark.parametrize("transpose_a,transpose_b", [(False, True), (True, False)])
@@ -525,7 +533,7 @@ def test_norm_prologue_rejects_bad_norms(norm, match):
 # --------------------------------------------------------------------------------- sm_90 build
 
 @pytest.mark.parametrize("dtype,precision", [(jnp.bfloat16, "ieee"), (jnp.float32, "ieee"),
-                                             (jnp.float32, "tf32")])
+                                             (jnp.float32, "tf32x3"), (jnp.float32, "tf32")])
 def test_backward_builds_for_hopper(dtype, precision):
     """GPT-2's MLP (with dropout after the GELU too) and tied LM head, differentiated at 16384
     tokens: the forwards with dropout and with the saved pre-activation, the dz kernel, the dx
@@ -550,8 +558,8 @@ def test_backward_builds_for_hopper(dtype, precision):
     assert {k.name for k in built} == {"_matmul_kernel", "_linear_dz_kernel"}
     gemms = [k.constexprs for k in built if k.name == "_matmul_kernel"]
     assert any(c["SAVE_PRE"] and c["DROPOUT_P"] for c in gemms)
-    # The dW GEMMs read x^T in place; tf32 makes such an operand K-major first (see _gemm).
-    transposed_a = 1 if precision != "tf32" else sizes["x"][0]  # stride of [M, tokens]
+    # The dW GEMMs read x^T in place; tf32(x3) makes such an operand K-major first (see _gemm).
+    transposed_a = 1 if precision == "ieee" else sizes["x"][0]  # stride of [M, tokens]
     assert any(c["K_PER_SPLIT"] < c["K"] and c["stride_am"] == transposed_a
                for c in gemms)  # split dW
     assert any(c["M"] == 50257 for c in gemms)  # the LM head's dW
@@ -561,7 +569,7 @@ def test_backward_builds_for_hopper(dtype, precision):
 
 
 @pytest.mark.parametrize("dtype,precision", [(jnp.bfloat16, "ieee"), (jnp.float32, "ieee"),
-                                             (jnp.float32, "tf32")])
+                                             (jnp.float32, "tf32x3"), (jnp.float32, "tf32")])
 def test_swiglu_builds_for_hopper(dtype, precision):
     """Llama's gate/up GEMM at 8192 tokens with Hugging Face's [2F, K] weight, for Llama-3.2-1B
     (K = 2048, F = 8192) and Llama-3.1-8B (K = 4096, F = 14336): the forward without (inference)

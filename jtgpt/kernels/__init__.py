@@ -2,12 +2,23 @@
 import jax.numpy as jnp
 
 FLOAT_DTYPES = tuple(map(jnp.dtype, (jnp.float32, jnp.float16, jnp.bfloat16)))
+# How fp32 operands are multiplied (16-bit operands always run on the tensor cores as they are):
+# "ieee", true fp32 products on the FMA units; "tf32x3", each operand split into a tf32 high part
+# and a tf32 remainder, three tensor-core products (hi*hi + hi*lo + lo*hi) that keep about fp32's
+# accuracy; "tf32", one tensor-core product of operands rounded to tf32 (10-bit mantissa, ~1e-3).
+PRECISIONS = ("ieee", "tf32x3", "tf32")
 
 
 def check_float_dtype(what: str, dtype) -> None:
     """ValueError naming `what` (e.g. "x dtype") unless dtype is float32, float16 or bfloat16."""
     if jnp.dtype(dtype) not in FLOAT_DTYPES:
         raise ValueError(f"{what} must be float32, float16 or bfloat16, got {jnp.dtype(dtype).name}")
+
+
+def check_precision(op: str, precision) -> None:
+    """ValueError naming op (the function called) unless precision is one of PRECISIONS."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"{op}: precision must be one of {PRECISIONS}, got {precision!r}")
 
 
 def packed_qkv_heads(qkv, num_heads: int, num_kv_heads: int | None) -> tuple[int, int]:

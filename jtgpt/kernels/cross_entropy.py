@@ -46,11 +46,10 @@ import triton
 import triton.language as tl
 
 from jtgpt.call import on_gpu, triton_call
-from jtgpt.kernels import check_float_dtype
+from jtgpt.kernels import check_float_dtype, check_precision
 from jtgpt.kernels.matmul import add_matmul, linear, matmul
 
 REDUCTIONS = ("mean", "sum", "none")
-PRECISIONS = ("ieee", "tf32")
 # Default linear_cross_entropy chunk: the logits of one chunk take about this many bytes (and its
 # gradient as many again). 256 MiB is 2560 bf16 rows at GPT-2's V = 50257 (1.6 GB for the full
 # logits of a 16 x 1024 batch), enough rows that the logits GEMM fills an H100 (20 x 197 tiles).
@@ -352,7 +351,7 @@ def linear_cross_entropy(h, w, targets, *, ignore_index=-100, reduction="mean", 
     which the forward-computed gradient cannot apply afterwards. chunk_size: tokens per chunk,
     default `default_chunk_size(V, h.dtype)` (a chunk's logits ~256 MiB: 2560 rows for bf16 GPT-2);
     the peak extra memory is about twice one chunk's logits (logits and their gradient) plus three
-    fp32 [V, D] buffers (dw, its chunk's term, their sum). precision: "ieee" or "tf32" for
+    fp32 [V, D] buffers (dw, its chunk's term, their sum). precision: "ieee", "tf32x3" or "tf32" for
     float32 GEMMs. Returns the float32 loss; gradients in h's and w's dtypes (dw accumulated in
     fp32). Under differentiation the forward computes dh and dw too (see the module docstring).
     """
@@ -368,8 +367,7 @@ def linear_cross_entropy(h, w, targets, *, ignore_index=-100, reduction="mean", 
     _check_common(targets, h.shape[:-1], ignore_index, reduction, reductions=("mean", "sum"))
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    check_precision("linear_cross_entropy", precision)
     n = math.prod(h.shape[:-1])
     if n == 0:
         return jnp.zeros((), jnp.float32)

@@ -20,10 +20,12 @@ bias and residual cost no extra pass over memory; the result is cast once to the
 With SwiGLU each program owns a tile of the [M, F] output: per K step it loads its A tile once and
 the gate and up tiles of B (columns n.. and F + n..) into two fp32 accumulators, so x is read
 once and the [M, 2F] pre-activation never goes to memory in inference.
-fp32 inputs use true IEEE fp32 products by default (`precision="ieee"`); `precision="tf32"` opts
-into the tensor cores' tf32 (Triton's own default for fp32, chosen explicitly here). The one
-exception to reading operands in place: Hopper's tf32 instruction takes both operands K-major, so
-a tf32 product first transposes (in XLA) an operand stored the other way (see _gemm).
+fp32 inputs use true IEEE fp32 products by default (`precision="ieee"`, FMA units);
+`precision="tf32x3"` runs three tensor-core tf32 products per dot (operands split into a tf32 high
+part and a tf32 remainder, the lo*lo term dropped: about fp32's accuracy) and `precision="tf32"`
+one (10-bit mantissa). The one exception to reading operands in place: Hopper's tf32 instruction
+takes both operands K-major, so a tf32 product first transposes (in XLA) an operand stored the
+other way (see _gemm).
 
 Backward. With dz = dy * keep / (1 - p) * gelu_tanh'(pre), pre = x @ W + bias (each factor only
 when that epilogue is on), or for SwiGLU, with dy' = dy * keep / (1 - p) [M, F],
@@ -61,7 +63,7 @@ import triton
 import triton.language as tl
 
 from jtgpt.call import on_gpu, triton_call
-from jtgpt.kernels import check_float_dtype, dropout_seed
+from jtgpt.kernels import check_float_dtype, check_precision, dropout_seed
 from jtgpt.kernels.layernorm import layer_norm, rms_norm
 
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # kernels read globals only as constexprs
@@ -122,26 +124,17 @@ def _load_k_tile(ptrs, k_index, k_left, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _dot(a, b, acc, FP32_IEEE: tl.constexpr):
-    if FP32_IEEE:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc)
-    return acc
-
-
-@triton.jit
 def _accumulate(acc, acc_up, a_ptrs, b_ptrs, offs_k, k_left, MASKED: tl.constexpr,
-                SWIGLU: tl.constexpr, B_UP: tl.constexpr, FP32_IEEE: tl.constexpr):
+                SWIGLU: tl.constexpr, B_UP: tl.constexpr, PRECISION: tl.constexpr):
     """One K step: acc + a[:, k:k+BLOCK_K] @ b[k:k+BLOCK_K, :] for the tiles at a_ptrs, b_ptrs,
     and with SWIGLU acc_up + the same A tile @ the up columns' B tile, B_UP elements past b_ptrs
     (otherwise acc_up comes back as it came). MASKED: only the first k_left of the BLOCK_K exist."""
     a = _load_k_tile(a_ptrs, offs_k[None, :], k_left, MASKED)
     b = _load_k_tile(b_ptrs, offs_k[:, None], k_left, MASKED)
-    acc = _dot(a, b, acc, FP32_IEEE)
+    acc = tl.dot(a, b, acc, input_precision=PRECISION)
     if SWIGLU:
-        acc_up = _dot(a, _load_k_tile(b_ptrs + B_UP, offs_k[:, None], k_left, MASKED), acc_up,
-                      FP32_IEEE)
+        b_up = _load_k_tile(b_ptrs + B_UP, offs_k[:, None], k_left, MASKED)
+        acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
     return acc, acc_up
 
 
@@ -169,7 +162,7 @@ def _matmul_kernel(a_ptr, b_ptr, bias_ptr, residual_ptr, seed_ptr, out_ptr, pre_
                    stride_bk: tl.constexpr, stride_bn: tl.constexpr, K_PER_SPLIT: tl.constexpr,
                    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, SWIGLU: tl.constexpr,
                    HAS_RESIDUAL: tl.constexpr, DROPOUT_P: tl.constexpr, SAVE_PRE: tl.constexpr,
-                   FP32_IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # The output is [M, N]; with SWIGLU, B and bias have 2N columns [gate | up], and the program
     # of output columns n.. accumulates gate columns n.. and up columns N + n.. from one A tile.
@@ -209,12 +202,12 @@ def _matmul_kernel(a_ptr, b_ptr, bias_ptr, residual_ptr, seed_ptr, out_ptr, pre_
     # pipelined loop cost registers (the LM head's dh GEMM, K = 50257, spilled 120 bytes).
     for k in range(0, k_len // BLOCK_K):
         acc, acc_up = _accumulate(acc, acc_up, a_ptrs, b_ptrs, offs_k, BLOCK_K, False, SWIGLU,
-                                  N * stride_bn, FP32_IEEE)
+                                  N * stride_bn, PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     if K % BLOCK_K != 0:  # K_PER_SPLIT is a multiple of BLOCK_K: only K's own tail is partial
         acc, acc_up = _accumulate(acc, acc_up, a_ptrs, b_ptrs, offs_k, k_len % BLOCK_K, True,
-                                  SWIGLU, N * stride_bn, FP32_IEEE)
+                                  SWIGLU, N * stride_bn, PRECISION)
 
     # Loaded after the K loop: held across it, a large tile's residual would spill.
     bias, bias_up, residual = _epilogue_operands(bias_ptr, residual_ptr, offs_m, offs_n, cols, M,
@@ -516,9 +509,9 @@ def _gemm(a, b, transpose_a, transpose_b, out_dtype, precision, *, bias=None, re
                      activation=activation, norm=norm)
     assert norm is None, "a norm prologue runs only in _gemv"
     fp32_ieee = a.dtype == jnp.float32 and precision == "ieee"
-    if a.dtype == jnp.float32 and precision == "tf32":
-        # Hopper's tf32 tensor-core instruction (wgmma) reads both operands K-major from shared
-        # memory. An N-major B ([K, N], GPT-2's Conv1D weights) or M-major A then reaches shared
+    if a.dtype == jnp.float32 and precision != "ieee":
+        # Hopper's tf32 tensor-core instruction (wgmma; tf32x3 runs three) reads both operands
+        # K-major from shared memory. An N-major B ([K, N], GPT-2's Conv1D weights) or M-major A then reaches shared
         # memory 4 bytes a copy, transposed on the way (the PTX has 48 4-byte cp.async a thread a
         # stage where a K-major operand takes 16-byte ones); one XLA transpose first is cheaper.
         if not transpose_b:
@@ -549,15 +542,11 @@ def _gemm(a, b, transpose_a, transpose_b, out_dtype, precision, *, bias=None, re
         stride_bk=1 if transpose_b else b_n, stride_bn=K if transpose_b else 1,
         K_PER_SPLIT=k_per_split, HAS_BIAS=bias is not None, GELU=activation == "gelu_tanh",
         SWIGLU=swiglu, HAS_RESIDUAL=residual is not None, DROPOUT_P=float(dropout_p),
-        SAVE_PRE=save_pre, FP32_IEEE=fp32_ieee, **cfg)
+        # 16-bit operands ignore the precision: one value, one compiled kernel.
+        SAVE_PRE=save_pre, PRECISION=precision if a.dtype == jnp.float32 else "tf32", **cfg)
     if splits > 1:
         out = out.sum(axis=0).astype(out_dtype)
     return (out, pre) if save_pre else out
-
-
-def _check_precision(op: str, precision) -> None:
-    if precision not in ("ieee", "tf32"):
-        raise ValueError(f"{op}: precision must be 'ieee' or 'tf32', got {precision!r}")
 
 
 # ------------------------------------------------------------------------------------- matmul
@@ -568,7 +557,8 @@ def matmul(a, b, *, transpose_a=False, transpose_b=False, out_dtype=None, precis
     a [M, K], or [K, M] read transposed with `transpose_a=True`; b [K, N], or [N, K] with
     `transpose_b=True`; both in place (no transposed copies), of one float dtype. out_dtype is
     a's dtype (default) or float32: then the fp32 accumulation is written out without rounding.
-    precision "ieee" or "tf32" for fp32 inputs. The backward is two more matmuls; it saves a, b.
+    precision "ieee", "tf32x3" or "tf32" for fp32 inputs (module docstring). The backward is two
+    more matmuls; it saves a, b.
     """
     a, b = jnp.asarray(a), jnp.asarray(b)
     a_layout, b_layout = "[K, M]" if transpose_a else "[M, K]", "[N, K]" if transpose_b else "[K, N]"
@@ -584,7 +574,7 @@ def matmul(a, b, *, transpose_a=False, transpose_b=False, out_dtype=None, precis
     out_dtype = a.dtype if out_dtype is None else jnp.dtype(out_dtype)
     if out_dtype not in (a.dtype, jnp.float32):
         raise ValueError(f"matmul: out_dtype must be a's dtype ({a.dtype}) or float32, got {out_dtype}")
-    _check_precision("matmul", precision)
+    check_precision("matmul", precision)
     return _matmul(a, b, _MatmulConfig(bool(transpose_a), bool(transpose_b), out_dtype, precision))
 
 
@@ -600,7 +590,7 @@ def add_matmul(acc, a, b, *, transpose_a=False, transpose_b=False, precision="ie
         raise ValueError(f"add_matmul: a and b must be 2-D matrices of one dtype, got "
                          f"{a.dtype}{list(a.shape)} and {b.dtype}{list(b.shape)}")
     check_float_dtype("add_matmul: a dtype", a.dtype)
-    _check_precision("add_matmul", precision)
+    check_precision("add_matmul", precision)
     M, K = a.shape[::-1] if transpose_a else a.shape
     K_b, N = b.shape[::-1] if transpose_b else b.shape
     if K_b != K or acc.shape != (M, N):
@@ -673,7 +663,7 @@ def linear(x, w, bias=None, *, residual=None, activation=None, dropout_rate=0.0,
     (transposed: [2F, K], gate_proj's rows then up_proj's), bias [2F], and the result is
     silu(x @ W_gate + b_gate) * (x @ W_up + b_up) [..., F] (residual [..., F]). Dropout with rate
     `dropout_rate` needs `seed`, an int32 array of shape () (a new seed does not recompile);
-    precision "ieee" or "tf32" for fp32 inputs. Differentiable wrt x, w, bias and residual
+    precision "ieee", "tf32x3" or "tf32" for fp32 inputs. Differentiable wrt x, w, bias and residual
     (gradients in each one's dtype); the backward saves x, w, with an activation the
     pre-activation and with dropout the seed (module docstring).
 
@@ -705,7 +695,7 @@ def linear(x, w, bias=None, *, residual=None, activation=None, dropout_rate=0.0,
     if residual is not None and residual.shape != out_shape:
         raise ValueError(f"linear: residual must have shape {out_shape}, got {residual.shape}")
     seed = dropout_seed(dropout_rate, seed)
-    _check_precision("linear", precision)
+    check_precision("linear", precision)
     if norm is not None:
         _check_norm(norm, K)
 

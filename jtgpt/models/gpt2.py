@@ -161,7 +161,8 @@ class GPT(PretrainedModel):
     weights; `GPT.from_pretrained(name_or_path, ...)` loads a Hugging Face checkpoint.
     `dtype` is the compute dtype (float32, bfloat16 or float16) and `param_dtype` the storage dtype
     (default: `dtype`); fp32 params with bf16 compute is the mixed mode. For float32 compute,
-    `precision="ieee"` gives true fp32 products and `"tf32"` the tensor cores' tf32.
+    `precision="ieee"` gives true fp32 products, `"tf32x3"` three tensor-core tf32 products per
+    product (about fp32's accuracy) and `"tf32"` one (10-bit mantissa).
     """
 
     config_class = GPTConfig

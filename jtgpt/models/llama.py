@@ -191,7 +191,7 @@ class Llama(PretrainedModel):
 
     `Llama(config, dtype=..., param_dtype=..., precision=..., rngs=...)` makes one with random
     weights; `Llama.from_pretrained(name_or_path, ...)` loads a Hugging Face checkpoint. dtype,
-    param_dtype and precision as for jtgpt.GPT: fp32 (IEEE or tf32 products), bf16, fp16, or
+    param_dtype and precision as for jtgpt.GPT: fp32 (IEEE, 3xtf32 or tf32 products), bf16, fp16, or
     fp32 parameters with 16-bit compute (mixed).
     """
 

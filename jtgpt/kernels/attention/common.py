@@ -12,9 +12,10 @@ import jax.numpy as jnp
 import triton
 import triton.language as tl
 
+from jtgpt.kernels import check_precision
+
 HEAD_GROUP = 4  # causal programs start in groups of this many heads (program_in_group)
 HEAD_DIMS = (16, 32, 64, 128, 256)
-PRECISIONS = ("ieee", "tf32")
 MAX_GRID_Y = 65535  # CUDA's cap on the grid's second axis, where (batch, head) pairs run
 
 
@@ -74,8 +75,7 @@ def checked_scale(head_dim: int, precision: str, sm_scale) -> float:
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim = qkv.shape[-1] / (num_heads + 2 * num_kv_heads) = {head_dim} "
                          f"is not supported; supported head_dim: {HEAD_DIMS}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    check_precision("attention", precision)
     sm_scale = head_dim ** -0.5 if sm_scale is None else float(sm_scale)
     if not sm_scale > 0:
         # The kernels take max(s) * scale as max(s * scale), which needs scale > 0.

@@ -204,7 +204,7 @@ def _block_config(head_dim: int, dtype, precision: str) -> tuple[int, int, int]:
         return 16, 4, 1
     if jnp.dtype(dtype).itemsize == 2:
         return (64, 4, 3) if head_dim <= 128 else (32, 4, 3)
-    if precision == "tf32":
+    if precision != "ieee":  # tf32 or tf32x3: tensor cores
         return (32, 4, 3) if head_dim <= 128 else (16, 4, 2)
     # True fp32 dots run on FMA units, holding whole operand rows in registers: small tiles.
     return (32, 4, 2) if head_dim <= 64 else (16, 4, 2)
@@ -300,7 +300,7 @@ def decode_attention(qkv, kv_cache, lengths, *, num_heads, num_kv_heads=None, ke
     num_heads: Hq. num_kv_heads: Hkv (default Hq); Hq must be a multiple, and query head h reads
     kv head h // (Hq // Hkv). D must be one of common.HEAD_DIMS; dtype float32, float16 or
     bfloat16. sm_scale: default D ** -0.5. precision: tl.dot's input precision for float32,
-    "ieee" or "tf32", as in flash_attention. Softmax statistics and accumulation are fp32.
+    "ieee", "tf32x3" or "tf32", as in flash_attention. Softmax statistics and accumulation are fp32.
     num_splits (how many programs share the keys of each row and kv head; with more than one, a
     second kernel merges their partial results) and block_n (keys per loop step, a power of two
     >= 16) override the defaults chosen from the static shapes (`_num_splits`, `_block_config`).

@@ -476,8 +476,9 @@ def _block_config(head_dim: int, dtype, precision: str,
         if head_dim <= 128:
             return (128, 64, 8, 3) if masked_dropout else (64, 64, 4, 3)
         return 128, 32, 8, 2
-    if precision == "tf32":
-        # tf32 tensor cores too, with fp32 K and V tiles twice the bytes of 16-bit ones.
+    if precision != "ieee":
+        # tf32 tensor cores too (tf32x3: three products a dot), with fp32 K and V tiles twice the
+        # bytes of 16-bit ones.
         if head_dim <= 64:
             return 128, 64, 8, 3
         if head_dim == 128:
@@ -512,7 +513,7 @@ def _bwd_block_config(head_dim: int, dtype, precision: str) -> tuple[tuple[int, 
         if head_dim == 128:
             return (64, 128, 8, 3), (128, 64, 8, 3)
         return (16, 64, 8, 2), (64, 32, 8, 2)
-    if precision == "tf32":
+    if precision != "ieee":  # tf32 or tf32x3: tensor cores
         if head_dim <= 64:
             return (32, 128, 8, 2), (128, 64, 8, 2)
         if head_dim == 128:
@@ -639,7 +640,8 @@ def flash_attention(qkv, *, num_heads, num_kv_heads=None, attention_mask=None, c
     attention_mask: [B, T] int or bool, 1 = token, 0 = padding; it masks keys, as in Hugging Face
     GPT-2, and a query row whose visible keys are all padding returns zeros. causal: query i sees
     keys j <= i. sm_scale: default D ** -0.5. precision: tl.dot's input precision for float32
-    inputs, "ieee" (true fp32) or "tf32" (faster, ~1e-3 relative error); 16-bit inputs ignore it.
+    inputs, "ieee" (true fp32), "tf32x3" (three tf32 tensor-core products: about fp32's error)
+    or "tf32" (one: ~1e-3 relative error); 16-bit inputs ignore it.
     dropout_rate in [0, 1): drops attention probabilities (GPT-2's attn_pdrop); above 0, seed (an
     integer array of shape (), traced or not: a new seed does not recompile) is required.
     Softmax statistics and accumulation are fp32 whatever the dtype.
