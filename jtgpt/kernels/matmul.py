@@ -63,7 +63,7 @@ import triton
 import triton.language as tl
 
 from jtgpt.call import on_gpu, triton_call
-from jtgpt.kernels import check_float_dtype, check_precision, dropout_seed
+from jtgpt.kernels import check_float_dtype, check_precision, dropout_seed, keep_from_philox
 from jtgpt.kernels.layernorm import layer_norm, rms_norm
 
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # kernels read globals only as constexprs
@@ -102,14 +102,14 @@ def _dropout_keep(seed_ptr, offs_m, col0, N: tl.constexpr, DROPOUT_P: tl.constex
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Which elements of the [M, N] output's tile (rows offs_m, columns col0 + [0, BLOCK_N))
     dropout keeps: a function of the seed and of (m, n) alone, so the backward regenerates the
-    forward's mask with its own tiles. One Philox evaluation gives four draws: columns 4j..4j+3 of
-    row m share counter m * ceil(N / 4) + j. (tl.rand, one evaluation per element, kept four
-    32-bit words live per element and spilled kilobytes in the GEMM epilogue.)"""
-    quads = col0 // 4 + tl.arange(0, BLOCK_N // 4)
-    counters = offs_m[:, None] * ((N + 3) // 4) + quads[None, :]
+    forward's mask with its own tiles. One Philox evaluation gives eight draws
+    (keep_from_philox): columns 8j..8j+7 of row m share counter m * ceil(N / 8) + j. (tl.rand,
+    one evaluation per element, kept four 32-bit words live per element and spilled kilobytes in
+    the GEMM epilogue.)"""
+    octets = col0 // 8 + tl.arange(0, BLOCK_N // 8)
+    counters = offs_m[:, None] * ((N + 7) // 8) + octets[None, :]
     r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), counters)
-    bits = tl.join(tl.join(r0, r2), tl.join(r1, r3)).reshape(BLOCK_M, BLOCK_N)  # column 4j+i: r_i
-    return (bits >> 8).to(tl.float32) * (1.0 / 16777216) >= DROPOUT_P  # 24 bits: U[0, 1)
+    return keep_from_philox(r0, r1, r2, r3, DROPOUT_P, BLOCK_M, BLOCK_N)
 
 
 @triton.jit

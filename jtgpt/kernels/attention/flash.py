@@ -56,11 +56,8 @@ lse = +inf, so that the backward's exp(s - lse) is 0 on that row rather than NaN
 Differentiation saves qkv, out and lse (and the mask and the seed, which are inputs anyway).
 
 Dropout mask: keep_ij is drawn by Philox from the seed and the counter (j // 8, i, b Hq + h, 0),
-whose four 32-bit outputs, cut into eight 16-bit draws u, decide keys 8 (j // 8) .. 8 (j // 8) + 7
-(one Philox call per eight elements): keep where u / 2**16 >= rate, so the rate is rounded up to a
-multiple of 2**-16. The Philox rounds' integer multiplies, not the dots, bound these kernels'
-time at GPT-2's head_dim of 64: 16-bit draws halve the calls that 32-bit ones would need.
-Each index has its own 32-bit counter word, so no flat offset b H T T + h T T + i T + j is formed
+whose four 32-bit outputs, cut into eight 16-bit draws, decide keys 8 (j // 8) .. 8 (j // 8) + 7
+(jtgpt.kernels.keep_from_philox; the rate is rounded up to a multiple of 2**-16). Each index has its own 32-bit counter word, so no flat offset b H T T + h T T + i T + j is formed
 and nothing overflows at any size (4 x 32 x 4096 x 4096 > 2**31). The backward regenerates the
 mask from the same counters; it is never stored.
 """
@@ -75,7 +72,7 @@ import triton
 import triton.language as tl
 
 from jtgpt.call import triton_call
-from jtgpt.kernels import dropout_seed, packed_qkv_heads
+from jtgpt.kernels import dropout_seed, keep_from_philox, packed_qkv_heads
 from jtgpt.kernels.attention import hopper
 from jtgpt.kernels.attention.common import (MAX_GRID_Y, AttentionConfig, checked_key_mask,
                                             checked_scale, program_in_group, query_program)
@@ -97,10 +94,7 @@ def _dropout_keep(seed, bh, offs_m, start_n, DROPOUT_P: tl.constexpr, BLOCK_M: t
     rows = tl.broadcast_to(offs_m[:, None], (BLOCK_M, OCTETS))
     zero = rows * 0
     r0, r1, r2, r3 = tl.philox(seed, octets, rows, zero + bh, zero)
-    words = tl.join(tl.join(r0, r2), tl.join(r1, r3))  # [BLOCK_M, OCTETS, 2, 2]: r_0 .. r_3
-    halves = tl.join(words & 0xFFFF, words >> 16)  # key 8j + 2i + h: half h of r_i
-    u = halves.reshape(BLOCK_M, BLOCK_N)
-    return u.to(tl.float32) * (1.0 / 65536) >= DROPOUT_P  # U[0, 1) in steps of 2**-16
+    return keep_from_philox(r0, r1, r2, r3, DROPOUT_P, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
