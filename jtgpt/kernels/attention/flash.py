@@ -475,9 +475,13 @@ def _block_config(head_dim: int, dtype, precision: str,
         if head_dim <= 128:
             return (128, 64, 8, 3) if masked_dropout else (64, 64, 4, 3)
         return 128, 32, 8, 2
-    if precision != "ieee":
-        # tf32 tensor cores too (tf32x3: three products a dot), with fp32 K and V tiles twice the
-        # bytes of 16-bit ones.
+    if precision == "tf32x3":
+        # Each dot's operands split in two: twice tf32's operand registers. The largest tiles that
+        # build for sm_90 without spills (compile_only sweep of the causal, padded + dropout and
+        # non-causal variants); at D = 256 every tiling tried spills, as IEEE fp32's do.
+        return (128, 64, 8, 2) if head_dim <= 64 else (16, 16, 4, 1)
+    if precision == "tf32":
+        # tf32 tensor cores too, with fp32 K and V tiles twice the bytes of 16-bit ones.
         if head_dim <= 64:
             return 128, 64, 8, 3
         if head_dim == 128:
@@ -512,7 +516,9 @@ def _bwd_block_config(head_dim: int, dtype, precision: str) -> tuple[tuple[int, 
         if head_dim == 128:
             return (64, 128, 8, 3), (128, 64, 8, 3)
         return (16, 64, 8, 2), (64, 32, 8, 2)
-    if precision != "ieee":  # tf32 or tf32x3: tensor cores
+    if precision == "tf32x3":  # as in _block_config
+        return ((16, 32, 4, 1), (128, 32, 8, 2)) if head_dim <= 64 else ((16, 16, 4, 1),) * 2
+    if precision == "tf32":
         if head_dim <= 64:
             return (32, 128, 8, 2), (128, 64, 8, 2)
         if head_dim == 128:
