@@ -1,4 +1,4 @@
-"""Triton kernels, one op family per module, and the argument checks and dropout draw they
+"""Triton kernels, one op family per module, and the argument checks and dropout masks they
 share."""
 import jax.numpy as jnp
 import triton
@@ -73,3 +73,19 @@ def keep_from_philox(r0, r1, r2, r3, DROPOUT_P: tl.constexpr, ROWS: tl.constexpr
     words = tl.join(tl.join(r0, r2), tl.join(r1, r3))  # [ROWS, COLS // 8, 2, 2]: r0 .. r3
     halves = tl.join(words & 0xFFFF, words >> 16)
     return halves.reshape(ROWS, COLS).to(tl.float32) * (1.0 / 65536) >= DROPOUT_P
+
+
+@triton.jit
+def dropout_keep(seed_ptr, rows, col0, N: tl.constexpr, DROPOUT_P: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Which elements of an [M, N] array's tile (rows, columns col0 + [0, BLOCK_N); col0 a
+    multiple of 8) dropout keeps: a function of the seed at seed_ptr and of (m, n) alone, so a
+    backward kernel regenerates the forward's mask with tiles of its own. One Philox call makes
+    eight draws (keep_from_philox): columns 8j..8j+7 of row m share the int32 counter
+    m * ceil(N / 8) + j (distinct for M * N < 2**34).
+    (tl.rand, one call per element, kept four 32-bit words live per element and spilled
+    kilobytes in the GEMM epilogue.)"""
+    octets = col0 // 8 + tl.arange(0, BLOCK_N // 8)
+    counters = rows[:, None] * ((N + 7) // 8) + octets[None, :]
+    r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), counters)
+    return keep_from_philox(r0, r1, r2, r3, DROPOUT_P, BLOCK_M, BLOCK_N)

@@ -18,11 +18,12 @@ what happens under jax.jit, where they are traced. The indices become table rows
 (`_token_rows`: an elementwise op over the [B, T] indices): a token with any index out of range
 gets the row counts V and P ("no row") in both tables, and both directions use that.
 
-Dropout draws tl.rand (Philox) keyed by the seed and the element's offset in the [B, T, D] output,
-so the mask depends on neither the block sizes nor the machine, and the backward kernel rebuilds
-it from the seed alone. The seed is an array read inside the kernel: a new seed every step does
-not recompile. Use a different seed for every dropout site: two ops with the same seed and
-overlapping offsets draw the same mask.
+Dropout keeps element (n, d) of the [tokens, D] output by jtgpt.kernels.dropout_keep, a function
+of the seed and (n, d) alone (eight draws a Philox call), so the mask depends on neither the block
+sizes nor the machine, and the backward kernel rebuilds it from the seed alone. The seed is an
+array read inside the kernel: a new seed every step does not recompile. Use a different seed for
+every dropout site: two ops with the same seed draw the same mask where (n, d) and D agree (the
+GEMM epilogue's dropout draws by the same function).
 
 Backward, with g = dout * keep / (1 - p) (the same function of dout as of h above; with dropout,
 one elementwise kernel makes g for both tables, so the row sums below draw no random numbers):
@@ -55,7 +56,7 @@ import triton
 import triton.language as tl
 
 from jtgpt.call import triton_call
-from jtgpt.kernels import check_float_dtype, dropout_seed
+from jtgpt.kernels import check_float_dtype, dropout_keep, dropout_seed
 
 # Elements one program writes (BLOCK_T tokens x BLOCK_D features).
 TILE = 4096
@@ -66,10 +67,12 @@ BWD_BLOCK_D = 128
 
 
 @triton.jit
-def _dropout(h, seed_ptr, offs, DROPOUT_P: tl.constexpr):
-    """h * keep / (1 - p) with keep = rand(seed, offs) >= p: the forward's dropout of h, and
-    equally the backward's of dout (its derivative is the same mask and scale)."""
-    keep = tl.rand(tl.load(seed_ptr), offs) >= DROPOUT_P
+def _dropout(h, seed_ptr, tok, col0, D: tl.constexpr, DROPOUT_P: tl.constexpr,
+             BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """h [BLOCK_T, BLOCK_D] (tokens tok, features col0 + [0, BLOCK_D)) * keep / (1 - p): the
+    forward's dropout of h, and equally the backward's of dout (its derivative is the same mask
+    and scale)."""
+    keep = dropout_keep(seed_ptr, tok, col0, D, DROPOUT_P, BLOCK_T, BLOCK_D)
     return tl.where(keep, h * (1.0 / (1.0 - DROPOUT_P)), 0.0)
 
 
@@ -81,7 +84,8 @@ def _embedding_fwd_kernel(ids_ptr, pos_ptr, wte_ptr, wpe_ptr, seed_ptr, out_ptr,
     """ids, positions: the tokens' table rows, from _token_rows; ids == V for a token with no row
     (a row of NaN). Without POSITIONS, pos_ptr and wpe_ptr are not read."""
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col0 = tl.program_id(1) * BLOCK_D
+    cols = col0 + tl.arange(0, BLOCK_D)
     tok_ok = tok < N_TOKENS
     out_mask = tok_ok[:, None] & (cols < D)[None, :]
     ids = tl.load(ids_ptr + tok, mask=tok_ok, other=0)
@@ -98,20 +102,23 @@ def _embedding_fwd_kernel(ids_ptr, pos_ptr, wte_ptr, wpe_ptr, seed_ptr, out_ptr,
 
     offs = tok.to(tl.int64)[:, None] * D + cols[None, :]
     if DROPOUT_P > 0.0:
-        h = _dropout(h, seed_ptr, offs, DROPOUT_P)
+        h = _dropout(h, seed_ptr, tok, col0, D, DROPOUT_P, BLOCK_T, BLOCK_D)
     h = tl.where(ok[:, None], h, float("nan"))
     tl.store(out_ptr + offs, h.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
-def _dropout_bwd_kernel(dout_ptr, seed_ptr, g_ptr, N: tl.constexpr, DROPOUT_P: tl.constexpr,
-                        BLOCK: tl.constexpr):
-    """g = dout * keep / (1 - p) over the flat [tokens * D] cotangent: the forward's mask, drawn
-    at the same offsets."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < N
-    g = _dropout(tl.load(dout_ptr + offs, mask=ok, other=0.0).to(tl.float32), seed_ptr, offs,
-                 DROPOUT_P)
+def _dropout_bwd_kernel(dout_ptr, seed_ptr, g_ptr, N_TOKENS: tl.constexpr, D: tl.constexpr,
+                        DROPOUT_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """g = dout * keep / (1 - p) on one [BLOCK_T, BLOCK_D] tile of the [tokens, D] cotangent: the
+    forward's mask, drawn for the same elements."""
+    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    col0 = tl.program_id(1) * BLOCK_D
+    cols = col0 + tl.arange(0, BLOCK_D)
+    offs = tok.to(tl.int64)[:, None] * D + cols[None, :]
+    ok = (tok < N_TOKENS)[:, None] & (cols < D)[None, :]
+    g = _dropout(tl.load(dout_ptr + offs, mask=ok, other=0.0).to(tl.float32), seed_ptr, tok,
+                 col0, D, DROPOUT_P, BLOCK_T, BLOCK_D)
     tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=ok)
 
 
@@ -151,7 +158,7 @@ def _launch_config(n_tokens: int, d: int) -> tuple[int, int, int]:
     loads in flight, ~16 values a thread. Rows wider than MAX_BLOCK_D go over grid axis 1, so D
     has no upper limit.
     """
-    block_d = min(triton.next_power_of_2(d), MAX_BLOCK_D)
+    block_d = max(8, min(triton.next_power_of_2(d), MAX_BLOCK_D))  # dropout's draws: 8 a call
     block_t = max(1, min(TILE // block_d, triton.next_power_of_2(n_tokens)))
     num_warps = min(8, max(1, block_t * block_d // 512))
     return block_t, block_d, num_warps
@@ -271,13 +278,15 @@ _embedding.defvjp(_embedding_fwd, _embedding_bwd)
 
 def _dropout_grad(dout, seed, dropout_rate: float):
     """dout [tokens, D] with the forward's dropout applied: the gradient both tables sum."""
-    n = dout.size
-    if n == 0:
+    n_tokens, d = dout.shape
+    if dout.size == 0:
         return dout
+    block_t, block_d, num_warps = _launch_config(n_tokens, d)
     return triton_call(dout, seed, kernel=_dropout_bwd_kernel,
                        out_shape=jax.ShapeDtypeStruct(dout.shape, dout.dtype),
-                       grid=(triton.cdiv(n, TILE),), num_warps=8, N=n, DROPOUT_P=dropout_rate,
-                       BLOCK=TILE)
+                       grid=(triton.cdiv(n_tokens, block_t), triton.cdiv(d, block_d)),
+                       num_warps=num_warps, N_TOKENS=n_tokens, D=d, DROPOUT_P=dropout_rate,
+                       BLOCK_T=block_t, BLOCK_D=block_d)
 
 
 def _table_grad(rows, g, n_rows: int, dtype):

@@ -11,7 +11,7 @@
         d/dg = u silu'(g),  silu'(g) = s (1 + g (1 - s)),      d/du = silu(g)
     (the output, dropout and residual are then [M, F]: N below is F).
     dropout keeps an element with probability 1 - p, drawn by Philox from (seed, m, n) (see
-    _dropout_keep), and scales it by 1 / (1 - p).
+    jtgpt.kernels.dropout_keep), and scales it by 1 / (1 - p).
 
 One kernel, `_matmul_kernel`, computes op(A) @ op(B) for every product here: each operand is read
 in place through its strides, as stored or transposed (no XLA transpose copies). The products
@@ -63,7 +63,7 @@ import triton
 import triton.language as tl
 
 from jtgpt.call import on_gpu, triton_call
-from jtgpt.kernels import check_float_dtype, check_precision, dropout_seed, keep_from_philox
+from jtgpt.kernels import check_float_dtype, check_precision, dropout_keep, dropout_seed
 from jtgpt.kernels.layernorm import layer_norm, rms_norm
 
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # kernels read globals only as constexprs
@@ -95,21 +95,6 @@ def _activation(y, y_up, GELU: tl.constexpr, SWIGLU: tl.constexpr):
     if SWIGLU:
         y = y * _sigmoid(y, 1.0) * y_up
     return y
-
-
-@triton.jit
-def _dropout_keep(seed_ptr, offs_m, col0, N: tl.constexpr, DROPOUT_P: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Which elements of the [M, N] output's tile (rows offs_m, columns col0 + [0, BLOCK_N))
-    dropout keeps: a function of the seed and of (m, n) alone, so the backward regenerates the
-    forward's mask with its own tiles. One Philox evaluation gives eight draws
-    (keep_from_philox): columns 8j..8j+7 of row m share counter m * ceil(N / 8) + j. (tl.rand,
-    one evaluation per element, kept four 32-bit words live per element and spilled kilobytes in
-    the GEMM epilogue.)"""
-    octets = col0 // 8 + tl.arange(0, BLOCK_N // 8)
-    counters = offs_m[:, None] * ((N + 7) // 8) + octets[None, :]
-    r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), counters)
-    return keep_from_philox(r0, r1, r2, r3, DROPOUT_P, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -228,7 +213,7 @@ def _matmul_kernel(a_ptr, b_ptr, bias_ptr, residual_ptr, seed_ptr, out_ptr, pre_
             tl.store(pre_ptr + out_offsets, y.to(pre_ptr.dtype.element_ty), mask=in_bounds)
     y = _activation(y, acc_up, GELU, SWIGLU)
     if DROPOUT_P > 0.0:
-        keep = _dropout_keep(seed_ptr, offs_m, pid_n * BLOCK_N, N, DROPOUT_P, BLOCK_M, BLOCK_N)
+        keep = dropout_keep(seed_ptr, offs_m, pid_n * BLOCK_N, N, DROPOUT_P, BLOCK_M, BLOCK_N)
         y = tl.where(keep, y * (1.0 / (1.0 - DROPOUT_P)), 0.0)
     if HAS_RESIDUAL:
         y += residual
@@ -321,7 +306,7 @@ def _linear_dz_kernel(dy_ptr, pre_ptr, seed_ptr, dz_ptr, dbias_ptr,
 
     dz = tl.load(dy_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
     if DROPOUT_P > 0.0:
-        keep = _dropout_keep(seed_ptr, offs_m, col0, N, DROPOUT_P, BLOCK_M, BLOCK_N)
+        keep = dropout_keep(seed_ptr, offs_m, col0, N, DROPOUT_P, BLOCK_M, BLOCK_N)
         dz = tl.where(keep, dz * (1.0 / (1.0 - DROPOUT_P)), 0.0)
     if GELU:
         pre = tl.load(pre_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
@@ -511,9 +496,10 @@ def _gemm(a, b, transpose_a, transpose_b, out_dtype, precision, *, bias=None, re
     fp32_ieee = a.dtype == jnp.float32 and precision == "ieee"
     if a.dtype == jnp.float32 and precision != "ieee":
         # Hopper's tf32 tensor-core instruction (wgmma; tf32x3 runs three) reads both operands
-        # K-major from shared memory. An N-major B ([K, N], GPT-2's Conv1D weights) or M-major A then reaches shared
-        # memory 4 bytes a copy, transposed on the way (the PTX has 48 4-byte cp.async a thread a
-        # stage where a K-major operand takes 16-byte ones); one XLA transpose first is cheaper.
+        # K-major from shared memory. An N-major B ([K, N], GPT-2's Conv1D weights) or M-major A
+        # then reaches shared memory 4 bytes a copy, transposed on the way (the PTX has 48 4-byte
+        # cp.async a thread a stage where a K-major operand takes 16-byte ones); one XLA
+        # transpose first is cheaper.
         if not transpose_b:
             b, transpose_b = b.T, True
         if transpose_a:

@@ -57,9 +57,10 @@ Differentiation saves qkv, out and lse (and the mask and the seed, which are inp
 
 Dropout mask: keep_ij is drawn by Philox from the seed and the counter (j // 8, i, b Hq + h, 0),
 whose four 32-bit outputs, cut into eight 16-bit draws, decide keys 8 (j // 8) .. 8 (j // 8) + 7
-(jtgpt.kernels.keep_from_philox; the rate is rounded up to a multiple of 2**-16). Each index has its own 32-bit counter word, so no flat offset b H T T + h T T + i T + j is formed
-and nothing overflows at any size (4 x 32 x 4096 x 4096 > 2**31). The backward regenerates the
-mask from the same counters; it is never stored.
+(jtgpt.kernels.keep_from_philox; the rate is rounded up to a multiple of 2**-16). Each index has
+its own 32-bit counter word, so no flat offset b H T T + h T T + i T + j is formed and nothing
+overflows at any size (4 x 32 x 4096 x 4096 > 2**31). The backward regenerates the mask from the
+same counters; it is never stored.
 """
 from __future__ import annotations
 

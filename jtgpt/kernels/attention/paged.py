@@ -222,9 +222,9 @@ def paged_attention(qkv, pages, block_tables, cu_q, context_lens, tile_seqs, til
     All are runtime arrays: new lengths, tables and plans do not recompile.
 
     num_heads Hq, num_kv_heads Hkv (default Hq); D one of common.HEAD_DIMS; sm_scale (default
-    D ** -0.5), precision ("ieee", "tf32x3" or "tf32" for fp32); block_q, the tokens a tile of the plan
-    holds (default query_block(Hq, Hkv); a power of two, at least DOT_ROWS divided by the query
-    heads a kv head serves, padded to a power of two); num_splits and block_n as for
+    D ** -0.5), precision ("ieee", "tf32x3" or "tf32" for fp32); block_q, the tokens a tile of
+    the plan holds (default query_block(Hq, Hkv); a power of two, at least DOT_ROWS divided by the
+    query heads a kv head serves, padded to a power of two); num_splits and block_n as for
     decode_attention. Inference only (no gradient).
     """
     if getattr(qkv, "ndim", None) != 2:
