@@ -100,7 +100,8 @@ def test_linear_dropout_statistics(key, activation):
     dropped = np.abs(branch) < 1e-6
     n = dropped.size
     assert abs(dropped.mean() - p) < 5 * np.sqrt(p * (1 - p) / n)
-    # Neighbouring columns (one Philox evaluation draws four) are dropped independently.
+    # Neighbouring columns (one Philox evaluation draws eight: two halves of each of four words)
+    # are dropped independently.
     both = dropped[:, :-1] & dropped[:, 1:]
     assert abs(both.mean() - p * p) < 5 * np.sqrt(p * p * (1 - p * p) / both.size)
     np.testing.assert_allclose(branch[~dropped], full[~dropped] / (1 - p), rtol=1e-4, atol=1e-5)
