@@ -449,6 +449,10 @@ def test_dropout_matches_reference_given_its_mask(key, blocks, causal):
     allowed = np.tri(T, dtype=bool) if causal else np.ones((T, T), bool)
     fraction = z_mask.sum() / (B * Hq * allowed.sum())
     assert abs(fraction - (1 - rate)) < 0.03, fraction  # ~5 standard deviations at 5.9k draws
+    # Neighbouring keys (one Philox call draws eight) are dropped independently.
+    pairs = allowed[:, :-1] & allowed[:, 1:]
+    both = (~z_mask[..., :-1] & ~z_mask[..., 1:])[:, :, pairs]
+    assert abs(both.mean() - rate ** 2) < 5 * np.sqrt(rate ** 2 * (1 - rate ** 2) / both.size)
     # Different (batch, head) pairs draw different masks.
     assert (z_mask[0, 0] != z_mask[1, 0]).any() and (z_mask[0, 0] != z_mask[0, 1]).any()
 
