@@ -350,9 +350,9 @@ def linear_cross_entropy(h, w, targets, *, ignore_index=-100, reduction="mean", 
     or "sum") as in `cross_entropy`; "none" is refused: dw sums g_i-weighted rows over the chunks,
     which the forward-computed gradient cannot apply afterwards. chunk_size: tokens per chunk,
     default `default_chunk_size(V, h.dtype)` (a chunk's logits ~256 MiB: 2560 rows for bf16 GPT-2);
-    the peak extra memory is about twice one chunk's logits (logits and their gradient) plus three
-    fp32 [V, D] buffers (dw, its chunk's term, their sum). precision: "ieee", "tf32x3" or "tf32" for
-    float32 GEMMs. Returns the float32 loss; gradients in h's and w's dtypes (dw accumulated in
+    the peak extra memory is about twice one chunk's logits (logits and their gradient) plus dw,
+    one fp32 [V, D] buffer that each chunk's product is added into (add_matmul). precision:
+    "ieee", "tf32x3" or "tf32" for float32 GEMMs. Returns the float32 loss; gradients in h's and w's dtypes (dw accumulated in
     fp32). Under differentiation the forward computes dh and dw too (see the module docstring).
     """
     if getattr(h, "ndim", 0) < 2:

@@ -428,7 +428,8 @@ NORM_ROW_VALUES = 16384  # rows x K_pow2 a fused norm's statistics hold in regis
 
 def _gemv_fits(M, K, dtype, transpose_a, precision, dropout_p, save_pre, norm) -> bool:
     """Whether _gemv computes this product: a few rows, no dropout, nothing saved for the
-    backward, fp32 only as IEEE products (tf32 needs the tensor cores), a norm's row in registers."""
+    backward, fp32 only as IEEE products (tf32 needs the tensor cores; tf32x3 gets IEEE's, at
+    least as accurate), a norm's row in registers."""
     if transpose_a or M > GEMV_M or dropout_p > 0.0 or save_pre:
         return False
     if dtype == jnp.float32 and precision == "tf32":
