@@ -53,14 +53,18 @@ lse [B, Hq, T] (natural log, fp32) is saved for the backward. A query row that s
 (every key it may see is padding) gets out = 0, as in `jtgpt.reference.attention`, and
 lse = +inf, so that the backward's exp(s - lse) is 0 on that row rather than NaN: zero gradient.
 
-Differentiation saves qkv, out and lse (and the mask and the seed, which are inputs anyway).
+Differentiation saves qkv, out and lse (and the mask, an input anyway, and with dropout the
+kept bits below).
 
 Dropout mask: keep_ij is drawn by Philox from the seed and the counter (j // 8, i, b Hq + h, 0),
 whose four 32-bit outputs, cut into eight 16-bit draws, decide keys 8 (j // 8) .. 8 (j // 8) + 7
 (jtgpt.kernels.keep_from_philox; the rate is rounded up to a multiple of 2**-16). Each index has
 its own 32-bit counter word, so no flat offset b H T T + h T T + i T + j is formed and nothing
-overflows at any size (4 x 32 x 4096 x 4096 > 2**31). The backward regenerates the mask from the
-same counters; it is never stored.
+overflows at any size (4 x 32 x 4096 x 4096 > 2**31). Under differentiation the forward also
+stores the mask as bits, keep [B Hq, T, ceil(T / 8)] uint8 (bit t of byte w in row i: key
+8w + t; 25 MB a layer for GPT-2 at B = 16, T = 1024), and both backward kernels read it instead of
+drawing it again: at head_dim 64 the draws cost more than the block products, and the backward
+would draw the mask twice.
 """
 from __future__ import annotations
 
@@ -85,17 +89,51 @@ LN2 = tl.constexpr(0.6931471805599453)
 # ------------------------------------------------------------------------------------- kernels
 
 @triton.jit
-def _dropout_keep(seed, bh, offs_m, start_n, DROPOUT_P: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
-    """[BLOCK_M, BLOCK_N] bool: which p_ij of (batch * HQ + head) bh, query rows offs_m and keys
-    start_n + [0, BLOCK_N) dropout keeps. A function of (seed, b, h, i, j) alone (module
-    docstring), so every kernel regenerates the same mask with its own tiles."""
+def _dropout_words(seed, bh, offs_m, start_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The four [BLOCK_M, BLOCK_N // 8] Philox words that decide which p_ij of (batch * HQ + head)
+    bh, query rows offs_m and keys start_n + [0, BLOCK_N) dropout keeps (keep_from_philox): a
+    function of (seed, b, h, i, j) alone (module docstring)."""
     OCTETS: tl.constexpr = BLOCK_N // 8
     octets = tl.broadcast_to((start_n // 8 + tl.arange(0, OCTETS))[None, :], (BLOCK_M, OCTETS))
     rows = tl.broadcast_to(offs_m[:, None], (BLOCK_M, OCTETS))
     zero = rows * 0
-    r0, r1, r2, r3 = tl.philox(seed, octets, rows, zero + bh, zero)
-    return keep_from_philox(r0, r1, r2, r3, DROPOUT_P, BLOCK_M, BLOCK_N)
+    return tl.philox(seed, octets, rows, zero + bh, zero)
+
+
+@triton.jit
+def _kept_bits(r0, r1, r2, r3, DROPOUT_P: tl.constexpr):
+    """keep_from_philox's mask packed, from the same words: bit 2i + h of byte j is half h of
+    word i, i.e. key 8j + 2i + h. Elementwise on the [rows, COLS // 8] words: no reshape of the
+    [rows, COLS] tile (packing that took 64 more registers in the forward)."""
+    byte = tl.zeros(r0.shape, tl.int32)
+    for i in tl.static_range(4):
+        word = r0 if i == 0 else (r1 if i == 1 else (r2 if i == 2 else r3))
+        low = (word & 0xFFFF).to(tl.float32) * (1.0 / 65536) >= DROPOUT_P
+        high = (word >> 16).to(tl.float32) * (1.0 / 65536) >= DROPOUT_P
+        byte |= (low.to(tl.int32) << (2 * i)) | (high.to(tl.int32) << (2 * i + 1))
+    return byte.to(tl.uint8)
+
+
+@triton.jit
+def _keep_bytes(keep_ptr, offs_m, start_n, T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(pointers, in-bounds mask) of the [len(offs_m), BLOCK_N // 8] bytes of one head's kept
+    bits [T, ceil(T / 8)] that hold query rows offs_m, keys start_n + [0, BLOCK_N)."""
+    WIDTH: tl.constexpr = (T + 7) // 8
+    byte = start_n // 8 + tl.arange(0, BLOCK_N // 8)
+    return (keep_ptr + offs_m[:, None] * WIDTH + byte[None, :],
+            (offs_m[:, None] < T) & (byte[None, :] < WIDTH))
+
+
+
+
+@triton.jit
+def _load_keep(keep_ptr, offs_m, start_n, T: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """The [BLOCK_M, BLOCK_N] bool tile whose _kept_bits the forward stored (False past T)."""
+    ptrs, in_bounds = _keep_bytes(keep_ptr, offs_m, start_n, T, BLOCK_N)
+    packed = tl.load(ptrs, mask=in_bounds, other=0).to(tl.int32)
+    bits = (packed[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1  # key 8j + t: bit t
+    return bits.reshape(BLOCK_M, BLOCK_N) != 0
 
 
 @triton.jit
@@ -126,12 +164,13 @@ def _mask_scores(x, FILL: tl.constexpr, offs_m, cols, mask_ptrs, T: tl.constexpr
 
 
 @triton.jit
-def _attn_fwd_block_loop(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, seed, bh, offs_m, offs_n,
-                         lo, hi, T: tl.constexpr, ROW: tl.constexpr, QK_SCALE: tl.constexpr,
-                         HAS_MASK: tl.constexpr, DIAGONAL: tl.constexpr, KEY_TAIL: tl.constexpr,
-                         DROPOUT_P: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr):
-    """Fold the key blocks [lo, hi) into (acc, l_i, m_i); DIAGONAL, KEY_TAIL: see _mask_scores."""
+def _attn_fwd_block_loop(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, seed, keep_ptr, bh, offs_m,
+                         offs_n, lo, hi, T: tl.constexpr, ROW: tl.constexpr,
+                         QK_SCALE: tl.constexpr, HAS_MASK: tl.constexpr, DIAGONAL: tl.constexpr,
+                         KEY_TAIL: tl.constexpr, DROPOUT_P: tl.constexpr, STORE_KEEP: tl.constexpr,
+                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Fold the key blocks [lo, hi) into (acc, l_i, m_i); DIAGONAL, KEY_TAIL: see _mask_scores.
+    STORE_KEEP: also store the dropout mask's bits at keep_ptr (this head's)."""
     k_ptrs += lo * ROW
     v_ptrs += lo * ROW
     for start_n in range(lo, hi, BLOCK_N):
@@ -149,8 +188,11 @@ def _attn_fwd_block_loop(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, seed, bh, 
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)  # undropped: lse is the softmax's
         if DROPOUT_P > 0.0:
-            p = tl.where(_dropout_keep(seed, bh, offs_m, start_n, DROPOUT_P, BLOCK_M, BLOCK_N),
-                         p, 0.0)
+            r0, r1, r2, r3 = _dropout_words(seed, bh, offs_m, start_n, BLOCK_M, BLOCK_N)
+            if STORE_KEEP:
+                ptrs, in_bounds = _keep_bytes(keep_ptr, offs_m, start_n, T, BLOCK_N)
+                tl.store(ptrs, _kept_bits(r0, r1, r2, r3, DROPOUT_P), mask=in_bounds)
+            p = tl.where(keep_from_philox(r0, r1, r2, r3, DROPOUT_P, BLOCK_M, BLOCK_N), p, 0.0)
         if KEY_TAIL:
             # other=0, not garbage: masked-out keys have p = 0, but 0 * NaN would still be NaN.
             v = tl.load(v_ptrs, mask=in_seq[:, None], other=0.0)
@@ -164,16 +206,17 @@ def _attn_fwd_block_loop(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, seed, bh, 
 
 
 @triton.jit
-def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, seed_ptr, out_ptr, lse_ptr,
+def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, seed_ptr, out_ptr, lse_ptr, keep_ptr,
                      T: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
                      QK_SCALE: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                     DROPOUT_P: tl.constexpr, PRECISION: tl.constexpr, HEAD_GROUP: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     DROPOUT_P: tl.constexpr, STORE_KEEP: tl.constexpr, PRECISION: tl.constexpr,
+                     HEAD_GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: BLOCK_M query rows of one (batch, query head). Grid (cdiv(T, BLOCK_M), B * HQ).
 
     q_ptr, k_ptr and v_ptr all point at the packed qkv [B, T, (HQ + 2 HKV) HEAD_DIM]; mask_ptr at
     the int32 attention mask [B, T] (unread unless HAS_MASK); seed_ptr at the int32 dropout seed
-    (unread unless DROPOUT_P > 0); out_ptr at [B, T, HQ HEAD_DIM]; lse_ptr at fp32 [B, HQ, T].
+    (unread unless DROPOUT_P > 0); out_ptr at [B, T, HQ HEAD_DIM]; lse_ptr at fp32 [B, HQ, T];
+    keep_ptr at the dropout mask's bits [B HQ, T, ceil(T / 8)] (written only if STORE_KEEP).
     """
     ROW: tl.constexpr = (HQ + 2 * HKV) * HEAD_DIM  # stride of one token in qkv
     OUT_ROW: tl.constexpr = HQ * HEAD_DIM
@@ -189,6 +232,7 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, seed_ptr, out_ptr, lse_ptr,
     k_ptrs = k_ptr + qkv_b + (HQ + g) * HEAD_DIM + offs_n[:, None] * ROW + offs_d[None, :]
     v_ptrs = v_ptr + qkv_b + (HQ + HKV + g) * HEAD_DIM + offs_n[:, None] * ROW + offs_d[None, :]
     mask_ptrs = mask_ptr + b * T
+    keep_ptr += pid_bh.to(tl.int64) * (T * ((T + 7) // 8))
     seed = 0
     if DROPOUT_P > 0.0:
         seed = tl.load(seed_ptr)
@@ -205,25 +249,29 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, seed_ptr, out_ptr, lse_ptr,
         # fully visible, and only those on it (at most BLOCK_M // BLOCK_N) pay for the mask.
         diag = start_m * BLOCK_M
         acc, l_i, m_i = _attn_fwd_block_loop(
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, seed, pid_bh, offs_m, offs_n, 0, diag, T,
-            ROW, QK_SCALE, HAS_MASK, DIAGONAL=False, KEY_TAIL=False, DROPOUT_P=DROPOUT_P,
-            PRECISION=PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, seed, keep_ptr, pid_bh, offs_m, offs_n,
+            0, diag, T, ROW, QK_SCALE, HAS_MASK, DIAGONAL=False, KEY_TAIL=False,
+            DROPOUT_P=DROPOUT_P, STORE_KEEP=STORE_KEEP, PRECISION=PRECISION, BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N)
         diag_end = tl.minimum(diag + BLOCK_M, T)
         acc, l_i, m_i = _attn_fwd_block_loop(
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, seed, pid_bh, offs_m, offs_n, diag,
-            diag_end, T, ROW, QK_SCALE, HAS_MASK, DIAGONAL=True, KEY_TAIL=True,
-            DROPOUT_P=DROPOUT_P, PRECISION=PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, seed, keep_ptr, pid_bh, offs_m, offs_n,
+            diag, diag_end, T, ROW, QK_SCALE, HAS_MASK, DIAGONAL=True, KEY_TAIL=True,
+            DROPOUT_P=DROPOUT_P, STORE_KEEP=STORE_KEEP, PRECISION=PRECISION, BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N)
     else:
         FULL: tl.constexpr = T // BLOCK_N * BLOCK_N
         acc, l_i, m_i = _attn_fwd_block_loop(
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, seed, pid_bh, offs_m, offs_n, 0, FULL, T,
-            ROW, QK_SCALE, HAS_MASK, DIAGONAL=False, KEY_TAIL=False, DROPOUT_P=DROPOUT_P,
-            PRECISION=PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, seed, keep_ptr, pid_bh, offs_m, offs_n,
+            0, FULL, T, ROW, QK_SCALE, HAS_MASK, DIAGONAL=False, KEY_TAIL=False,
+            DROPOUT_P=DROPOUT_P, STORE_KEEP=STORE_KEEP, PRECISION=PRECISION, BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N)
         if FULL < T:
             acc, l_i, m_i = _attn_fwd_block_loop(
-                acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, seed, pid_bh, offs_m, offs_n, FULL,
-                T, T, ROW, QK_SCALE, HAS_MASK, DIAGONAL=False, KEY_TAIL=True,
-                DROPOUT_P=DROPOUT_P, PRECISION=PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+                acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, seed, keep_ptr, pid_bh, offs_m,
+                offs_n, FULL, T, T, ROW, QK_SCALE, HAS_MASK, DIAGONAL=False, KEY_TAIL=True,
+                DROPOUT_P=DROPOUT_P, STORE_KEEP=STORE_KEEP, PRECISION=PRECISION,
+                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
 
     # l_i = 0 exactly when the row saw no key (then acc = 0 too): out 0 and lse +inf. m_i is in
     # log2 units, so m_i * ln(2) is the row's natural-log max.
@@ -240,7 +288,7 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, seed_ptr, out_ptr, lse_ptr,
 
 
 @triton.jit
-def _attn_bwd_dkdv_loop(dk, dv, k, v, qt_ptrs, do_ptrs, lse_ptrs, delta_ptrs, seed, bh, start_n,
+def _attn_bwd_dkdv_loop(dk, dv, k, v, qt_ptrs, do_ptrs, lse_ptrs, delta_ptrs, keep_ptr, start_n,
                         lo, hi, T: tl.constexpr, ROW: tl.constexpr, OUT_ROW: tl.constexpr,
                         QK_SCALE: tl.constexpr, DIAGONAL: tl.constexpr, DROPOUT_P: tl.constexpr,
                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -271,7 +319,7 @@ def _attn_bwd_dkdv_loop(dk, dv, k, v, qt_ptrs, do_ptrs, lse_ptrs, delta_ptrs, se
             pt = tl.where(rows[None, :] >= offs_n[:, None], pt, 0.0)
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if DROPOUT_P > 0.0:
-            keep = tl.trans(_dropout_keep(seed, bh, rows, start_n, DROPOUT_P, BLOCK_M, BLOCK_N))
+            keep = tl.trans(_load_keep(keep_ptr, rows, start_n, T, BLOCK_M, BLOCK_N))
             zt = tl.where(keep, pt * (1.0 / (1.0 - DROPOUT_P)), 0.0)
             dpt = tl.where(keep, dpt * (1.0 / (1.0 - DROPOUT_P)), 0.0)
         else:
@@ -283,7 +331,7 @@ def _attn_bwd_dkdv_loop(dk, dv, k, v, qt_ptrs, do_ptrs, lse_ptrs, delta_ptrs, se
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, seed_ptr, dq_ptr,
+def _attn_bwd_dkdv_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, keep_ptr, dq_ptr,
                           dqkv_ptr, T: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr,
                           HEAD_DIM: tl.constexpr, QK_SCALE: tl.constexpr, SM_SCALE: tl.constexpr,
                           CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT_P: tl.constexpr,
@@ -293,7 +341,8 @@ def _attn_bwd_dkdv_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, seed_pt
     of its group. Grid (cdiv(T, BLOCK_N), B * HKV).
 
     qkv_ptr: [B, T, (HQ + 2 HKV) HEAD_DIM]; do_ptr: dO [B, T, HQ HEAD_DIM]; lse_ptr, delta_ptr:
-    fp32 [B, HQ, T]; mask_ptr, seed_ptr as in the forward; dq_ptr and dqkv_ptr: one buffer packed
+    fp32 [B, HQ, T]; mask_ptr as in the forward; keep_ptr: the bits of the dropout mask the
+    forward stored (unread unless DROPOUT_P > 0); dq_ptr and dqkv_ptr: one buffer packed
     like qkv (the output aliases the input), whose q heads the dQ kernel has written; this kernel
     writes its k and v heads. Causal needs BLOCK_N % BLOCK_M == 0 (the diagonal is
     BLOCK_N // BLOCK_M query blocks).
@@ -317,22 +366,20 @@ def _attn_bwd_dkdv_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, seed_pt
     kv_ptrs = qkv_b + offs_n[:, None] * ROW + offs_d[None, :]
     k = tl.load(kv_ptrs + (HQ + g) * HEAD_DIM, mask=in_seq[:, None], other=0.0)
     v = tl.load(kv_ptrs + (HQ + HKV + g) * HEAD_DIM, mask=in_seq[:, None], other=0.0)
-    seed = 0
-    if DROPOUT_P > 0.0:
-        seed = tl.load(seed_ptr)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     for i in range(GROUP):
         h = g * GROUP + i
         bh = b * HQ + h
+        keep_h = keep_ptr + bh.to(tl.int64) * (T * ((T + 7) // 8))
         qt_ptrs = qkv_b + h * HEAD_DIM + offs_m[None, :] * ROW + offs_d[:, None]  # q^T
         do_ptrs = (do_ptr + b.to(tl.int64) * (T * OUT_ROW) + h * HEAD_DIM
                    + offs_m[:, None] * OUT_ROW + offs_d[None, :])
         if CAUSAL:
             # Queries above the diagonal never see these keys: start on it.
             dk, dv = _attn_bwd_dkdv_loop(
-                dk, dv, k, v, qt_ptrs, do_ptrs, lse_ptr + bh * T, delta_ptr + bh * T, seed, bh,
+                dk, dv, k, v, qt_ptrs, do_ptrs, lse_ptr + bh * T, delta_ptr + bh * T, keep_h,
                 start_n, start_n, tl.minimum(start_n + BLOCK_N, T), T, ROW, OUT_ROW, QK_SCALE,
                 DIAGONAL=True, DROPOUT_P=DROPOUT_P, PRECISION=PRECISION, BLOCK_M=BLOCK_M,
                 BLOCK_N=BLOCK_N)
@@ -340,7 +387,7 @@ def _attn_bwd_dkdv_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, seed_pt
         else:
             lo = 0
         dk, dv = _attn_bwd_dkdv_loop(
-            dk, dv, k, v, qt_ptrs, do_ptrs, lse_ptr + bh * T, delta_ptr + bh * T, seed, bh,
+            dk, dv, k, v, qt_ptrs, do_ptrs, lse_ptr + bh * T, delta_ptr + bh * T, keep_h,
             start_n, lo, T, T, ROW, OUT_ROW, QK_SCALE, DIAGONAL=False, DROPOUT_P=DROPOUT_P,
             PRECISION=PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
 
@@ -357,7 +404,7 @@ def _attn_bwd_dkdv_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, seed_pt
 
 
 @triton.jit
-def _attn_bwd_dq_loop(dq, q, do, lse2, delta, k_ptrs, v_ptrs, mask_ptrs, seed, bh, offs_m, offs_n,
+def _attn_bwd_dq_loop(dq, q, do, lse2, delta, k_ptrs, v_ptrs, mask_ptrs, keep_ptr, offs_m, offs_n,
                       lo, hi, T: tl.constexpr, ROW: tl.constexpr, QK_SCALE: tl.constexpr,
                       HAS_MASK: tl.constexpr, DIAGONAL: tl.constexpr, KEY_TAIL: tl.constexpr,
                       DROPOUT_P: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -381,7 +428,7 @@ def _attn_bwd_dq_loop(dq, q, do, lse2, delta, k_ptrs, v_ptrs, mask_ptrs, seed, b
                          KEY_TAIL)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if DROPOUT_P > 0.0:
-            keep = _dropout_keep(seed, bh, offs_m, start_n, DROPOUT_P, BLOCK_M, BLOCK_N)
+            keep = _load_keep(keep_ptr, offs_m, start_n, T, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * (1.0 / (1.0 - DROPOUT_P)), 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
@@ -391,7 +438,7 @@ def _attn_bwd_dq_loop(dq, q, do, lse2, delta, k_ptrs, v_ptrs, mask_ptrs, seed, b
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(qkv_ptr, out_ptr, do_ptr, lse_ptr, mask_ptr, seed_ptr, dqkv_ptr,
+def _attn_bwd_dq_kernel(qkv_ptr, out_ptr, do_ptr, lse_ptr, mask_ptr, keep_ptr, dqkv_ptr,
                         delta_ptr, T: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr,
                         HEAD_DIM: tl.constexpr, QK_SCALE: tl.constexpr, SM_SCALE: tl.constexpr,
                         CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT_P: tl.constexpr,
@@ -425,31 +472,29 @@ def _attn_bwd_dq_kernel(qkv_ptr, out_ptr, do_ptr, lse_ptr, mask_ptr, seed_ptr, d
     k_ptrs = qkv_b + (HQ + g) * HEAD_DIM + offs_n[:, None] * ROW + offs_d[None, :]
     v_ptrs = qkv_b + (HQ + HKV + g) * HEAD_DIM + offs_n[:, None] * ROW + offs_d[None, :]
     mask_ptrs = mask_ptr + b * T
-    seed = 0
-    if DROPOUT_P > 0.0:
-        seed = tl.load(seed_ptr)
+    keep_ptr += pid_bh.to(tl.int64) * (T * ((T + 7) // 8))
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if CAUSAL:
         diag = start_m * BLOCK_M
         dq = _attn_bwd_dq_loop(
-            dq, q, do, lse2, delta, k_ptrs, v_ptrs, mask_ptrs, seed, pid_bh, offs_m, offs_n, 0,
+            dq, q, do, lse2, delta, k_ptrs, v_ptrs, mask_ptrs, keep_ptr, offs_m, offs_n, 0,
             diag, T, ROW, QK_SCALE, HAS_MASK, DIAGONAL=False, KEY_TAIL=False, DROPOUT_P=DROPOUT_P,
             PRECISION=PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
         dq = _attn_bwd_dq_loop(
-            dq, q, do, lse2, delta, k_ptrs, v_ptrs, mask_ptrs, seed, pid_bh, offs_m, offs_n, diag,
+            dq, q, do, lse2, delta, k_ptrs, v_ptrs, mask_ptrs, keep_ptr, offs_m, offs_n, diag,
             tl.minimum(diag + BLOCK_M, T), T, ROW, QK_SCALE, HAS_MASK, DIAGONAL=True,
             KEY_TAIL=True, DROPOUT_P=DROPOUT_P, PRECISION=PRECISION, BLOCK_M=BLOCK_M,
             BLOCK_N=BLOCK_N)
     else:
         FULL: tl.constexpr = T // BLOCK_N * BLOCK_N
         dq = _attn_bwd_dq_loop(
-            dq, q, do, lse2, delta, k_ptrs, v_ptrs, mask_ptrs, seed, pid_bh, offs_m, offs_n, 0,
+            dq, q, do, lse2, delta, k_ptrs, v_ptrs, mask_ptrs, keep_ptr, offs_m, offs_n, 0,
             FULL, T, ROW, QK_SCALE, HAS_MASK, DIAGONAL=False, KEY_TAIL=False, DROPOUT_P=DROPOUT_P,
             PRECISION=PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
         if FULL < T:
             dq = _attn_bwd_dq_loop(
-                dq, q, do, lse2, delta, k_ptrs, v_ptrs, mask_ptrs, seed, pid_bh, offs_m, offs_n,
+                dq, q, do, lse2, delta, k_ptrs, v_ptrs, mask_ptrs, keep_ptr, offs_m, offs_n,
                 FULL, T, T, ROW, QK_SCALE, HAS_MASK, DIAGONAL=False, KEY_TAIL=True,
                 DROPOUT_P=DROPOUT_P, PRECISION=PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     dq_ptrs = dqkv_ptr + batch + h * HEAD_DIM + offs_m[:, None] * ROW + offs_d[None, :]
@@ -531,25 +576,31 @@ def _bwd_block_config(head_dim: int, dtype, precision: str) -> tuple[tuple[int, 
     return (16, 16, 4, 1), (16, 16, 4, 1)
 
 
-def _forward(qkv, mask, seed, cfg: AttentionConfig):
+def _forward(qkv, mask, seed, cfg: AttentionConfig, store_keep: bool = False):
+    """(out, lse, keep): keep, the dropout mask's bits (module docstring), only with store_keep
+    and dropout, else None."""
     if hopper.supported(qkv, mask, cfg):
-        return hopper.forward(qkv, cfg)
+        return (*hopper.forward(qkv, cfg), None)
     B, T, _ = qkv.shape
     block_m, block_n, num_warps, num_stages = _block_config(
         cfg.head_dim, qkv.dtype, cfg.precision, mask is not None and cfg.dropout_rate > 0)
+    store_keep = store_keep and cfg.dropout_rate > 0
+    keep_shape = (B * cfg.num_heads, T, triton.cdiv(T, 8)) if store_keep else (1,)
     out_shapes = (jax.ShapeDtypeStruct((B, T, cfg.num_heads * cfg.head_dim), qkv.dtype),
-                  jax.ShapeDtypeStruct((B, cfg.num_heads, T), jnp.float32))
+                  jax.ShapeDtypeStruct((B, cfg.num_heads, T), jnp.float32),
+                  jax.ShapeDtypeStruct(keep_shape, jnp.uint8))
     # Without a mask, qkv stands in for the mask pointer (HAS_MASK off: never read), so no
     # placeholder array is made.
-    return triton_call(
+    out, lse, keep = triton_call(
         qkv, qkv, qkv, qkv if mask is None else mask, seed,
         kernel=_attn_fwd_kernel, out_shape=out_shapes,
         grid=(triton.cdiv(T, block_m), B * cfg.num_heads), num_warps=num_warps,
-        num_stages=num_stages, **cfg.constexprs(T, mask is not None),
+        num_stages=num_stages, **cfg.constexprs(T, mask is not None), STORE_KEEP=store_keep,
         BLOCK_M=block_m, BLOCK_N=block_n)
+    return out, lse, keep if store_keep else None
 
 
-def _dq_and_delta(qkv, mask, seed, out, lse, dout, cfg: AttentionConfig):
+def _dq_and_delta(qkv, mask, keep, out, lse, dout, cfg: AttentionConfig):
     """(dqkv with its q heads written, delta [B, Hq, T] fp32) for the dK/dV kernel to complete:
     `hopper.backward_dq` where it applies, _attn_bwd_dq_kernel otherwise."""
     if hopper.supported(qkv, mask, cfg):
@@ -557,9 +608,10 @@ def _dq_and_delta(qkv, mask, seed, out, lse, dout, cfg: AttentionConfig):
     B, T, _ = qkv.shape
     block_m, block_n, num_warps, num_stages = _bwd_block_config(cfg.head_dim, qkv.dtype,
                                                                 cfg.precision)[1]
-    # Without a mask qkv stands in for it (HAS_MASK off: unread).
+    # Without a mask or dropout qkv stands in for them (HAS_MASK off, DROPOUT_P 0: unread).
     return triton_call(
-        qkv, out, dout, lse, qkv if mask is None else mask, seed, kernel=_attn_bwd_dq_kernel,
+        qkv, out, dout, lse, qkv if mask is None else mask, qkv if keep is None else keep,
+        kernel=_attn_bwd_dq_kernel,
         out_shape=(jax.ShapeDtypeStruct(qkv.shape, qkv.dtype),
                    jax.ShapeDtypeStruct((B, cfg.num_heads, T), jnp.float32)),
         grid=(triton.cdiv(T, block_m), B * cfg.num_heads), num_warps=num_warps,
@@ -567,15 +619,15 @@ def _dq_and_delta(qkv, mask, seed, out, lse, dout, cfg: AttentionConfig):
         BLOCK_M=block_m, BLOCK_N=block_n)
 
 
-def _backward(qkv, mask, seed, out, lse, dout, cfg: AttentionConfig):
+def _backward(qkv, mask, keep, out, lse, dout, cfg: AttentionConfig):
     """dqkv [B, T, (Hq + 2 Hkv) D] in qkv.dtype: the dQ kernel (which also makes delta) writes its
     q heads, then the dK/dV kernel its k and v heads, in place (module docstring)."""
     B, T, _ = qkv.shape
-    dq, delta = _dq_and_delta(qkv, mask, seed, out, lse, dout, cfg)
+    dq, delta = _dq_and_delta(qkv, mask, keep, out, lse, dout, cfg)
     block_m, block_n, num_warps, num_stages = _bwd_block_config(cfg.head_dim, qkv.dtype,
                                                                 cfg.precision)[0]
     return triton_call(
-        qkv, dout, lse, delta, qkv if mask is None else mask, seed, dq,
+        qkv, dout, lse, delta, qkv if mask is None else mask, qkv if keep is None else keep, dq,
         kernel=_attn_bwd_dkdv_kernel, out_shape=jax.ShapeDtypeStruct(qkv.shape, qkv.dtype),
         input_output_aliases={6: 0}, grid=(triton.cdiv(T, block_n), B * cfg.num_kv_heads),
         num_warps=num_warps, num_stages=num_stages, **cfg.constexprs(T, mask is not None),
@@ -588,16 +640,16 @@ def _flash_attention(qkv, mask, seed, cfg: AttentionConfig):
 
 
 def _flash_attention_fwd(qkv, mask, seed, cfg):
-    out, lse = _forward(qkv, mask, seed, cfg)
-    return out, (qkv, mask, seed, out, lse)
+    out, lse, keep = _forward(qkv, mask, seed, cfg, store_keep=True)
+    return out, (qkv, mask, keep, out, lse)
 
 
 def _flash_attention_bwd(cfg, saved, dout):
-    qkv, mask, seed, out, lse = saved
-    dqkv = _backward(qkv, mask, seed, out, lse, dout, cfg)
-    # The mask and the seed are integer arrays: their cotangents are float0 zeros.
+    qkv, mask, keep, out, lse = saved
+    dqkv = _backward(qkv, mask, keep, out, lse, dout, cfg)
+    # The mask and the seed (a scalar) are integer arrays: their cotangents are float0 zeros.
     dmask = None if mask is None else np.zeros(mask.shape, jax.dtypes.float0)
-    return dqkv, dmask, np.zeros(seed.shape, jax.dtypes.float0)
+    return dqkv, dmask, np.zeros((), jax.dtypes.float0)
 
 
 _flash_attention.defvjp(_flash_attention_fwd, _flash_attention_bwd)
@@ -630,7 +682,7 @@ def attention_forward(qkv, *, num_heads, num_kv_heads=None, attention_mask=None,
     scores (+inf on rows that see no key), kept for the backward.
     """
     return _forward(*_checked(qkv, num_heads, num_kv_heads, attention_mask, causal, sm_scale,
-                              precision, dropout_rate, seed))
+                              precision, dropout_rate, seed))[:2]
 
 
 def flash_attention(qkv, *, num_heads, num_kv_heads=None, attention_mask=None, causal=True,
@@ -653,7 +705,7 @@ def flash_attention(qkv, *, num_heads, num_kv_heads=None, attention_mask=None, c
     Softmax statistics and accumulation are fp32 whatever the dtype.
 
     Differentiable wrt qkv (dqkv packed like qkv, in its dtype; Triton kernels only); the forward
-    saves qkv, out and the fp32 lse [B, Hq, T] (module docstring).
+    saves qkv, out, the fp32 lse [B, Hq, T] and with dropout the mask's bits (module docstring).
     """
     return _flash_attention(*_checked(qkv, num_heads, num_kv_heads, attention_mask, causal,
                                       sm_scale, precision, dropout_rate, seed))
