@@ -104,11 +104,13 @@ def sweep(qkv, dout, H, D, causal, dropout_rate, calls, repeats, row, parts_to_s
     seed = jnp.int32(7)
     _, _, seed, cfg = flash._checked(qkv, H, None, None, causal, None, "ieee", dropout_rate,
                                          seed)
-    out, lse = jax.jit(lambda qkv: flash._forward(qkv, None, seed, cfg))(qkv)
+    # The forward as training runs it: storing the dropout mask's bits for the backward.
+    forward = lambda qkv: flash._forward(qkv, None, seed, cfg, store_keep=True)  # noqa: E731
+    out, lse, keep = jax.jit(forward)(qkv)
     parts = {  # part -> (a fresh jit each call: it traces under the config patched in now, args)
-        "fwd": (lambda: jax.jit(lambda qkv: flash._forward(qkv, None, seed, cfg)[0]), (qkv,)),
+        "fwd": (lambda: jax.jit(lambda qkv: forward(qkv)[0]), (qkv,)),
         "dkdv": (lambda: jax.jit(lambda *a: flash._backward(*a, cfg)),
-                 (qkv, None, seed, out, lse, dout))}
+                 (qkv, None, keep, out, lse, dout))}
     parts["dq"] = parts["dkdv"]
     chosen = {"fwd": flash._block_config(D, qkv.dtype, "ieee")}
     chosen["dkdv"], chosen["dq"] = flash._bwd_block_config(D, qkv.dtype, "ieee")

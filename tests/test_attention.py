@@ -347,11 +347,11 @@ def test_hopper_dq_matches_triton(key, dtype, causal, B, T, Hq, Hkv, monkeypatch
     qkv = packed_qkv(key, B, T, Hq, Hkv, 128, dtype)
     dout = jax.random.normal(jax.random.fold_in(key, 1), (B, T, Hq * 128)).astype(dtype)
     qkv, _, seed, cfg = flash._checked(qkv, Hq, Hkv, None, causal, None, "ieee", 0.0, None)
-    out, lse = flash._forward(qkv, None, seed, cfg)
+    out, lse, _ = flash._forward(qkv, None, seed, cfg)
 
     def dq_and_delta():
         dq, delta = jax.jit(lambda *a: flash._dq_and_delta(*a, cfg))(
-            qkv, None, seed, out, lse, dout)
+            qkv, None, None, out, lse, dout)  # no mask, no dropout bits
         return np.asarray(dq[..., :Hq * 128], np.float32), np.asarray(delta)
 
     assert hopper.supported(qkv, None, cfg)
