@@ -75,12 +75,21 @@ class FlatLayout(NamedTuple):
         """tree's leaves in the buffer's layout [shards * shard_size] (in dtype, default their
         common dtype)."""
         leaves = self.treedef.flatten_up_to(tree)
-        if not leaves:
-            return jnp.zeros((0,), dtype or jnp.float32)
-        blocks = [self.split(leaves[i], j) for j, i in enumerate(self.order)]
-        if dtype is not None:
-            blocks = [b.astype(dtype) for b in blocks]
-        return jnp.concatenate(blocks, axis=1).reshape(-1)
+        dtype = dtype or (jnp.result_type(*leaves) if leaves else jnp.float32)
+        return self.joined_blocks([self.split(leaves[i], j) for j, i in enumerate(self.order)],
+                                  dtype)
+
+    def joined_blocks(self, blocks, dtype):
+        """blocks (one a leaf, in `order`, each [rows, pieces[j]]) side by side in dtype, flat
+        [rows * shard_size]. Written into one buffer leaf by leaf (in place under jit), not by
+        one concatenate: XLA splits a concatenate of GPT-2's 148 leaves into two fusions, the
+        second copying the first's output again (2 x 0.59 ms in its training step on an H100,
+        where these writes take 0.59 ms in all)."""
+        rows = blocks[0].shape[0] if blocks else self.shards
+        flat = jnp.zeros((rows, self.shard_size), dtype)
+        for block, offset in zip(blocks, self.offsets):
+            flat = jax.lax.dynamic_update_slice(flat, block.astype(dtype), (0, offset))
+        return flat.reshape(-1)
 
     def unflatten(self, flat, dtypes=None):
         """The tree of flat's pieces (each leaf cast to dtypes[leaf], a list in the tree's leaf

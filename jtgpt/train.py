@@ -246,7 +246,7 @@ def _reduce_scattered(layout: optim.FlatLayout, grads):
     pieces = [jax.lax.psum_scatter(layout.split(leaves[i].astype(jnp.float32), j), DATA,
                                    scatter_dimension=0, tiled=True)
               for j, i in enumerate(layout.order)]
-    return jnp.concatenate(pieces, axis=1).reshape(-1)
+    return layout.joined_blocks(pieces, jnp.float32)
 
 
 def state_shardings(state: TrainState, mesh: jax.sharding.Mesh):
