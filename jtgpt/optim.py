@@ -75,7 +75,8 @@ class FlatLayout(NamedTuple):
         """tree's leaves in the buffer's layout [shards * shard_size] (in dtype, default their
         common dtype)."""
         leaves = self.treedef.flatten_up_to(tree)
-        dtype = dtype or (jnp.result_type(*leaves) if leaves else jnp.float32)
+        if dtype is None:
+            dtype = jnp.result_type(*leaves) if leaves else jnp.float32
         return self.joined_blocks([self.split(leaves[i], j) for j, i in enumerate(self.order)],
                                   dtype)
 

@@ -352,8 +352,8 @@ def linear_cross_entropy(h, w, targets, *, ignore_index=-100, reduction="mean", 
     default `default_chunk_size(V, h.dtype)` (a chunk's logits ~256 MiB: 2560 rows for bf16 GPT-2);
     the peak extra memory is about twice one chunk's logits (logits and their gradient) plus dw,
     one fp32 [V, D] buffer that each chunk's product is added into (add_matmul). precision:
-    "ieee", "tf32x3" or "tf32" for float32 GEMMs. Returns the float32 loss; gradients in h's and w's dtypes (dw accumulated in
-    fp32). Under differentiation the forward computes dh and dw too (see the module docstring).
+    "ieee", "tf32x3" or "tf32" for float32 GEMMs. Returns the float32 loss; gradients in h's and
+    w's dtypes (dw accumulated in fp32). Under differentiation the forward computes dh and dw too (see the module docstring).
     """
     if getattr(h, "ndim", 0) < 2:
         raise ValueError(f"h must be [..., D] with at least 2 dims, got shape {getattr(h, 'shape', None)}")

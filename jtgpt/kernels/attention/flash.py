@@ -77,7 +77,7 @@ import triton
 import triton.language as tl
 
 from jtgpt.call import triton_call
-from jtgpt.kernels import dropout_seed, keep_from_philox, packed_qkv_heads
+from jtgpt.kernels import dropout_seed, keep_from_philox, kept_draw, packed_qkv_heads
 from jtgpt.kernels.attention import hopper
 from jtgpt.kernels.attention.common import (MAX_GRID_Y, AttentionConfig, checked_key_mask,
                                             checked_scale, program_in_group, query_program)
@@ -108,10 +108,16 @@ def _kept_bits(r0, r1, r2, r3, DROPOUT_P: tl.constexpr):
     byte = tl.zeros(r0.shape, tl.int32)
     for i in tl.static_range(4):
         word = r0 if i == 0 else (r1 if i == 1 else (r2 if i == 2 else r3))
-        low = (word & 0xFFFF).to(tl.float32) * (1.0 / 65536) >= DROPOUT_P
-        high = (word >> 16).to(tl.float32) * (1.0 / 65536) >= DROPOUT_P
+        low = kept_draw(word & 0xFFFF, DROPOUT_P)
+        high = kept_draw(word >> 16, DROPOUT_P)
         byte |= (low.to(tl.int32) << (2 * i)) | (high.to(tl.int32) << (2 * i + 1))
     return byte.to(tl.uint8)
+
+
+@triton.jit
+def _head_keep(keep_ptr, bh, T: tl.constexpr):
+    """Where (batch * HQ + head) bh's kept bits [T, ceil(T / 8)] start in keep [B HQ, T, ...]."""
+    return keep_ptr + bh.to(tl.int64) * (T * ((T + 7) // 8))
 
 
 @triton.jit
@@ -122,8 +128,6 @@ def _keep_bytes(keep_ptr, offs_m, start_n, T: tl.constexpr, BLOCK_N: tl.constexp
     byte = start_n // 8 + tl.arange(0, BLOCK_N // 8)
     return (keep_ptr + offs_m[:, None] * WIDTH + byte[None, :],
             (offs_m[:, None] < T) & (byte[None, :] < WIDTH))
-
-
 
 
 @triton.jit
@@ -232,7 +236,7 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, seed_ptr, out_ptr, lse_ptr, 
     k_ptrs = k_ptr + qkv_b + (HQ + g) * HEAD_DIM + offs_n[:, None] * ROW + offs_d[None, :]
     v_ptrs = v_ptr + qkv_b + (HQ + HKV + g) * HEAD_DIM + offs_n[:, None] * ROW + offs_d[None, :]
     mask_ptrs = mask_ptr + b * T
-    keep_ptr += pid_bh.to(tl.int64) * (T * ((T + 7) // 8))
+    keep_ptr = _head_keep(keep_ptr, pid_bh, T)
     seed = 0
     if DROPOUT_P > 0.0:
         seed = tl.load(seed_ptr)
@@ -372,7 +376,7 @@ def _attn_bwd_dkdv_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, keep_pt
     for i in range(GROUP):
         h = g * GROUP + i
         bh = b * HQ + h
-        keep_h = keep_ptr + bh.to(tl.int64) * (T * ((T + 7) // 8))
+        keep_h = _head_keep(keep_ptr, bh, T)
         qt_ptrs = qkv_b + h * HEAD_DIM + offs_m[None, :] * ROW + offs_d[:, None]  # q^T
         do_ptrs = (do_ptr + b.to(tl.int64) * (T * OUT_ROW) + h * HEAD_DIM
                    + offs_m[:, None] * OUT_ROW + offs_d[None, :])
@@ -472,7 +476,7 @@ def _attn_bwd_dq_kernel(qkv_ptr, out_ptr, do_ptr, lse_ptr, mask_ptr, keep_ptr, d
     k_ptrs = qkv_b + (HQ + g) * HEAD_DIM + offs_n[:, None] * ROW + offs_d[None, :]
     v_ptrs = qkv_b + (HQ + HKV + g) * HEAD_DIM + offs_n[:, None] * ROW + offs_d[None, :]
     mask_ptrs = mask_ptr + b * T
-    keep_ptr += pid_bh.to(tl.int64) * (T * ((T + 7) // 8))
+    keep_ptr = _head_keep(keep_ptr, pid_bh, T)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if CAUSAL:
