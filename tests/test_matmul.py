@@ -347,6 +347,29 @@ def test_linear_dropout_grads_use_the_forward_mask(key, dtype, epilogue):
                lambda *a: ref(**dict(zip(names, a))), *args.values())
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_wide_tiles_finish_in_column_halves(key, dtype, monkeypatch):
+    """The GPU's 128 x 256 tiles finish their dropout and residual in two column halves (the
+    interpreter's tiles are narrower): forced here, the same dropout mask, output and add_matmul
+    sum as the interpreter's tiles, with N = 300 a full tile and a partial one."""
+    x, w, b, r = _inputs(key, (3, 50), 40, 300, dtype)
+    acc = jax.random.normal(jax.random.fold_in(key, 1), (150, 300), jnp.float32)
+    drop = dict(dropout_rate=0.3, seed=jnp.int32(9))
+
+    def outputs():
+        return (linear(x, w, b, residual=r, **drop), np.asarray(linear(x, w, b, **drop)) != 0,
+                add_matmul(acc, x.reshape(150, 40), w))
+
+    want = outputs()
+    monkeypatch.setattr(matmul_module, "_block_config", lambda *a, **kw: dict(
+        BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3))
+    got = outputs()
+    assert_close(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert 0.6 < got[1].mean() < 0.8
+    assert_close(got[2], want[2], rtol=1e-5)
+
+
 def test_linear_split_k_weight_gradient(key, monkeypatch):
     """dW and dx reduce in 3 slices of the token / feature axes (dz itself from the GELU kernel)."""
     monkeypatch.setattr(matmul_module, "_split_k", lambda M, N, K, cfg: 3)

@@ -127,7 +127,8 @@ def _accumulate(acc, acc_up, a_ptrs, b_ptrs, offs_k, k_left, MASKED: tl.constexp
 def _epilogue_operands(bias_ptr, residual_ptr, offs_m, offs_n, cols, M: tl.constexpr,
                        N: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr,
                        HAS_RESIDUAL: tl.constexpr):
-    """(bias, SwiGLU's up bias, residual tile) in fp32 for the epilogue; 0.0 for those absent."""
+    """(bias, SwiGLU's up bias, residual tile) in fp32 for _gemv_kernel's epilogue; 0.0 for
+    those absent."""
     bias, bias_up, residual = 0.0, 0.0, 0.0
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols).to(tl.float32)
@@ -138,6 +139,24 @@ def _epilogue_operands(bias_ptr, residual_ptr, offs_m, offs_n, cols, M: tl.const
         in_bounds = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         residual = tl.load(residual_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
     return bias, bias_up, residual
+
+
+@triton.jit
+def _store_output(y, out_ptr, residual_ptr, seed_ptr, offs_m, col0, M: tl.constexpr,
+                  N: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DROPOUT_P: tl.constexpr,
+                  BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
+    """The epilogue's last steps on y, the [BLOCK_M, WIDTH] piece of the output at rows offs_m
+    and columns col0..: dropout, + the residual's piece (loaded here, after the K loop: held
+    across it, a large tile's residual would spill), stored in the output's dtype."""
+    offs_n = col0 + tl.arange(0, WIDTH)
+    offsets = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    in_bounds = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if DROPOUT_P > 0.0:
+        keep = dropout_keep(seed_ptr, offs_m, col0, N, DROPOUT_P, BLOCK_M, WIDTH)
+        y = tl.where(keep, y * (1.0 / (1.0 - DROPOUT_P)), 0.0)
+    if HAS_RESIDUAL:
+        y += tl.load(residual_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=in_bounds)
 
 
 @triton.jit
@@ -194,14 +213,11 @@ def _matmul_kernel(a_ptr, b_ptr, bias_ptr, residual_ptr, seed_ptr, out_ptr, pre_
         acc, acc_up = _accumulate(acc, acc_up, a_ptrs, b_ptrs, offs_k, k_len % BLOCK_K, True,
                                   SWIGLU, N * stride_bn, PRECISION)
 
-    # Loaded after the K loop: held across it, a large tile's residual would spill.
-    bias, bias_up, residual = _epilogue_operands(bias_ptr, residual_ptr, offs_m, offs_n, cols, M,
-                                                 N, HAS_BIAS, SWIGLU, HAS_RESIDUAL)
     y = acc
     if HAS_BIAS:
-        y += bias[None, :]
+        y += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
         if SWIGLU:
-            acc_up += bias_up[None, :]
+            acc_up += tl.load(bias_ptr + N + cols).to(tl.float32)[None, :]
     out_offsets = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     in_bounds = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if SAVE_PRE:  # for the backward's act'(pre)
@@ -212,12 +228,19 @@ def _matmul_kernel(a_ptr, b_ptr, bias_ptr, residual_ptr, seed_ptr, out_ptr, pre_
         else:
             tl.store(pre_ptr + out_offsets, y.to(pre_ptr.dtype.element_ty), mask=in_bounds)
     y = _activation(y, acc_up, GELU, SWIGLU)
-    if DROPOUT_P > 0.0:
-        keep = dropout_keep(seed_ptr, offs_m, pid_n * BLOCK_N, N, DROPOUT_P, BLOCK_M, BLOCK_N)
-        y = tl.where(keep, y * (1.0 / (1.0 - DROPOUT_P)), 0.0)
-    if HAS_RESIDUAL:
-        y += residual
-    tl.store(out_ptr + out_offsets, y.to(out_ptr.dtype.element_ty), mask=in_bounds)
+    col0 = pid_n * BLOCK_N
+    if (DROPOUT_P > 0.0 or HAS_RESIDUAL) and BLOCK_N >= 256:
+        # A wide tile finishes in two column halves: its dropout draws or residual tile, made
+        # for all 256 columns at once beside the 128-value accumulator, spill 32-232 bytes.
+        HALF: tl.constexpr = BLOCK_N // 2
+        y0, y1 = tl.split(tl.permute(tl.reshape(y, (BLOCK_M, 2, HALF)), (0, 2, 1)))
+        _store_output(y0, out_ptr, residual_ptr, seed_ptr, offs_m, col0, M, N, HAS_RESIDUAL,
+                      DROPOUT_P, BLOCK_M, HALF)
+        _store_output(y1, out_ptr, residual_ptr, seed_ptr, offs_m, col0 + HALF, M, N,
+                      HAS_RESIDUAL, DROPOUT_P, BLOCK_M, HALF)
+    else:
+        _store_output(y, out_ptr, residual_ptr, seed_ptr, offs_m, col0, M, N, HAS_RESIDUAL,
+                      DROPOUT_P, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -334,10 +357,9 @@ def _store_dz(dz_ptr, dbias_ptr, offsets, in_bounds, dz, pid_m, offs_n, N: tl.co
 
 
 def _block_config(M: int, N: int, K: int, dtype, dropout: bool = False, swiglu: bool = False,
-                  fp32_ieee: bool = False, fp32_residual: bool = False) -> dict:
+                  fp32_ieee: bool = False) -> dict:
     """Tile sizes and launch shape per dtype, shrunk to the problem for small matrices. N is the
-    output's width: with SwiGLU, F, each program accumulating two [BLOCK_M, BLOCK_N] tiles.
-    fp32_residual: a 16-bit product adds an fp32 residual tile (add_matmul's accumulator)."""
+    output's width: with SwiGLU, F, each program accumulating two [BLOCK_M, BLOCK_N] tiles."""
     if not on_gpu():  # the interpreter: fewest program instances, smallest tiles that fit
         return dict(BLOCK_M=_fit(M, 64), BLOCK_N=_fit(N, 64), BLOCK_K=_fit(K, 32), GROUP_M=8,
                     num_warps=4, num_stages=1)
@@ -359,12 +381,11 @@ def _block_config(M: int, N: int, K: int, dtype, dropout: bool = False, swiglu: 
         cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
     else:
         # bf16 128x256x64, 8 warps, 3 stages: 619 TFLOP/s on an H100 at 8192^3, measured.
-        # With the residual epilogue this tile spills 32 bytes a thread (255 registers, seen with
-        # compile_only); 256x128 does not. `python bench/kernels.py --sweep` on a GPU decides.
-        # Dropout's Philox state next to a 128-value accumulator spills 56-384 bytes at 128x256 or
-        # 256x128; at 128x128 (64 accumulator values a thread) it fits in 167-178 registers. So
-        # does an fp32 residual tile, which spills 208 bytes at 128x256 (the LM head's dW).
-        narrow = dropout or fp32_residual
+        # Finished in column halves (_matmul_kernel), its dropout + residual epilogue fits in
+        # 230 registers and the LM head dW's fp32 residual in 242 (compile_only, sm_90); drawn
+        # and loaded for the whole tile they spilled 232 and 208 bytes. SwiGLU's two
+        # accumulators beside dropout's draws take 128x(2x64) (see below).
+        narrow = dropout and swiglu
         cfg = dict(BLOCK_M=128, BLOCK_N=128 if narrow else 256, BLOCK_K=64, GROUP_M=8,
                    num_warps=8, num_stages=3)
     if swiglu:
@@ -506,8 +527,7 @@ def _gemm(a, b, transpose_a, transpose_b, out_dtype, precision, *, bias=None, re
         if transpose_a:
             a, transpose_a = a.T, False
     cfg = _block_config(M, N, K, a.dtype, dropout=dropout_p > 0.0, swiglu=swiglu,
-                        fp32_ieee=fp32_ieee,
-                        fp32_residual=residual is not None and residual.dtype == jnp.float32)
+                        fp32_ieee=fp32_ieee)
     plain = bias is None and residual is None and activation is None and dropout_p == 0.0
     k_tiles = triton.cdiv(K, cfg["BLOCK_K"])
     k_per_split = triton.cdiv(k_tiles, _split_k(M, N, K, cfg) if plain else 1) * cfg["BLOCK_K"]
