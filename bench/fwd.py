@@ -2,6 +2,7 @@
 
     python bench/fwd.py                       # GPU: B=512, T=300; CPU: a tiny config, interpreted
     python bench/fwd.py --batch 64 --seq 1024 --markdown bench/out.md
+    python bench/fwd.py --modes bf16 --no-torch --profile   # and its kernels, one by one
 
 Every competitor runs in this process on the same weights and token ids, after a warm-up; each
 output is checked against Hugging Face Flax GPT-2 in fp32 ("highest" precision dots) before it is
@@ -27,8 +28,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # run from a checkout too
 import jtgpt  # noqa: E402
-from common import (H100_BF16_DENSE_TFLOPS, compile_and_time, relative_error, stage,  # noqa: E402
-                    time_torch)
+from common import (H100_BF16_DENSE_TFLOPS, compile_and_time, gpu_kernel_table, relative_error,  # noqa: E402
+                    stage, time_torch)
 from jtgpt.models.gpt2 import GPTConfig  # noqa: E402
 
 # Each jtgpt mode: (label, compute dtype, param dtype, fp32 dot precision, HF baseline it is
@@ -77,6 +78,8 @@ def main():
     p.add_argument("--check-batch", type=int, default=8, help="rows checked against HF fp32")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch competitors")
     p.add_argument("--markdown", help="also write the table to this file")
+    p.add_argument("--profile", action="store_true",
+                   help="also print each jtgpt mode's forward kernel by kernel")
     args = p.parse_args()
 
     from transformers import FlaxGPT2LMHeadModel, FlaxGPT2Model
@@ -142,6 +145,9 @@ def main():
         err = relative_error(out[check], reference)
         assert err < tol, f"{label}: relative error {err:.2e} against HF Flax fp32 exceeds {tol}"
         record(label, seconds, peak, err, baseline)
+        if args.profile:
+            forward = jax.jit(lambda m, ids: m.hidden_states(ids))
+            print(f"{label}: " + gpu_kernel_table(lambda: forward(model, ids), steps=3), flush=True)
 
     # Half precision first (the headline), then fp32; each jtgpt mode right after its baseline
     # (a baseline none of the asked modes needs is skipped). HF Flax fp32 uses XLA's default dot
