@@ -96,3 +96,13 @@ def dropout_keep(seed_ptr, rows, col0, N: tl.constexpr, DROPOUT_P: tl.constexpr,
     counters = rows[:, None] * ((N + 7) // 8) + octets[None, :]
     r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), counters)
     return keep_from_philox(r0, r1, r2, r3, DROPOUT_P, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def dropout(x, seed_ptr, rows, col0, N: tl.constexpr, DROPOUT_P: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """x [BLOCK_M, BLOCK_N], the tile of an [M, N] array at (rows, col0 + [0, BLOCK_N)), times
+    keep / (1 - p) with dropout_keep's mask: a forward's dropout, and equally its backward's on
+    the cotangent (the derivative is the same mask and scale)."""
+    keep = dropout_keep(seed_ptr, rows, col0, N, DROPOUT_P, BLOCK_M, BLOCK_N)
+    return tl.where(keep, x * (1.0 / (1.0 - DROPOUT_P)), 0.0)

@@ -56,7 +56,7 @@ import triton
 import triton.language as tl
 
 from jtgpt.call import triton_call
-from jtgpt.kernels import check_float_dtype, dropout_keep, dropout_seed
+from jtgpt.kernels import check_float_dtype, dropout, dropout_seed
 
 # Elements one program writes (BLOCK_T tokens x BLOCK_D features).
 TILE = 4096
@@ -64,16 +64,6 @@ TILE = 4096
 MAX_BLOCK_D = 1024
 # Backward: the feature block one program sums (see _backward_config).
 BWD_BLOCK_D = 128
-
-
-@triton.jit
-def _dropout(h, seed_ptr, tok, col0, D: tl.constexpr, DROPOUT_P: tl.constexpr,
-             BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """h [BLOCK_T, BLOCK_D] (tokens tok, features col0 + [0, BLOCK_D)) * keep / (1 - p): the
-    forward's dropout of h, and equally the backward's of dout (its derivative is the same mask
-    and scale)."""
-    keep = dropout_keep(seed_ptr, tok, col0, D, DROPOUT_P, BLOCK_T, BLOCK_D)
-    return tl.where(keep, h * (1.0 / (1.0 - DROPOUT_P)), 0.0)
 
 
 @triton.jit
@@ -102,7 +92,7 @@ def _embedding_fwd_kernel(ids_ptr, pos_ptr, wte_ptr, wpe_ptr, seed_ptr, out_ptr,
 
     offs = tok.to(tl.int64)[:, None] * D + cols[None, :]
     if DROPOUT_P > 0.0:
-        h = _dropout(h, seed_ptr, tok, col0, D, DROPOUT_P, BLOCK_T, BLOCK_D)
+        h = dropout(h, seed_ptr, tok, col0, D, DROPOUT_P, BLOCK_T, BLOCK_D)
     h = tl.where(ok[:, None], h, float("nan"))
     tl.store(out_ptr + offs, h.to(out_ptr.dtype.element_ty), mask=out_mask)
 
@@ -117,8 +107,8 @@ def _dropout_bwd_kernel(dout_ptr, seed_ptr, g_ptr, N_TOKENS: tl.constexpr, D: tl
     cols = col0 + tl.arange(0, BLOCK_D)
     offs = tok.to(tl.int64)[:, None] * D + cols[None, :]
     ok = (tok < N_TOKENS)[:, None] & (cols < D)[None, :]
-    g = _dropout(tl.load(dout_ptr + offs, mask=ok, other=0.0).to(tl.float32), seed_ptr, tok,
-                 col0, D, DROPOUT_P, BLOCK_T, BLOCK_D)
+    g = dropout(tl.load(dout_ptr + offs, mask=ok, other=0.0).to(tl.float32), seed_ptr, tok,
+                col0, D, DROPOUT_P, BLOCK_T, BLOCK_D)
     tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=ok)
 
 

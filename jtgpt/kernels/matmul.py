@@ -11,7 +11,7 @@
         d/dg = u silu'(g),  silu'(g) = s (1 + g (1 - s)),      d/du = silu(g)
     (the output, dropout and residual are then [M, F]: N below is F).
     dropout keeps an element with probability 1 - p, drawn by Philox from (seed, m, n) (see
-    jtgpt.kernels.dropout_keep), and scales it by 1 / (1 - p).
+    jtgpt.kernels.dropout), and scales it by 1 / (1 - p).
 
 One kernel, `_matmul_kernel`, computes op(A) @ op(B) for every product here: each operand is read
 in place through its strides, as stored or transposed (no XLA transpose copies). The products
@@ -63,7 +63,7 @@ import triton
 import triton.language as tl
 
 from jtgpt.call import on_gpu, triton_call
-from jtgpt.kernels import check_float_dtype, check_precision, dropout_keep, dropout_seed
+from jtgpt.kernels import check_float_dtype, check_precision, dropout, dropout_seed
 from jtgpt.kernels.layernorm import layer_norm, rms_norm
 
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # kernels read globals only as constexprs
@@ -152,8 +152,7 @@ def _store_output(y, out_ptr, residual_ptr, seed_ptr, offs_m, col0, M: tl.conste
     offsets = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     in_bounds = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if DROPOUT_P > 0.0:
-        keep = dropout_keep(seed_ptr, offs_m, col0, N, DROPOUT_P, BLOCK_M, WIDTH)
-        y = tl.where(keep, y * (1.0 / (1.0 - DROPOUT_P)), 0.0)
+        y = dropout(y, seed_ptr, offs_m, col0, N, DROPOUT_P, BLOCK_M, WIDTH)
     if HAS_RESIDUAL:
         y += tl.load(residual_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
     tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=in_bounds)
@@ -329,8 +328,7 @@ def _linear_dz_kernel(dy_ptr, pre_ptr, seed_ptr, dz_ptr, dbias_ptr,
 
     dz = tl.load(dy_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
     if DROPOUT_P > 0.0:
-        keep = dropout_keep(seed_ptr, offs_m, col0, N, DROPOUT_P, BLOCK_M, BLOCK_N)
-        dz = tl.where(keep, dz * (1.0 / (1.0 - DROPOUT_P)), 0.0)
+        dz = dropout(dz, seed_ptr, offs_m, col0, N, DROPOUT_P, BLOCK_M, BLOCK_N)
     if GELU:
         pre = tl.load(pre_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
         gate, du = _gelu_gate(pre)
