@@ -82,21 +82,29 @@ def _row(name, ms, rate, unit, note=""):
 
 
 def _short(cfg):
-    return f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']}"
+    persistent = " persistent" if cfg.get("persistent") else ""
+    return (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} "
+            f"s{cfg['num_stages']}{persistent}")
 
 
 DEFAULT_GEMM_CONFIG = matmul._block_config
-SWEEP_GEMM = {  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per input dtype
-    dtype: [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in configs]
+SWEEP_GEMM = {  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, persistent) per input dtype
+    dtype: [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s,
+                 persistent=p)
+            for bm, bn, bk, w, s, p in configs]
     for dtype, configs in {
-        "bfloat16": [(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 4),
-                     (256, 128, 64, 8, 3), (128, 256, 64, 8, 4), (64, 256, 64, 4, 4),
-                     (128, 128, 128, 8, 3)],
+        "bfloat16": [(128, 256, 64, 8, 3, False), (128, 128, 64, 4, 4, False),
+                     (128, 128, 64, 8, 4, False), (256, 128, 64, 8, 3, False),
+                     (128, 256, 64, 8, 4, False), (64, 256, 64, 4, 4, False),
+                     (128, 128, 128, 8, 3, False), (128, 256, 64, 8, 3, True),
+                     (128, 256, 64, 8, 4, True), (256, 128, 64, 8, 3, True),
+                     (128, 128, 64, 4, 4, True)],
         # fp32 tiles take twice the shared memory a stage of bf16's
-        "float32": [(128, 128, 32, 8, 3), (128, 128, 32, 4, 4), (128, 256, 32, 8, 3),
-                    (256, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 3),
-                    (64, 256, 32, 4, 4), (128, 64, 64, 4, 4)],
+        "float32": [(128, 128, 32, 8, 3, False), (128, 128, 32, 4, 4, False),
+                    (128, 256, 32, 8, 3, False), (256, 128, 32, 8, 3, False),
+                    (128, 128, 64, 8, 3, False), (128, 128, 64, 4, 3, False),
+                    (64, 256, 32, 4, 4, False), (128, 64, 64, 4, 4, False),
+                    (128, 128, 32, 8, 3, True)],
     }.items()}
 
 

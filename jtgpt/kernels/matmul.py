@@ -17,6 +17,8 @@ One kernel, `_matmul_kernel`, computes op(A) @ op(B) for every product here: eac
 in place through its strides, as stored or transposed (no XLA transpose copies). The products
 accumulate in fp32 and every epilogue step runs in fp32 on the accumulator, so the activation,
 bias and residual cost no extra pass over memory; the result is cast once to the output dtype.
+A block config with `persistent=True` launches at most NUM_SMS programs that take the output
+tiles in turn instead of one program a tile (see _matmul_kernel); never with split-K.
 With SwiGLU each program owns a tile of the [M, F] output: per K step it loads its A tile once and
 the gate and up tiles of B (columns n.. and F + n..) into two fp32 accumulators, so x is read
 once and the [M, 2F] pre-activation never goes to memory in inference.
@@ -166,11 +168,39 @@ def _matmul_kernel(a_ptr, b_ptr, bias_ptr, residual_ptr, seed_ptr, out_ptr, pre_
                    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, SWIGLU: tl.constexpr,
                    HAS_RESIDUAL: tl.constexpr, DROPOUT_P: tl.constexpr, SAVE_PRE: tl.constexpr,
                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                   BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr):
+    """One output tile a program (PROGRAMS = 0), or PROGRAMS persistent programs that take the
+    tiles in turn: tile t goes to program t % PROGRAMS, and the loop over a program's tiles and
+    their K steps is pipelined as one, so the next tile's first loads are in flight during this
+    tile's epilogue (a new program would start with an empty pipeline). No split-K then."""
+    if PROGRAMS == 0:
+        _matmul_tile(tl.program_id(0), a_ptr, b_ptr, bias_ptr, residual_ptr, seed_ptr, out_ptr,
+                     pre_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, K_PER_SPLIT,
+                     HAS_BIAS, GELU, SWIGLU, HAS_RESIDUAL, DROPOUT_P, SAVE_PRE, PRECISION,
+                     BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    else:
+        tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), tiles, PROGRAMS, flatten=True):
+            _matmul_tile(tile, a_ptr, b_ptr, bias_ptr, residual_ptr, seed_ptr, out_ptr, pre_ptr,
+                         M, N, K, stride_am, stride_ak, stride_bk, stride_bn, K_PER_SPLIT,
+                         HAS_BIAS, GELU, SWIGLU, HAS_RESIDUAL, DROPOUT_P, SAVE_PRE, PRECISION,
+                         BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+
+
+@triton.jit
+def _matmul_tile(pid, a_ptr, b_ptr, bias_ptr, residual_ptr, seed_ptr, out_ptr, pre_ptr,
+                 M: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
+                 stride_am: tl.constexpr, stride_ak: tl.constexpr,
+                 stride_bk: tl.constexpr, stride_bn: tl.constexpr, K_PER_SPLIT: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, GELU: tl.constexpr, SWIGLU: tl.constexpr,
+                 HAS_RESIDUAL: tl.constexpr, DROPOUT_P: tl.constexpr, SAVE_PRE: tl.constexpr,
+                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Output tile `pid` (in the grouped order below) of _matmul_kernel, and split-K slice
+    program_id(1) of it."""
     # The output is [M, N]; with SWIGLU, B and bias have 2N columns [gate | up], and the program
     # of output columns n.. accumulates gate columns n.. and up columns N + n.. from one A tile.
     # Grouped tile order: GROUP_M row-tiles share each column-tile of B while it sits in L2.
-    pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     group = pid // (GROUP_M * tiles_n)
@@ -533,6 +563,8 @@ def _gemm(a, b, transpose_a, transpose_b, out_dtype, precision, *, bias=None, re
     splits = triton.cdiv(K, k_per_split) if K else 1
     out_shape = (jax.ShapeDtypeStruct((splits, M, N), jnp.float32) if splits > 1
                  else jax.ShapeDtypeStruct((M, N), out_dtype))
+    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    programs = min(tiles, NUM_SMS) if cfg.pop("persistent", False) and splits == 1 else 0
     placeholder = jnp.zeros((1,), a.dtype)  # stands in for an absent operand; never read
     out, pre = triton_call(
         a, b,
@@ -542,7 +574,7 @@ def _gemm(a, b, transpose_a, transpose_b, out_dtype, precision, *, bias=None, re
         kernel=_matmul_kernel,
         out_shape=(out_shape, jax.ShapeDtypeStruct((M, b_n) if save_pre else (1,), a.dtype)),
         input_output_aliases={3: 0} if residual_in_place else None,
-        grid=(triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), splits),
+        grid=(programs or tiles, splits), PROGRAMS=programs,
         M=M, N=N, K=K, stride_am=1 if transpose_a else K, stride_ak=M if transpose_a else 1,
         stride_bk=1 if transpose_b else b_n, stride_bn=K if transpose_b else 1,
         K_PER_SPLIT=k_per_split, HAS_BIAS=bias is not None, GELU=activation == "gelu_tanh",
