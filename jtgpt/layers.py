@@ -78,13 +78,13 @@ class LayerNorm(nnx.Module):
         self.eps = eps
         self.compute = compute
 
-    def __call__(self, x, return_input: bool = False):
-        """The normed x; with return_input, (normed x, x): see RMSNorm.__call__."""
+    def __call__(self, x):
         return layer_norm(x, self.compute.cast(self.weight), self.compute.cast(self.bias),
-                          eps=self.eps, return_input=return_input)
+                          eps=self.eps)
 
     def as_prologue(self) -> Norm:
-        """This norm as the prologue of the linear that reads its output (see pre_norm)."""
+        """This norm as the prologue of the linear that reads its output: `linear(x,
+        norm=...)` applies it inside its GEMM (jtgpt.kernels.matmul.linear)."""
         return Norm("layer", self.compute.cast(self.weight), self.compute.cast(self.bias), self.eps)
 
 
@@ -94,29 +94,13 @@ class RMSNorm(nnx.Module):
         self.eps = eps
         self.compute = compute
 
-    def __call__(self, x, return_input: bool = False):
-        """The normed x; with return_input, (normed x, x): x comes back as the residual stream the
-        block adds its branch to, so that the gradient reaching it joins the norm's own gradient
-        inside the norm's backward kernel instead of in a separate add."""
-        return rms_norm(x, self.compute.cast(self.weight), eps=self.eps, return_input=return_input)
+    def __call__(self, x):
+        return rms_norm(x, self.compute.cast(self.weight), eps=self.eps)
 
     def as_prologue(self) -> Norm:
-        """This norm as the prologue of the linear that reads its output (see pre_norm)."""
+        """This norm as the prologue of the linear that reads its output: `linear(x,
+        norm=...)` applies it inside its GEMM (jtgpt.kernels.matmul.linear)."""
         return Norm("rms", self.compute.cast(self.weight), None, self.eps)
-
-
-def pre_norm(norm: LayerNorm | RMSNorm, x, fused: bool):
-    """(what a pre-norm block's first linear reads, the Norm it applies first or None, the
-    residual stream x) for `norm` before that linear.
-
-    fused (generation, never differentiated): the linear applies the norm itself, inside its
-    kernel at a decode step's few rows, which saves a launch per norm (the launches, not the
-    bytes, are what a batch-1 decode step costs). Otherwise the norm kernel runs first, with
-    return_input: its backward then adds the residual stream's gradient in the same pass."""
-    if fused:
-        return x, norm.as_prologue(), x
-    h, x = norm(x, return_input=True)
-    return h, None, x
 
 
 # ------------------------------------------------------------------------------------- inputs

@@ -570,6 +570,46 @@ def test_norm_prologue_grads_match_reference(key, dtype, kind):
         _check_vjp(jax.random.fold_in(key, 1), fused, ref, weight, bias, *args.values())
 
 
+def test_norm_prologue_writes_no_normed_rows():
+    """Not differentiated, a norm before a GEMM of many rows is a statistics pass (no normed rows
+    written) and the GEMM with the norm in its epilogue; differentiated, the norm kernel writes
+    norm(x) for the backward's dW and the GEMM reads it."""
+    x = jax.ShapeDtypeStruct((16384, 768), jnp.bfloat16)
+    w, vec = jax.ShapeDtypeStruct((768, 2304), jnp.bfloat16), jax.ShapeDtypeStruct((768,), jnp.bfloat16)
+
+    def normed(x, w, g, b):
+        return linear(x, w, norm=matmul_module.Norm("layer", g, b, 1e-5))
+
+    kernels = [(k.name, k.constexprs.get("WRITE_Y", k.constexprs.get("NORM")))
+               for k in _built_kernels(normed, x, w, vec, vec)]
+    assert kernels == [("_layer_norm_fwd_kernel", False), ("_matmul_kernel", 1)]
+    grad = jax.grad(lambda *a: normed(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2, 3))
+    built = _built_kernels(grad, x, w, vec, vec)
+    assert [(k.constexprs["WRITE_Y"]) for k in built if k.name == "_layer_norm_fwd_kernel"] == [True]
+    assert {k.constexprs["NORM"] for k in built if k.name == "_matmul_kernel"} == {0}
+
+
+def test_norm_epilogue_gemms_build_for_hopper():
+    """The forward GEMMs that apply a norm in their epilogue, at GPT-2's and Llama-3.2-1B's
+    shapes (16384 tokens, bf16): no spills."""
+    bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)  # noqa: E731
+    layer = matmul_module.Norm("layer", bf16(768), bf16(768), 1e-5)
+    rms = matmul_module.Norm("rms", bf16(2048), None, 1e-5)
+    calls = [(768, bf16(768, 2304), dict(bias=bf16(2304), norm=layer)),
+             (768, bf16(768, 3072), dict(bias=bf16(3072), activation="gelu_tanh", norm=layer)),
+             (2048, bf16(3072, 2048), dict(transpose_w=True, norm=rms)),
+             (2048, bf16(16384, 2048), dict(transpose_w=True, activation="swiglu", norm=rms))]
+    built = []
+    for K, w, kwargs in calls:
+        arrays = {k: v for k, v in kwargs.items() if k not in ("activation", "transpose_w")}
+        static = {k: v for k, v in kwargs.items() if k in ("activation", "transpose_w")}
+        built += [k for k in _built_kernels(lambda x, w, kw: linear(x, w, **kw, **static),
+                                            bf16(16384, K), w, arrays) if k.name == "_matmul_kernel"]
+    assert [k.constexprs["NORM"] for k in built] == [1, 1, 2, 2]
+    for k in built:
+        assert 0 < k.registers <= 255 and k.spill_bytes == 0, k
+
+
 @pytest.mark.parametrize("norm,match", [
     (("batch", (45,), (45,)), "norm.kind"),
     (("layer", (44,), (45,)), r"norm.weight must have shape \(45,\)"),

@@ -79,8 +79,10 @@ PARTIALS = 512
 @triton.jit
 def _layer_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
                            N_ROWS: tl.constexpr, D: tl.constexpr, EPS: tl.constexpr,
-                           BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, RMS: tl.constexpr):
-    """RMS: RMSNorm, which reads no b_ptr and writes no mean_ptr."""
+                           BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, RMS: tl.constexpr,
+                           WRITE_Y: tl.constexpr):
+    """RMS: RMSNorm, which reads no b_ptr and writes no mean_ptr. WRITE_Y False: the statistics
+    alone (no w_ptr, b_ptr or y_ptr access), for a GEMM that applies the norm in its epilogue."""
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < N_ROWS
@@ -99,16 +101,16 @@ def _layer_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
         tl.store(mean_ptr + rows, mean, mask=row_ok)
     var = tl.sum(xc * xc, axis=1) / D  # RMSNorm: mean(x^2)
     rstd = tl.rsqrt(var + EPS)
-    x_hat = xc * rstd[:, None]
-    if RMS:  # Hugging Face's order: x / rms is rounded to x's dtype before the weight multiplies
-        x_hat = x_hat.to(x_ptr.dtype.element_ty).to(tl.float32)
-
-    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    y = x_hat * w[None, :]
-    if not RMS:
-        y += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+    if WRITE_Y:
+        x_hat = xc * rstd[:, None]
+        if RMS:  # Hugging Face's order: x / rms is rounded to x's dtype before the weight multiplies
+            x_hat = x_hat.to(x_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        y = x_hat * w[None, :]
+        if not RMS:
+            y += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -220,22 +222,38 @@ def layer_norm_forward(x, weight, bias, *, eps=1e-5):
     return _forward(x, weight, bias, float(eps))
 
 
+def row_statistics(x, *, eps: float, rms: bool):
+    """(mean, rstd) of x's rows as the forward computes them, fp32 [rows] each (RMSNorm's mean a
+    (1,) placeholder), without the normed output: for `linear(x, norm=...)`, whose GEMM applies
+    the norm to its product (jtgpt.kernels.matmul). Not differentiable. x [rows, D]."""
+    unused = jnp.zeros((1,), x.dtype)  # the weight and bias, never read without y
+    _, mean, rstd = _launch_forward(x, unused, None if rms else unused, eps, write_y=False)
+    return mean, rstd
+
+
 def _forward(x, weight, bias, eps: float):
     """(y, mean, rstd) of LayerNorm, or with bias None of RMSNorm (mean a (1,) placeholder)."""
-    rms = bias is None
     n_rows, d = math.prod(x.shape[:-1]), x.shape[-1]
+    y, mean, rstd = _launch_forward(x.reshape(n_rows, d), weight, bias, eps, write_y=True)
+    return y.reshape(x.shape), mean, rstd
+
+
+def _launch_forward(x, weight, bias, eps: float, *, write_y: bool):
+    """One _layer_norm_fwd_kernel launch over x [rows, D]; y a (1,) placeholder without write_y."""
+    rms = bias is None
+    n_rows, d = x.shape
+    y = jax.ShapeDtypeStruct((n_rows, d) if write_y else (1,), x.dtype)
     stats = jax.ShapeDtypeStruct((n_rows,), jnp.float32)
     mean = jax.ShapeDtypeStruct((1,) if rms else (n_rows,), jnp.float32)
     if n_rows == 0:  # a grid of zero programs is not a valid GPU launch
-        return x, jnp.zeros(mean.shape, mean.dtype), jnp.zeros(stats.shape, stats.dtype)
+        return tuple(jnp.zeros(a.shape, a.dtype) for a in (y, mean, stats))
     block_rows, block_d, num_warps = _launch_config(n_rows, d)
-    y, mean, rstd = triton_call(
-        x.reshape(n_rows, d), weight, weight if rms else bias,  # RMSNorm: b_ptr is not read
-        kernel=_layer_norm_fwd_kernel,
-        out_shape=(jax.ShapeDtypeStruct((n_rows, d), x.dtype), mean, stats),
+    return triton_call(
+        x, weight, weight if rms else bias,  # RMSNorm: b_ptr is not read
+        kernel=_layer_norm_fwd_kernel, out_shape=(y, mean, stats),
         grid=(triton.cdiv(n_rows, block_rows),), num_warps=num_warps,
-        N_ROWS=n_rows, D=d, EPS=eps, BLOCK_ROWS=block_rows, BLOCK_D=block_d, RMS=rms)
-    return y.reshape(x.shape), mean, rstd
+        N_ROWS=n_rows, D=d, EPS=eps, BLOCK_ROWS=block_rows, BLOCK_D=block_d, RMS=rms,
+        WRITE_Y=write_y)
 
 
 def layer_norm(x, weight, bias, *, eps=1e-5, return_input=False):

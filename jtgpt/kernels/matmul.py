@@ -22,6 +22,15 @@ tiles in turn instead of one program a tile (see _matmul_kernel); never with spl
 With SwiGLU each program owns a tile of the [M, F] output: per K step it loads its A tile once and
 the gate and up tiles of B (columns n.. and F + n..) into two fp32 accumulators, so x is read
 once and the [M, 2F] pre-activation never goes to memory in inference.
+A norm before the product, `linear(x, norm=...)` (a pre-norm block's first GEMM), is applied by
+the GEMM: with each row's mean and rstd from a statistics pass over x (8 bytes a row written,
+where the norm kernel writes the whole normed row) and W' = norm_weight * W (scaled along K),
+    LayerNorm: norm(x) @ W + bias = rstd * (x @ W' - mean * colsum(W')) + (bias + norm_bias @ W)
+    RMSNorm:   norm(x) @ W + bias = rstd * (x @ W') + bias
+so the K loop reads x itself and the epilogue does the rest, per row and column; norm(x) is
+neither written nor read. It differs from the norm kernel then the GEMM only in rounding: W' is
+rounded to the operand dtype where norm(x) was (fp32 accumulation keeps the mean's cancellation
+exact to fp32's precision). A decode step's few rows normalise x inside the GEMV instead.
 fp32 inputs use true IEEE fp32 products by default (`precision="ieee"`, FMA units);
 `precision="tf32x3"` runs three tensor-core tf32 products per dot (operands split into a tf32 high
 part and a tf32 remainder, the lo*lo term dropped: about fp32's accuracy) and `precision="tf32"`
@@ -66,7 +75,7 @@ import triton.language as tl
 
 from jtgpt.call import on_gpu, triton_call
 from jtgpt.kernels import check_float_dtype, check_precision, dropout, dropout_seed
-from jtgpt.kernels.layernorm import layer_norm, rms_norm
+from jtgpt.kernels.layernorm import layer_norm, rms_norm, row_statistics
 
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # kernels read globals only as constexprs
 GELU_CUBIC = tl.constexpr(0.044715)
@@ -161,41 +170,42 @@ def _store_output(y, out_ptr, residual_ptr, seed_ptr, offs_m, col0, M: tl.conste
 
 
 @triton.jit
-def _matmul_kernel(a_ptr, b_ptr, bias_ptr, residual_ptr, seed_ptr, out_ptr, pre_ptr,
-                   M: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
+def _matmul_kernel(a_ptr, b_ptr, bias_ptr, residual_ptr, seed_ptr, mean_ptr, rstd_ptr,
+                   col_sum_ptr, out_ptr, pre_ptr, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
                    stride_am: tl.constexpr, stride_ak: tl.constexpr,
                    stride_bk: tl.constexpr, stride_bn: tl.constexpr, K_PER_SPLIT: tl.constexpr,
                    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, SWIGLU: tl.constexpr,
                    HAS_RESIDUAL: tl.constexpr, DROPOUT_P: tl.constexpr, SAVE_PRE: tl.constexpr,
-                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr):
+                   NORM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                   PROGRAMS: tl.constexpr):
     """One output tile a program (PROGRAMS = 0), or PROGRAMS persistent programs that take the
     tiles in turn: tile t goes to program t % PROGRAMS, and the loop over a program's tiles and
     their K steps is pipelined as one, so the next tile's first loads are in flight during this
     tile's epilogue (a new program would start with an empty pipeline). No split-K then."""
     if PROGRAMS == 0:
-        _matmul_tile(tl.program_id(0), a_ptr, b_ptr, bias_ptr, residual_ptr, seed_ptr, out_ptr,
-                     pre_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, K_PER_SPLIT,
-                     HAS_BIAS, GELU, SWIGLU, HAS_RESIDUAL, DROPOUT_P, SAVE_PRE, PRECISION,
-                     BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+        _matmul_tile(tl.program_id(0), a_ptr, b_ptr, bias_ptr, residual_ptr, seed_ptr, mean_ptr,
+                     rstd_ptr, col_sum_ptr, out_ptr, pre_ptr, M, N, K, stride_am, stride_ak,
+                     stride_bk, stride_bn, K_PER_SPLIT, HAS_BIAS, GELU, SWIGLU, HAS_RESIDUAL,
+                     DROPOUT_P, SAVE_PRE, NORM, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     else:
         tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         for tile in tl.range(tl.program_id(0), tiles, PROGRAMS, flatten=True):
-            _matmul_tile(tile, a_ptr, b_ptr, bias_ptr, residual_ptr, seed_ptr, out_ptr, pre_ptr,
-                         M, N, K, stride_am, stride_ak, stride_bk, stride_bn, K_PER_SPLIT,
-                         HAS_BIAS, GELU, SWIGLU, HAS_RESIDUAL, DROPOUT_P, SAVE_PRE, PRECISION,
-                         BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+            _matmul_tile(tile, a_ptr, b_ptr, bias_ptr, residual_ptr, seed_ptr, mean_ptr, rstd_ptr,
+                         col_sum_ptr, out_ptr, pre_ptr, M, N, K, stride_am, stride_ak, stride_bk,
+                         stride_bn, K_PER_SPLIT, HAS_BIAS, GELU, SWIGLU, HAS_RESIDUAL, DROPOUT_P,
+                         SAVE_PRE, NORM, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
 @triton.jit
-def _matmul_tile(pid, a_ptr, b_ptr, bias_ptr, residual_ptr, seed_ptr, out_ptr, pre_ptr,
-                 M: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
+def _matmul_tile(pid, a_ptr, b_ptr, bias_ptr, residual_ptr, seed_ptr, mean_ptr, rstd_ptr,
+                 col_sum_ptr, out_ptr, pre_ptr, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
                  stride_am: tl.constexpr, stride_ak: tl.constexpr,
                  stride_bk: tl.constexpr, stride_bn: tl.constexpr, K_PER_SPLIT: tl.constexpr,
                  HAS_BIAS: tl.constexpr, GELU: tl.constexpr, SWIGLU: tl.constexpr,
                  HAS_RESIDUAL: tl.constexpr, DROPOUT_P: tl.constexpr, SAVE_PRE: tl.constexpr,
-                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                 NORM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """Output tile `pid` (in the grouped order below) of _matmul_kernel, and split-K slice
     program_id(1) of it."""
     # The output is [M, N]; with SWIGLU, B and bias have 2N columns [gate | up], and the program
@@ -243,6 +253,17 @@ def _matmul_tile(pid, a_ptr, b_ptr, bias_ptr, residual_ptr, seed_ptr, out_ptr, p
                                   SWIGLU, N * stride_bn, PRECISION)
 
     y = acc
+    if NORM != NORM_NONE:  # the product was x @ (weight * W): norm(x) @ W from it (see _gemm)
+        rstd = tl.load(rstd_ptr + rows)[:, None]
+        if NORM == NORM_LAYER:
+            mean = tl.load(mean_ptr + rows)[:, None]
+            y = (y - mean * tl.load(col_sum_ptr + cols)[None, :]) * rstd
+            if SWIGLU:
+                acc_up = (acc_up - mean * tl.load(col_sum_ptr + N + cols)[None, :]) * rstd
+        else:
+            y *= rstd
+            if SWIGLU:
+                acc_up *= rstd
     if HAS_BIAS:
         y += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
         if SWIGLU:
@@ -507,7 +528,7 @@ def _gemv(a, b, transpose_b, out_dtype, *, bias, residual, activation, norm):
         block_n = 16 if triton.cdiv(N, 16) >= NUM_SMS else 8
         block_k, num_warps = 8192 // (block_n * block_m), 8
     block_k = max(16, min(block_k, triton.next_power_of_2(K)))
-    kind = NORM_NONE if norm is None else (NORM_LAYER if norm.kind == "layer" else NORM_RMS)
+    kind = _norm_kind(norm)
     placeholder = jnp.zeros((1,), a.dtype)  # stands in for an absent operand; never read
     optional = lambda v: placeholder if v is None else v
     return triton_call(
@@ -522,13 +543,35 @@ def _gemv(a, b, transpose_b, out_dtype, *, bias, residual, activation, norm):
         BLOCK_ROW=1 if norm is None else triton.next_power_of_2(K))
 
 
+def _norm_kind(norm) -> int:
+    """The kernels' NORM constexpr for a Norm or None."""
+    kind = NORM_NONE if norm is None else (NORM_LAYER if norm.kind == "layer" else NORM_RMS)
+    return kind.value
+
+
+def _fold_norm(b, transpose_b, norm, bias):
+    """(op(b) scaled by norm.weight along K, in b's dtype; its fp32 column sums; bias + norm.bias
+    @ op(b) in fp32, or bias for RMSNorm): the operands with which the GEMM of the raw rows
+    applies the norm in its epilogue (module docstring)."""
+    along_k = (1, -1) if transpose_b else (-1, 1)
+    k_axis = 1 if transpose_b else 0
+    w = b.astype(jnp.float32)
+    folded = (w * norm.weight.astype(jnp.float32).reshape(along_k)).astype(b.dtype)
+    col_sum = folded.astype(jnp.float32).sum(axis=k_axis)
+    if norm.kind == "layer":
+        shift = (w * norm.bias.astype(jnp.float32).reshape(along_k)).sum(axis=k_axis)
+        bias = shift if bias is None else bias.astype(jnp.float32) + shift
+    return folded, col_sum, bias
+
+
 def _gemm(a, b, transpose_a, transpose_b, out_dtype, precision, *, bias=None, residual=None,
           activation=None, dropout_p=0.0, seed=None, save_pre=False, norm=None,
           residual_in_place=False):
     """op(a) @ op(b) with the epilogue in one `_matmul_kernel` launch (plus an XLA sum of the
     partials when split over K, only without an epilogue), or for a few rows one `_gemv` launch;
     returns out, or (out, pre). activation None, "gelu_tanh" or "swiglu" (op(b) [K, 2F] gives
-    out [M, F], pre [M, 2F]). norm (a Norm, applied to a's rows first) only where _gemv_fits.
+    out [M, F], pre [M, 2F]). norm (a Norm applied to a's rows, a not transposed): inside the
+    GEMV where _gemv_fits, else from the rows' statistics in the epilogue (module docstring).
     residual_in_place: out is written into residual's buffer (the caller, add_matmul, checks
     that residual is out_dtype and [M, N]), an accumulation `residual += op(a) @ op(b)` with no
     buffer of its own where residual is dead after the call (XLA copies it first otherwise)."""
@@ -542,7 +585,11 @@ def _gemm(a, b, transpose_a, transpose_b, out_dtype, precision, *, bias=None, re
     if _gemv_fits(M, K, a.dtype, transpose_a, precision, dropout_p, save_pre, norm):
         return _gemv(a, b, transpose_b, out_dtype, bias=bias, residual=residual,
                      activation=activation, norm=norm)
-    assert norm is None, "a norm prologue runs only in _gemv"
+    mean = rstd = col_sum = None
+    if norm is not None:
+        assert not transpose_a, "a norm applies to the rows of a stored [M, K]"
+        mean, rstd = row_statistics(a, eps=norm.eps, rms=norm.kind == "rms")
+        b, col_sum, bias = _fold_norm(b, transpose_b, norm, bias)
     fp32_ieee = a.dtype == jnp.float32 and precision == "ieee"
     if a.dtype == jnp.float32 and precision != "ieee":
         # Hopper's tf32 tensor-core instruction (wgmma; tf32x3 runs three) reads both operands
@@ -556,7 +603,8 @@ def _gemm(a, b, transpose_a, transpose_b, out_dtype, precision, *, bias=None, re
             a, transpose_a = a.T, False
     cfg = _block_config(M, N, K, a.dtype, dropout=dropout_p > 0.0, swiglu=swiglu,
                         fp32_ieee=fp32_ieee)
-    plain = bias is None and residual is None and activation is None and dropout_p == 0.0
+    plain = (bias is None and residual is None and activation is None and dropout_p == 0.0
+             and norm is None)
     k_tiles = triton.cdiv(K, cfg["BLOCK_K"])
     k_per_split = triton.cdiv(k_tiles, _split_k(M, N, K, cfg) if plain else 1) * cfg["BLOCK_K"]
     # K = 0: one program per tile whose K loop runs no step, the empty sum 0 into the epilogue.
@@ -571,6 +619,7 @@ def _gemm(a, b, transpose_a, transpose_b, out_dtype, precision, *, bias=None, re
         placeholder if bias is None else bias,
         placeholder if residual is None else residual,
         jnp.zeros((), jnp.int32) if seed is None else seed,
+        *(placeholder if v is None else v for v in (mean, rstd, col_sum)),
         kernel=_matmul_kernel,
         out_shape=(out_shape, jax.ShapeDtypeStruct((M, b_n) if save_pre else (1,), a.dtype)),
         input_output_aliases={3: 0} if residual_in_place else None,
@@ -580,7 +629,8 @@ def _gemm(a, b, transpose_a, transpose_b, out_dtype, precision, *, bias=None, re
         K_PER_SPLIT=k_per_split, HAS_BIAS=bias is not None, GELU=activation == "gelu_tanh",
         SWIGLU=swiglu, HAS_RESIDUAL=residual is not None, DROPOUT_P=float(dropout_p),
         # 16-bit operands ignore the precision: one value, one compiled kernel.
-        SAVE_PRE=save_pre, PRECISION=precision if a.dtype == jnp.float32 else "tf32", **cfg)
+        SAVE_PRE=save_pre, NORM=_norm_kind(norm),
+        PRECISION=precision if a.dtype == jnp.float32 else "tf32", **cfg)
     if splits > 1:
         out = out.sum(axis=0).astype(out_dtype)
     return (out, pre) if save_pre else out
@@ -692,7 +742,7 @@ class Norm:
 
 
 def linear(x, w, bias=None, *, residual=None, activation=None, dropout_rate=0.0, seed=None,
-           transpose_w=False, precision="ieee", norm: Norm | None = None):
+           transpose_w=False, precision="ieee", norm: Norm | None = None, return_input=False):
     """dropout(act(x @ w + bias)) + residual in one Triton GEMM; returns [..., N] in x.dtype.
 
     x [..., K]; w [K, N], or [N, K] with `transpose_w=True`; bias [N]; residual [..., N];
@@ -704,10 +754,14 @@ def linear(x, w, bias=None, *, residual=None, activation=None, dropout_rate=0.0,
     (gradients in each one's dtype); the backward saves x, w, with an activation the
     pre-activation and with dropout the seed (module docstring).
 
-    norm (a Norm): the product reads norm(x) instead of x. For at most GEMV_M rows (a decode
-    step) the norm runs inside the GEMM (_gemv_kernel), so the normed x never goes to memory and
-    costs no launch of its own; otherwise the norm kernel runs first. Differentiable too, wrt the
-    norm's weight and bias as well: the backward recomputes norm(x) with the norm kernel.
+    norm (a Norm): the product reads norm(x) instead of x, and norm(x) never goes to memory.
+    For a decode step's few rows the norm runs inside the GEMV (_gemv_kernel), at no launch of
+    its own; for more, a statistics pass over x (its rows' mean and rstd) precedes the GEMM of x
+    itself, whose epilogue makes norm(x) @ W of it (module docstring). Differentiable too, wrt
+    the norm's weight and bias as well; differentiated, the norm kernel runs first and writes
+    norm(x), which the backward needs.
+    return_input: returns (out, x), x not copied: the residual stream of a pre-norm block, whose
+    gradient then joins the norm's own inside the norm's backward kernel (see layer_norm).
     """
     x = jnp.asarray(x)
     if x.ndim < 2:
@@ -742,14 +796,13 @@ def linear(x, w, bias=None, *, residual=None, activation=None, dropout_rate=0.0,
     x2 = x.reshape(M, K)
     bias = None if bias is None else bias.astype(x.dtype)
     residual = None if residual is None else residual.reshape(M, out_shape[-1])
-    if norm is not None and _gemv_fits(M, K, x.dtype, False, precision, dropout_rate, False, norm):
-        out = _normed_linear(x2, norm.weight, norm.bias, w, bias, residual,
-                             (norm.kind, float(norm.eps)), cfg)
+    if norm is None:
+        out = _linear(x2, w, bias, residual, seed, cfg)
     else:
-        out = _linear(x2 if norm is None else _apply_norm(x2, norm.weight, norm.bias, norm.kind,
-                                                          norm.eps),
-                      w, bias, residual, seed, cfg)
-    return out.reshape(out_shape)
+        out, x2 = _normed_linear(x2, norm.weight, norm.bias, w, bias, residual, seed,
+                                 (norm.kind, float(norm.eps)), cfg)
+    out = out.reshape(out_shape)
+    return (out, x2.reshape(x.shape)) if return_input else out
 
 
 def _check_norm(norm: Norm, K: int) -> None:
@@ -768,31 +821,35 @@ def _check_norm(norm: Norm, K: int) -> None:
         raise ValueError(f"linear: norm.eps must be > 0, got {norm.eps}")
 
 
-def _apply_norm(x, weight, bias, kind, eps):
-    if kind == "layer":
-        return layer_norm(x, weight, bias, eps=eps)
-    return rms_norm(x, weight, eps=eps)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _normed_linear(x, norm_weight, norm_bias, w, bias, residual, norm_cfg, cfg):
-    """linear(norm(x)) in one _gemv launch; norm_cfg = (kind, eps)."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _normed_linear(x, norm_weight, norm_bias, w, bias, residual, seed, norm_cfg, cfg):
+    """(linear(norm(x)), x) with norm(x) never in memory: the GEMM applies the norm (_gemm);
+    norm_cfg = (kind, eps). Differentiated, the forward is the norm kernel, then the GEMM
+    (_unfused_normed_linear): the backward's dW needs norm(x), which that forward saves, and
+    x's gradient through the second output joins the norm's own in its backward kernel."""
     kind, eps = norm_cfg
-    return _gemm(x, w, False, cfg.transpose_w, x.dtype, cfg.precision, bias=bias,
-                 residual=residual, activation=cfg.activation,
-                 norm=Norm(kind, norm_weight, norm_bias, eps))
+    out = _gemm(x, w, False, cfg.transpose_w, x.dtype, cfg.precision, bias=bias,
+                residual=residual, activation=cfg.activation, dropout_p=cfg.dropout_rate,
+                seed=seed, norm=Norm(kind, norm_weight, norm_bias, eps))
+    return out, x
 
 
-def _normed_linear_fwd(x, norm_weight, norm_bias, w, bias, residual, norm_cfg, cfg):
-    out = _normed_linear(x, norm_weight, norm_bias, w, bias, residual, norm_cfg, cfg)
-    return out, (x, norm_weight, norm_bias, w, bias, residual)
+def _unfused_normed_linear(x, norm_weight, norm_bias, w, bias, residual, seed, norm_cfg, cfg):
+    kind, eps = norm_cfg
+    if kind == "layer":
+        h, x = layer_norm(x, norm_weight, norm_bias, eps=eps, return_input=True)
+    else:
+        h, x = rms_norm(x, norm_weight, eps=eps, return_input=True)
+    return _linear(h, w, bias, residual, seed, cfg), x
 
 
-def _normed_linear_bwd(norm_cfg, cfg, saved, dy):
-    def unfused(x, norm_weight, norm_bias, w, bias, residual):
-        h = _apply_norm(x, norm_weight, norm_bias, *norm_cfg)
-        return _linear(h, w, bias, residual, jnp.zeros((), jnp.int32), cfg)
-    return jax.vjp(unfused, *saved)[1](dy)
+def _normed_linear_fwd(x, norm_weight, norm_bias, w, bias, residual, seed, norm_cfg, cfg):
+    unfused = functools.partial(_unfused_normed_linear, norm_cfg=norm_cfg, cfg=cfg)
+    return jax.vjp(unfused, x, norm_weight, norm_bias, w, bias, residual, seed)
+
+
+def _normed_linear_bwd(norm_cfg, cfg, pullback, cotangents):
+    return pullback(cotangents)
 
 
 _normed_linear.defvjp(_normed_linear_fwd, _normed_linear_bwd)

@@ -26,7 +26,7 @@ from jtgpt.kernels.attention import flash_attention
 from jtgpt.kernels.embedding import embedding
 from jtgpt.kv_cache import KVCache, KVSpec
 from jtgpt.layers import (Compute, Embedding, LayerNorm, Linear, causal_lm_loss, check_ids_in_range,
-                          dropout_args, dropout_seeds, lm_logits, model_inputs, pre_norm)
+                          dropout_args, dropout_seeds, lm_logits, model_inputs)
 from jtgpt.models.pretrained import (PretrainedModel, check_model_type, check_positive, check_rate,
                                      fields_from_hf, token_ids)
 
@@ -112,16 +112,16 @@ class Attention(nnx.Module):
         self.n_head = config.n_head
         self.precision = compute.precision
 
-    def __call__(self, x, residual, attention_mask, prob_dropout, dropout, cache=None, layer=0,
-                 norm=None):
-        qkv = self.c_attn(x, norm=norm)
+    def __call__(self, x, norm, attention_mask, prob_dropout, dropout, cache=None, layer=0):
+        """x + the attention of norm(x), and the cache; norm (a Norm): ln_1, applied by c_attn."""
+        qkv, x = self.c_attn(x, norm=norm, return_input=True)
         if cache is None:
             y = flash_attention(qkv, num_heads=self.n_head, attention_mask=attention_mask,
                                 causal=True, precision=self.precision, **prob_dropout)
         else:
             y, cache = cache.attend(layer, qkv, num_heads=self.n_head, num_kv_heads=self.n_head,
                                     precision=self.precision)
-        return self.c_proj(y, residual=residual, **dropout), cache
+        return self.c_proj(y, residual=x, **dropout), cache
 
 
 class MLP(nnx.Module):
@@ -130,9 +130,10 @@ class MLP(nnx.Module):
         self.c_fc = Linear(D, 4 * D, param_dtype, compute, rngs, bias=True, in_out=True)
         self.c_proj = Linear(4 * D, D, param_dtype, compute, rngs, bias=True, in_out=True)
 
-    def __call__(self, x, residual, dropout, norm=None):
-        return self.c_proj(self.c_fc(x, norm=norm, activation="gelu_tanh"), residual=residual,
-                           **dropout)
+    def __call__(self, x, norm, dropout):
+        """x + the MLP of norm(x); norm (a Norm): ln_2, applied by c_fc."""
+        h, x = self.c_fc(x, norm=norm, activation="gelu_tanh", return_input=True)
+        return self.c_proj(h, residual=x, **dropout)
 
 
 class Block(nnx.Module):
@@ -148,10 +149,9 @@ class Block(nnx.Module):
         dropout: the kwargs of the three dropout sites, (attention probabilities, attention
         output, MLP output)."""
         prob_dropout, attn_dropout, mlp_dropout = dropout
-        h, norm, x = pre_norm(self.ln_1, x, fused=cache is not None)
-        x, cache = self.attn(h, x, attention_mask, prob_dropout, attn_dropout, cache, layer, norm)
-        h, norm, x = pre_norm(self.ln_2, x, fused=cache is not None)
-        return self.mlp(h, x, mlp_dropout, norm), cache
+        x, cache = self.attn(x, self.ln_1.as_prologue(), attention_mask, prob_dropout,
+                             attn_dropout, cache, layer)
+        return self.mlp(x, self.ln_2.as_prologue(), mlp_dropout), cache
 
 
 class GPT(PretrainedModel):

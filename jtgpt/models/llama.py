@@ -31,7 +31,7 @@ from jtgpt.kernels.embedding import embedding
 from jtgpt.kernels.rope import RopeScaling, apply_rope
 from jtgpt.kv_cache import KVCache, KVSpec
 from jtgpt.layers import (Compute, Embedding, Linear, RMSNorm, causal_lm_loss, check_ids_in_range,
-                          dropout_args, dropout_seeds, lm_logits, model_inputs, pre_norm)
+                          dropout_args, dropout_seeds, lm_logits, model_inputs)
 from jtgpt.models.pretrained import (PretrainedModel, check_model_type, check_positive, check_rate,
                                      fields_from_hf, token_ids)
 
@@ -144,17 +144,18 @@ class LlamaAttention(nnx.Module):
         self.rope_theta, self.rope_scaling = config.rope_theta, config.rope_scaling
         self.precision = compute.precision
 
-    def __call__(self, x, residual, positions, attention_mask, prob_dropout, cache=None, layer=0,
-                 norm=None):
+    def __call__(self, x, norm, positions, attention_mask, prob_dropout, cache=None, layer=0):
+        """x + the attention of norm(x), and the cache; norm (a Norm): input_layernorm, applied
+        by qkv_proj."""
         heads = dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads)
-        qkv = apply_rope(self.qkv_proj(x, norm=norm), positions, **heads, theta=self.rope_theta,
-                         scaling=self.rope_scaling)
+        qkv, x = self.qkv_proj(x, norm=norm, return_input=True)
+        qkv = apply_rope(qkv, positions, **heads, theta=self.rope_theta, scaling=self.rope_scaling)
         if cache is None:
             y = flash_attention(qkv, **heads, attention_mask=attention_mask, causal=True,
                                 precision=self.precision, **prob_dropout)
         else:
             y, cache = cache.attend(layer, qkv, **heads, precision=self.precision)
-        return self.o_proj(y, residual=residual), cache
+        return self.o_proj(y, residual=x), cache
 
 
 class LlamaMLP(nnx.Module):
@@ -163,9 +164,11 @@ class LlamaMLP(nnx.Module):
         self.gate_up_proj = Linear(d, 2 * f, param_dtype, compute, rngs, bias=False)
         self.down_proj = Linear(f, d, param_dtype, compute, rngs, bias=False)
 
-    def __call__(self, x, residual, norm=None):
-        return self.down_proj(self.gate_up_proj(x, norm=norm, activation="swiglu"),
-                              residual=residual)
+    def __call__(self, x, norm):
+        """x + the MLP of norm(x); norm (a Norm): post_attention_layernorm, applied by
+        gate_up_proj."""
+        h, x = self.gate_up_proj(x, norm=norm, activation="swiglu", return_input=True)
+        return self.down_proj(h, residual=x)
 
 
 class LlamaBlock(nnx.Module):
@@ -180,10 +183,9 @@ class LlamaBlock(nnx.Module):
 
     def __call__(self, x, positions, attention_mask, prob_dropout, cache=None, layer=0):
         """(x after the layer, the cache with this layer's keys and values or None)."""
-        h, norm, x = pre_norm(self.input_layernorm, x, fused=cache is not None)
-        x, cache = self.self_attn(h, x, positions, attention_mask, prob_dropout, cache, layer, norm)
-        h, norm, x = pre_norm(self.post_attention_layernorm, x, fused=cache is not None)
-        return self.mlp(h, x, norm), cache
+        x, cache = self.self_attn(x, self.input_layernorm.as_prologue(), positions,
+                                  attention_mask, prob_dropout, cache, layer)
+        return self.mlp(x, self.post_attention_layernorm.as_prologue()), cache
 
 
 class Llama(PretrainedModel):
