@@ -373,22 +373,24 @@ def test_wide_tiles_finish_in_column_halves(key, dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_persistent_programs_take_tiles_in_turn(key, dtype, monkeypatch):
     """Persistent programs (3 here, for the interpreter's 3 x 5 tiles of a [150, 300] output)
-    give the outputs of one program a tile: linear with every epilogue (the same dropout mask),
-    its gradients (GELU's saved pre-activation among them) and add_matmul's sum."""
+    give the outputs of one program a tile: linear with dropout and a residual (the same mask),
+    GELU's gradients (its saved pre-activation among them) and add_matmul's sum."""
     x, w, b, r = _inputs(key, (3, 50), 40, 300, dtype)
     acc = jax.random.normal(jax.random.fold_in(key, 1), (150, 300), jnp.float32)
     drop = dict(dropout_rate=0.3, seed=jnp.int32(9))
 
     def loss(x, w, b, r):
-        y = linear(x, w, b, activation="gelu_tanh", residual=r, **drop)
+        y = linear(x, w, b, activation="gelu_tanh", residual=r)
         return jnp.sum(y.astype(jnp.float32) * jnp.cos(y.astype(jnp.float32)))
 
     def outputs():
         return (linear(x, w, b, residual=r, **drop), add_matmul(acc, x.reshape(150, 40), w),
                 jax.grad(loss, argnums=(0, 1, 2, 3))(x, w, b, r))
 
-    want = outputs()
     chosen = matmul_module._block_config
+    monkeypatch.setattr(matmul_module, "_block_config",
+                        lambda *a, **kw: dict(chosen(*a, **kw), persistent=False))
+    want = outputs()
     monkeypatch.setattr(matmul_module, "NUM_SMS", 3)
     monkeypatch.setattr(matmul_module, "_block_config",
                         lambda *a, **kw: dict(chosen(*a, **kw), persistent=True))
