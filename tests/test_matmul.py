@@ -528,10 +528,13 @@ def _reference_norm(x, kind, weight, bias, eps):
     ("layer", (1,), "bias_gelu", jnp.float32), ("layer", (4,), "swiglu", jnp.bfloat16),
     ("layer", (2, 3), "residual_transposed", jnp.bfloat16),
     ("rms", (1,), "bias_gelu", jnp.bfloat16), ("rms", (4,), "swiglu", jnp.float32),
-    ("rms", (2, 3), "residual_transposed", jnp.float32)])
+    ("rms", (2, 3), "residual_transposed", jnp.float32),
+    ("layer", (3, 50), "residual_transposed", jnp.bfloat16), ("layer", (3, 50), "swiglu", jnp.float32),
+    ("rms", (3, 50), "bias_gelu", jnp.float32), ("rms", (3, 50), "swiglu", jnp.bfloat16)])
 def test_norm_prologue_matches_reference(key, dtype, kind, lead, epilogue):
     """linear(x, norm=...) = linear(norm(x)): inside the GEMV for 1 and 4 rows, the norm kernel
-    then the GEMM for 6; x off-centre (mean 0.5, std 2) so that the mean matters."""
+    then the GEMM for 6, in the GEMM's epilogue for 150 (more rows than w's 70 or 140 columns);
+    x off-centre (mean 0.5, std 2) so that the mean matters."""
     K, N = 45, 70
     kwargs = {"bias_gelu": dict(bias=True, activation="gelu_tanh"),
               "swiglu": dict(ALL_TRANSPOSED, activation="swiglu"),
@@ -574,8 +577,9 @@ def test_norm_prologue_grads_match_reference(key, dtype, kind):
 
 def test_norm_prologue_writes_no_normed_rows():
     """Not differentiated, a norm before a GEMM of many rows is a statistics pass (no normed rows
-    written) and the GEMM with the norm in its epilogue; differentiated, the norm kernel writes
-    norm(x) for the backward's dW and the GEMM reads it."""
+    written) and the GEMM with the norm in its epilogue; at a decode batch's 64 rows (fewer than
+    w's columns: folding the norm into w would cost more) and differentiated (the backward's dW
+    needs norm(x)), the norm kernel writes norm(x) and the GEMM reads it."""
     x = jax.ShapeDtypeStruct((16384, 768), jnp.bfloat16)
     w, vec = jax.ShapeDtypeStruct((768, 2304), jnp.bfloat16), jax.ShapeDtypeStruct((768,), jnp.bfloat16)
 
@@ -585,6 +589,10 @@ def test_norm_prologue_writes_no_normed_rows():
     kernels = [(k.name, k.constexprs.get("WRITE_Y", k.constexprs.get("NORM")))
                for k in _built_kernels(normed, x, w, vec, vec)]
     assert kernels == [("_layer_norm_fwd_kernel", False), ("_matmul_kernel", 1)]
+    batch = jax.ShapeDtypeStruct((64, 768), jnp.bfloat16)
+    kernels = [(k.name, k.constexprs.get("WRITE_Y", k.constexprs.get("NORM")))
+               for k in _built_kernels(normed, batch, w, vec, vec)]
+    assert kernels == [("_layer_norm_fwd_kernel", True), ("_matmul_kernel", 0)]
     grad = jax.grad(lambda *a: normed(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2, 3))
     built = _built_kernels(grad, x, w, vec, vec)
     assert [(k.constexprs["WRITE_Y"]) for k in built if k.name == "_layer_norm_fwd_kernel"] == [True]
@@ -593,7 +601,7 @@ def test_norm_prologue_writes_no_normed_rows():
 
 def test_norm_epilogue_gemms_build_for_hopper():
     """The forward GEMMs that apply a norm in their epilogue, at GPT-2's and Llama-3.2-1B's
-    shapes (16384 tokens, bf16): no spills."""
+    shapes (32768 tokens, more than any of their weights' columns; bf16): no spills."""
     bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)  # noqa: E731
     layer = matmul_module.Norm("layer", bf16(768), bf16(768), 1e-5)
     rms = matmul_module.Norm("rms", bf16(2048), None, 1e-5)
@@ -606,7 +614,7 @@ def test_norm_epilogue_gemms_build_for_hopper():
         arrays = {k: v for k, v in kwargs.items() if k not in ("activation", "transpose_w")}
         static = {k: v for k, v in kwargs.items() if k in ("activation", "transpose_w")}
         built += [k for k in _built_kernels(lambda x, w, kw: linear(x, w, **kw, **static),
-                                            bf16(16384, K), w, arrays) if k.name == "_matmul_kernel"]
+                                            bf16(32768, K), w, arrays) if k.name == "_matmul_kernel"]
     assert [k.constexprs["NORM"] for k in built] == [1, 1, 2, 2]
     for k in built:
         assert 0 < k.registers <= 255 and k.spill_bytes == 0, k

@@ -31,7 +31,9 @@ where the norm kernel writes the whole normed row) and W' = norm_weight * W (sca
 so the K loop reads x itself and the epilogue does the rest, per row and column; norm(x) is
 neither written nor read. It differs from the norm kernel then the GEMM only in rounding: W' is
 rounded to the operand dtype where norm(x) was (fp32 accumulation keeps the mean's cancellation
-exact to fp32's precision). A decode step's few rows normalise x inside the GEMV instead.
+exact to fp32's precision). Folding the weight is a pass over W at every call, so only GEMMs
+with more rows than W has columns take this path; a decode step's few rows normalise x inside
+the GEMV, and the GEMMs between (a batch of decode rows, a short prompt) run the norm kernel.
 fp32 inputs use true IEEE fp32 products by default (`precision="ieee"`, FMA units);
 `precision="tf32x3"` runs three tensor-core tf32 products per dot (operands split into a tf32 high
 part and a tf32 remainder, the lo*lo term dropped: about fp32's accuracy) and `precision="tf32"`
@@ -574,7 +576,8 @@ def _gemm(a, b, transpose_a, transpose_b, out_dtype, precision, *, bias=None, re
     partials when split over K, only without an epilogue), or for a few rows one `_gemv` launch;
     returns out, or (out, pre). activation None, "gelu_tanh" or "swiglu" (op(b) [K, 2F] gives
     out [M, F], pre [M, 2F]). norm (a Norm applied to a's rows, a not transposed): inside the
-    GEMV where _gemv_fits, else from the rows' statistics in the epilogue (module docstring).
+    GEMV where _gemv_fits; with more rows than W has columns, from the rows' statistics in the
+    epilogue (module docstring); else by the norm kernel first.
     residual_in_place: out is written into residual's buffer (the caller, add_matmul, checks
     that residual is out_dtype and [M, N]), an accumulation `residual += op(a) @ op(b)` with no
     buffer of its own where residual is dead after the call (XLA copies it first otherwise)."""
@@ -591,8 +594,14 @@ def _gemm(a, b, transpose_a, transpose_b, out_dtype, precision, *, bias=None, re
     mean = rstd = col_sum = None
     if norm is not None:
         assert not transpose_a, "a norm applies to the rows of a stored [M, K]"
-        mean, rstd = row_statistics(a, eps=norm.eps, rms=norm.kind == "rms")
-        b, col_sum, bias = _fold_norm(b, transpose_b, norm, bias)
+        if M <= b_n:
+            # No more rows than W has columns (a decode step's batch, a short prompt): folding
+            # the norm into W, a pass over W at every call, costs more than the norm kernel
+            # writing norm(x) for the GEMM to read.
+            a, norm = _normalized(a, norm), None
+        else:
+            mean, rstd = row_statistics(a, eps=norm.eps, rms=norm.kind == "rms")
+            b, col_sum, bias = _fold_norm(b, transpose_b, norm, bias)
     fp32_ieee = a.dtype == jnp.float32 and precision == "ieee"
     if a.dtype == jnp.float32 and precision != "ieee":
         # Hopper's tf32 tensor-core instruction (wgmma; tf32x3 runs three) reads both operands
@@ -763,12 +772,13 @@ def linear(x, w, bias=None, *, residual=None, activation=None, dropout_rate=0.0,
     (gradients in each one's dtype); the backward saves x, w, with an activation the
     pre-activation and with dropout the seed (module docstring).
 
-    norm (a Norm): the product reads norm(x) instead of x, and norm(x) never goes to memory.
-    For a decode step's few rows the norm runs inside the GEMV (_gemv_kernel), at no launch of
-    its own; for more, a statistics pass over x (its rows' mean and rstd) precedes the GEMM of x
-    itself, whose epilogue makes norm(x) @ W of it (module docstring). Differentiable too, wrt
-    the norm's weight and bias as well; differentiated, the norm kernel runs first and writes
-    norm(x), which the backward needs.
+    norm (a Norm): the product reads norm(x) instead of x. For a decode step's few rows the
+    norm runs inside the GEMV (_gemv_kernel), at no launch of its own; for more rows than w has
+    columns, a statistics pass over x (its rows' mean and rstd) precedes the GEMM of x itself,
+    whose epilogue makes norm(x) @ W of it (module docstring), and norm(x) never goes to memory;
+    in between, the norm kernel runs first. Differentiable too, wrt the norm's weight and bias
+    as well; differentiated, the norm kernel runs first and writes norm(x), which the backward
+    needs.
     return_input: returns (out, x), x not copied: the residual stream of a pre-norm block, whose
     gradient then joins the norm's own inside the norm's backward kernel (see layer_norm).
     """
@@ -844,12 +854,16 @@ def _normed_linear(x, norm_weight, norm_bias, w, bias, residual, seed, norm_cfg,
 
 
 def _unfused_normed_linear(x, norm_weight, norm_bias, w, bias, residual, seed, norm_cfg, cfg):
-    kind, eps = norm_cfg
-    if kind == "layer":
-        h, x = layer_norm(x, norm_weight, norm_bias, eps=eps, return_input=True)
-    else:
-        h, x = rms_norm(x, norm_weight, eps=eps, return_input=True)
+    h, x = _normalized(x, Norm(norm_cfg[0], norm_weight, norm_bias, norm_cfg[1]),
+                       return_input=True)
     return _linear(h, w, bias, residual, seed, cfg), x
+
+
+def _normalized(x, norm: Norm, return_input=False):
+    """norm(x) by the norm kernel; with return_input, (norm(x), x) (see layer_norm)."""
+    if norm.kind == "layer":
+        return layer_norm(x, norm.weight, norm.bias, eps=norm.eps, return_input=return_input)
+    return rms_norm(x, norm.weight, eps=norm.eps, return_input=return_input)
 
 
 def _normed_linear_fwd(x, norm_weight, norm_bias, w, bias, residual, seed, norm_cfg, cfg):
