@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtgpt.kv_cache import KVCache
-from jtgpt.layers import check_ids_in_range, model_inputs
+from jtgpt.layers import check_ids_in_range, model_inputs, with_k_contiguous_weights
 from jtgpt.sampling import Sampling, mark_seen, process_logits, seen_tokens, select_tokens
 
 
@@ -106,11 +106,13 @@ def _decode(model, state: Decoding, until, sampling: Sampling, special: _Tokens,
 
 @functools.partial(jax.jit, static_argnames=("sampling", "special", "max_new_tokens"))
 def _generate(model, ids, mask, key, sampling, special, max_new_tokens):
+    model = with_k_contiguous_weights(model)
     state = _start(model, ids, mask, key, sampling, special, max_new_tokens)
     state = _decode(model, state, max_new_tokens - 1, sampling, special, DECODE_CHUNK)
     return _choose(state, sampling, special)[0].tokens
 
 
+_k_contiguous_jit = jax.jit(with_k_contiguous_weights)
 _start_jit = jax.jit(_start, static_argnames=("sampling", "special", "max_new_tokens"))
 _decode_jit = jax.jit(_decode, static_argnames=("sampling", "special"))
 _choose_jit = jax.jit(lambda state, sampling, special: _choose(state, sampling, special)[0],
@@ -166,7 +168,9 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
     reproducible. attention_mask [B, T] (1 = token, 0 = padding) for left-padded prompts.
     The prefill and the whole loop run as one compiled program (jax.jit; a call under an outer
     jax.jit with the model as an argument works the same); one is compiled per prompt shape,
-    max_new_tokens and sampling settings.
+    max_new_tokens and sampling settings. GPT-2's [in, out] weights are read from a transposed
+    copy made at the start (jtgpt.layers.with_k_contiguous_weights), which lives as long as the
+    call.
     """
     sampling = Sampling(do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
     ids, mask, special = _arguments(model, input_ids, attention_mask, max_new_tokens, sampling,
@@ -189,6 +193,7 @@ def stream(model, input_ids, attention_mask=None, *, max_new_tokens: int, chunk_
     ids, mask, special = _arguments(model, input_ids, attention_mask, max_new_tokens, sampling,
                                     eos_token_id, pad_token_id, key)
     T, last = special.prompt_len, int(max_new_tokens) - 1
+    model = _k_contiguous_jit(model)  # once, not in every chunk's program
     state = _start_jit(model, ids, mask, key, sampling, special, int(max_new_tokens))
     done = 0
     while done < last:

@@ -13,9 +13,11 @@ import pytest
 import torch
 import transformers
 from conftest import left_padding
+from flax import nnx
 
 import jtgpt
 from jtgpt import cli
+from jtgpt.layers import Linear, with_k_contiguous_weights
 
 TINY_GPT2 = dict(vocab_size=101, n_positions=64, n_embd=64, n_layer=2, n_head=4, bos_token_id=1,
                  eos_token_id=1)  # the config's eos: generate's default
@@ -141,6 +143,24 @@ def test_bad_arguments(models, prompt, bad, match):
     model, _ = models
     with pytest.raises(ValueError, match=match):
         model.generate(prompt[0], **bad)
+
+
+def test_k_contiguous_weights_compute_the_same(models, prompt):
+    """generate's copy of the model with GPT-2's [in, out] weights transposed once gives the
+    same logits (both layouts through the same kernels); the model itself is left as it was."""
+    model, _ = models
+    copy = with_k_contiguous_weights(model)
+    linears = [(m, c) for (_, m), (_, c) in zip(nnx.iter_modules(model), nnx.iter_modules(copy))
+               if isinstance(m, Linear)]
+    assert linears and all(not c.in_out for _, c in linears)
+    for m, c in linears:
+        assert c.weight[...].shape == (m.weight[...].T.shape if m.in_out else m.weight[...].shape)
+    assert any(m.in_out for m, _ in linears) == isinstance(model, jtgpt.GPT)
+    ids = jnp.asarray(prompt[0])
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    want, _ = model.next_token_logits(ids, positions, model.empty_cache(B, T))
+    got, _ = copy.next_token_logits(ids, positions, copy.empty_cache(B, T))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_gpt2_capacity_is_n_positions():
